@@ -1,0 +1,1 @@
+"""gdn-exp: an experiment runner for Gated DeltaNet research."""
