@@ -85,7 +85,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     out_dtype, dt = v.dtype, _compute_dtype(v)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C = chunk_size
+    C = min(chunk_size, max(T, 1))  # a short sequence is one chunk: no padding to a full chunk
     N = (T + C - 1) // C
     pad = N * C - T  # zero padding: g = 0, beta = 0 leave the state untouched
 

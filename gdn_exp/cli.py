@@ -1,0 +1,39 @@
+"""`gdn-exp`: the Hydra entry point. Composes conf/, runs one job, returns the sweep objective."""
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from gdn_exp.config import register_configs
+
+log = logging.getLogger("gdn_exp")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (an editable install)
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg):
+    from gdn_exp.train import run_job  # imported here so --help and config errors stay fast
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.logger.name == "wandb" and cfg.logger.group is None and multirun:
+        cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # one wandb group per sweep
+    results = run_job(cfg, run_dir, skip_completed=cfg.trainer.skip_completed)
+    if results["status"] == "failed":
+        log.error("error: %s", results["error"])
+        if not multirun:  # a sweep goes on with its other jobs; a single run exits non-zero
+            sys.exit(1)
+    else:
+        log.info("%s: test/accuracy %.4f, %d steps, %.1f s -> %s", results["status"],
+                 results.get("test/accuracy", float("nan")), results.get("steps", 0),
+                 results.get("wall_time_s", 0.0), run_dir)
+    return results.get("test/accuracy")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Correctness matrix of the Triton gated-delta kernels against the float64 oracle (issue 3).
+
+    python -m gdn_exp.kernel_check            # full matrix on CUDA: both modes, bfloat16 and float32
+    python -m gdn_exp.kernel_check --quick    # the short cases only
+
+Every case draws fresh seeded inputs (L2-normalised q and k, beta in [0, 2], g in the case's regime), runs
+the kernel with NaN-poisoned allocations and random upstream gradients on o and final_state, and compares
+o, final_state and every gradient with the oracle run in float64 on the same (dtype-rounded) inputs, by
+||x - ref|| / ||ref||. Prints a pass/fail table with the card, date and versions; exits 1 on any failure.
+Imports only torch and triton (the GPU image has no hydra or wandb).
+"""
+import argparse
+import contextlib
+import datetime
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from gdn_exp.ops import reference
+from gdn_exp.ops.chunk import triton_chunk_gated_delta_rule
+from gdn_exp.ops.recurrent import triton_decode_step, triton_recurrent_gated_delta_rule
+
+TENSORS = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
+BF16_THRESHOLDS = dict(o=5e-3, final_state=5e-3, dq=8e-3, dk=8e-3, dv=8e-3, dh0=8e-3, dg=2e-2, dbeta=2e-2)
+THRESHOLDS = {torch.bfloat16: BF16_THRESHOLDS, torch.float16: BF16_THRESHOLDS,
+              torch.float32: {name: 1e-4 for name in TENSORS}}
+KERNELS = {"chunk": triton_chunk_gated_delta_rule, "recurrent": triton_recurrent_gated_delta_rule}
+# log decay g per token: "none" ~ 0 (no decay), "mixed" log-uniform in [-30, -1e-3], "forget" ~ -30
+GATE_REGIMES = ("none", "mixed", "forget")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input configuration. seqlens: lengths of packed sequences (B must be 1), or None for [B, T]."""
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    initial_state: bool = True
+    gate: str = "mixed"
+    seqlens: Optional[tuple] = None
+
+    @property
+    def name(self) -> str:
+        shape = f"varlen{len(self.seqlens)}-T{self.T}" if self.seqlens else f"B{self.B}-T{self.T}"
+        return f"{shape}-H{self.H}-K{self.K}-V{self.V}-h0{'on' if self.initial_state else 'off'}-g{self.gate}"
+
+
+def varlen_case(seqlens, H, K, V, **kwargs) -> Case:
+    return Case(B=1, T=sum(seqlens), H=H, K=K, V=V, seqlens=tuple(seqlens), **kwargs)
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device, seed: int):
+    """Inputs in `dtype` plus float32 upstream gradients; dict with q, k, v, g, beta, initial_state,
+    cu_seqlens, do, dht."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B, T, H, K, V = case.B, case.T, case.H, case.K, case.V
+    N = len(case.seqlens) if case.seqlens else B
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen)
+
+    if case.gate == "none":
+        g = -1e-3 * rand(B, T, H)
+    elif case.gate == "forget":
+        g = -30 + rand(B, T, H)
+    else:
+        g = -torch.exp(math.log(1e-3) + (math.log(30) - math.log(1e-3)) * rand(B, T, H))
+    x = dict(q=torch.nn.functional.normalize(randn(B, T, H, K), dim=-1),
+             k=torch.nn.functional.normalize(randn(B, T, H, K), dim=-1),
+             v=randn(B, T, H, V), g=g, beta=2 * rand(B, T, H))
+    x = {name: t.to(device=device, dtype=dtype) for name, t in x.items()}
+    x["initial_state"] = randn(N, H, K, V).to(device) if case.initial_state else None
+    x["cu_seqlens"] = (torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()], device=device)
+                       if case.seqlens else None)
+    x["do"], x["dht"] = randn(B, T, H, V).to(device), randn(N, H, K, V).to(device)
+    return x
+
+
+@contextlib.contextmanager
+def nan_poisoned_allocations():
+    """Fills floating-point torch.empty / torch.empty_like allocations with NaN, so an element a kernel
+    fails to write shows up as NaN in the comparison."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **kw: poison(empty(*a, **kw))
+    torch.empty_like = lambda *a, **kw: poison(empty_like(*a, **kw))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def run_with_grads(fn, x, compute_dtype=None):
+    """Runs fn on x's inputs (cast to compute_dtype if given), backpropagates x's upstream gradients;
+    returns {name: tensor} for TENSORS (dh0 only with an initial state)."""
+    inputs = {name: x[name] for name in ("q", "k", "v", "g", "beta", "initial_state") if x[name] is not None}
+    inputs = {name: (t.to(compute_dtype) if compute_dtype else t.clone()).requires_grad_()
+              for name, t in inputs.items()}
+    scale = x["q"].shape[-1] ** -0.5
+    o, final_state = fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"], scale=scale,
+                        initial_state=inputs.get("initial_state"), output_final_state=True,
+                        cu_seqlens=x["cu_seqlens"])
+    loss = (o * x["do"].to(o.dtype)).sum() + (final_state * x["dht"].to(final_state.dtype)).sum()
+    loss.backward()
+    out = dict(o=o.detach(), final_state=final_state.detach())
+    out.update({"d" + name if name != "initial_state" else "dh0": t.grad for name, t in inputs.items()})
+    return out
+
+
+def oracle(x):
+    """float64 oracle on x's inputs: the token-by-token loop for short sequences, the float64 chunk form
+    (equal to it within ~1e-12) for long ones, where the loop is slow."""
+    fn = (reference.recurrent_gated_delta_rule if x["q"].shape[1] <= 300
+          else reference.chunk_gated_delta_rule)
+    return run_with_grads(fn, x, compute_dtype=torch.float64)
+
+
+def compare(got: dict, ref: dict, thresholds: dict, label: str = "", verbose: bool = True) -> list:
+    """Prints max-abs error and ||x - ref|| / ||ref|| for each tensor; returns the names that fail
+    (ratio above threshold, or any NaN/Inf)."""
+    failed = []
+    for name in TENSORS:
+        if name not in ref:
+            continue
+        a, b = got[name].double(), ref[name].double()
+        finite = bool(torch.isfinite(a).all())
+        ratio = ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if finite else float("nan")
+        max_abs = (a - b).abs().max().item() if finite and a.numel() else 0.0
+        ok = finite and ratio <= thresholds[name]
+        if not ok:
+            failed.append(name)
+        if verbose:
+            print(f"  {label:52s} {name:12s} max_abs {max_abs:9.2e}  ratio {ratio:9.2e}  "
+                  f"(<= {thresholds[name]:.0e}) {'ok' if ok else 'FAIL'}")
+    return failed
+
+
+def check_case(case: Case, mode: str, dtype: torch.dtype, device, seed: int = 0, reference_result=None,
+               verbose: bool = True):
+    """Runs one case; returns (failed tensor names, the oracle result for reuse with the other mode)."""
+    x = make_inputs(case, dtype, device, seed)
+    if reference_result is None:
+        reference_result = oracle(x)
+    with nan_poisoned_allocations():
+        got = run_with_grads(KERNELS[mode], x)
+    label = f"{mode:9s} {str(dtype)[6:]:8s} {case.name}"
+    return compare(got, reference_result, THRESHOLDS[dtype], label, verbose), reference_result
+
+
+def check_decode(B: int, H: int, K: int, V: int, dtype: torch.dtype, device, seed: int = 0,
+                 verbose: bool = True) -> list:
+    """triton_decode_step against the oracle for one token; the state must be updated in place."""
+    x = make_inputs(Case(B=B, T=1, H=H, K=K, V=V), dtype, device, seed)
+    ref_o, ref_state = reference.recurrent_gated_delta_rule(
+        *(x[n].double() for n in ("q", "k", "v", "g", "beta")), scale=K ** -0.5,
+        initial_state=x["initial_state"].double(), output_final_state=True)
+    state = x["initial_state"].clone()
+    with nan_poisoned_allocations():
+        o = triton_decode_step(x["q"], x["k"], x["v"], x["g"], x["beta"], state, scale=K ** -0.5)
+    label = f"decode    {str(dtype)[6:]:8s} B{B}-T1-H{H}-K{K}-V{V}"
+    return compare(dict(o=o, final_state=state), dict(o=ref_o, final_state=ref_state), THRESHOLDS[dtype],
+                   label, verbose)
+
+
+def full_matrix() -> list:
+    """The cases of issue 3: T in {1, 63, 64, 65, 300, 1000, 4096}, small and large B*H, K/V 16..256
+    (K != V too), varlen with uneven lengths incl. length 1, initial state on/off, every gate regime."""
+    cases = [Case(B=2, T=T, H=2, K=64, V=64, initial_state=T % 2 == 1) for T in (1, 63, 64, 65, 300, 1000, 4096)]
+    cases += [Case(B=1, T=200, H=2, K=K, V=V) for K, V in
+              ((16, 16), (32, 128), (128, 128), (256, 256), (256, 64))]
+    cases += [Case(B=2, T=300, H=2, K=64, V=64, gate=gate) for gate in ("none", "forget")]
+    cases += [Case(B=8, T=1000, H=16, K=128, V=128, initial_state=False),
+              Case(B=4, T=4096, H=16, K=128, V=128, gate="none")]
+    cases += [varlen_case((1, 63, 64, 65, 300, 1, 130, 7), H=4, K=64, V=64),
+              varlen_case((1, 63, 64, 65, 300, 1, 130, 7), H=4, K=64, V=64, initial_state=False, gate="forget"),
+              varlen_case((1000, 1, 37, 2000, 129), H=2, K=128, V=64)]
+    return cases
+
+
+def quick_matrix() -> list:
+    return [Case(B=1, T=65, H=2, K=32, V=64), varlen_case((1, 63, 65, 3), H=2, K=64, V=32, initial_state=False)]
+
+
+def environment_line(device) -> str:
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)"
+    return (f"card: {card} | date: {datetime.date.today().isoformat()} | torch {torch.__version__} | "
+            f"triton {triton.__version__}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="run the short cases only")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernel_check needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    cases = quick_matrix() if args.quick else full_matrix()
+    rows, start = [], time.time()
+    for dtype in (torch.bfloat16, torch.float32):
+        for case in cases:
+            reference_result = None
+            for mode in KERNELS:
+                failed, reference_result = check_case(case, mode, dtype, device, reference_result=reference_result)
+                rows.append((mode, str(dtype)[6:], case.name, failed))
+        failed = check_decode(64, 16, 128, 128, dtype, device)
+        rows.append(("decode", str(dtype)[6:], "B64-T1-H16-K128-V128", failed))
+    print(f"\n{environment_line(device)} | {time.time() - start:.0f} s")
+    print(f"| mode | dtype | case | result |\n|---|---|---|---|")
+    for mode, dtype, name, failed in rows:
+        print(f"| {mode} | {dtype} | {name} | {'FAIL: ' + ', '.join(failed) if failed else 'pass'} |")
+    num_failed = sum(bool(r[3]) for r in rows)
+    print(f"\n{len(rows) - num_failed}/{len(rows)} passed")
+    return 1 if num_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

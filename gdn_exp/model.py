@@ -1,0 +1,241 @@
+"""The language model: token embedding, a stack of (mixer, SwiGLU) blocks, final norm and LM head.
+
+    x = embed(input_ids)
+    for each layer:  x = x + mixer(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
+    logits = lm_head(RMSNorm(x))
+
+The mixer of each layer is Gated DeltaNet or attention (`ModelConfig.layer_mixers`), which gives the GDN
+model, the Transformer baseline and hybrids with (sliding-window) attention every n-th layer.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gdn_exp.nn import Attention, GatedDeltaNet, SwiGLU, swiglu_hidden_size
+
+MIXERS = ("gdn", "attention")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a LanguageModel. Plain dataclass: the Hydra schema registers it as is."""
+
+    name: str = "small"
+    vocab_size: int = 32
+    d_model: int = 128
+    n_layers: int = 2
+    num_heads: int = 2                        # Gated DeltaNet heads
+    head_dim: int = 64                        # q/k head dim; v head dim = int(head_dim * expand_v)
+    expand_v: float = 1.0
+    mlp_ratio: float = 4.0                    # SwiGLU hidden = 2/3 * mlp_ratio * d_model, rounded up to 16
+    mixer: str = "gdn"                        # "gdn" | "attention"
+    attention_every: int = 0                  # hybrid: 0-based layer i is attention if (i + 1) % attention_every == 0
+    attention_window: Optional[int] = None    # sliding window of the attention layers (None = full causal)
+    attention_heads: Optional[int] = None     # heads of attention layers; None = max(1, d_model // 64)
+    conv_size: int = 4
+    use_short_conv: bool = True
+    use_output_gate: bool = True
+    use_qk_l2norm: bool = True
+    use_gate: bool = True                     # False: no decay (g = 0), i.e. DeltaNet
+    use_delta: bool = True                    # False: gated linear attention update S <- a S + k (beta v)^T
+    use_beta: bool = True                     # False: beta fixed at 1
+    allow_neg_eigval: bool = False            # beta in [0, 2]
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+    init_std: float = 0.02                    # residual output projections get init_std / sqrt(2 * n_layers)
+
+    def num_attention_heads(self) -> int:
+        return self.attention_heads if self.attention_heads is not None else max(1, self.d_model // 64)
+
+    def layer_mixers(self) -> list[str]:
+        """The mixer of each layer, e.g. ["gdn", "gdn", "gdn", "attention"] for attention_every=4."""
+        if self.mixer == "attention":
+            return ["attention"] * self.n_layers
+        every = self.attention_every
+        return ["attention" if every > 0 and (i + 1) % every == 0 else "gdn" for i in range(self.n_layers)]
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first inconsistent field."""
+        for key in ("vocab_size", "d_model", "n_layers", "num_heads", "head_dim", "conv_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be >= 1")
+        for key in ("expand_v", "mlp_ratio", "norm_eps", "rope_theta", "init_std"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be > 0")
+        if self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):
+            raise ValueError(f"model.expand_v={self.expand_v} times model.head_dim={self.head_dim} "
+                             f"must be an integer (the value head dim)")
+        if self.mixer not in MIXERS:
+            raise ValueError(f"model.mixer={self.mixer!r} is not one of {MIXERS}")
+        if self.attention_every < 0:
+            raise ValueError(f"model.attention_every={self.attention_every} must be >= 0")
+        if self.attention_every > 0 and self.mixer != "gdn":
+            raise ValueError(f"model.attention_every={self.attention_every} makes hybrids of gdn layers; "
+                             f"it needs model.mixer=gdn, got {self.mixer!r}")
+        if self.attention_every > self.n_layers:
+            raise ValueError(f"model.attention_every={self.attention_every} > model.n_layers={self.n_layers} "
+                             f"leaves no attention layer")
+        if self.attention_window is not None and self.attention_window < 1:
+            raise ValueError(f"model.attention_window={self.attention_window} must be >= 1 or null")
+        if self.attention_heads is not None and self.attention_heads < 1:
+            raise ValueError(f"model.attention_heads={self.attention_heads} must be >= 1 or null")
+        if "attention" in self.layer_mixers():
+            heads = self.num_attention_heads()
+            if self.d_model % heads != 0:
+                raise ValueError(f"model.d_model={self.d_model} is not divisible by attention heads {heads} "
+                                 f"(set model.attention_heads)")
+            if (self.d_model // heads) % 2 != 0:
+                raise ValueError(f"model.d_model={self.d_model} / attention heads {heads} = "
+                                 f"{self.d_model // heads} must be even for RoPE (set model.attention_heads)")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(x)). x: [B, T, d_model]."""
+
+    def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden_size: int, norm_eps: float):
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mixer = mixer
+        self.mlp_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mlp = SwiGLU(d_model, mlp_hidden_size)
+
+    def forward(self, x, *, cu_seqlens=None, cache=None, use_cache=False):
+        mixed, cache = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)
+        x = x + mixed
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+def build_mixer(cfg: ModelConfig, kind: str, mode: str, backend: str) -> nn.Module:
+    if kind == "attention":
+        return Attention(cfg.d_model, cfg.num_attention_heads(), window=cfg.attention_window,
+                         rope_theta=cfg.rope_theta)
+    return GatedDeltaNet(cfg.d_model, cfg.num_heads, cfg.head_dim, expand_v=cfg.expand_v, conv_size=cfg.conv_size,
+                         use_short_conv=cfg.use_short_conv, use_output_gate=cfg.use_output_gate,
+                         use_qk_l2norm=cfg.use_qk_l2norm, use_gate=cfg.use_gate, use_delta=cfg.use_delta,
+                         use_beta=cfg.use_beta, allow_neg_eigval=cfg.allow_neg_eigval, norm_eps=cfg.norm_eps,
+                         mode=mode, backend=backend)
+
+
+def sample_next_token(logits, temperature: float, top_k=None, generator=None):
+    """logits [B, vocab] -> LongTensor [B, 1]: argmax when temperature == 0, else a sample from
+    softmax(logits / temperature) restricted to the top_k most likely tokens (all when None)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1 or None")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+
+
+class LanguageModel(nn.Module):
+    """Causal language model over ModelConfig; see the module docstring for the computation.
+
+    Init: every Linear and the embedding ~ N(0, init_std), except the projections that write into the
+    residual stream (mixer o_proj, MLP down_proj), which get N(0, init_std / sqrt(2 * n_layers)) as in GPT-2
+    so the residual stream's variance does not grow with depth. Norms start at 1; the short conv and the
+    GDN decay parameters keep their layer's own init.
+
+    Args:
+        mode: Gated DeltaNet op form, "chunk" or "recurrent" (see `set_mode`).
+        backend: op backend, "auto", "triton" or "torch".
+    """
+
+    RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight")
+
+    def __init__(self, cfg: ModelConfig, *, mode: str = "chunk", backend: str = "auto"):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        mlp_hidden_size = swiglu_hidden_size(cfg.d_model, cfg.mlp_ratio)
+        self.blocks = nn.ModuleList(
+            Block(build_mixer(cfg, kind, mode, backend), cfg.d_model, mlp_hidden_size, cfg.norm_eps)
+            for kind in cfg.layer_mixers())
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(self.RESIDUAL_OUTPUTS):
+                nn.init.normal_(param, std=residual_std)
+
+    def set_mode(self, mode: str) -> None:
+        """Switches every Gated DeltaNet layer to the op's "chunk" or "recurrent" form."""
+        for block in self.blocks:
+            if isinstance(block.mixer, GatedDeltaNet):
+                block.mixer.set_mode(mode)
+
+    def forward(self, input_ids, *, cu_seqlens=None, cache=None, use_cache=False):
+        """
+        Args:
+            input_ids: LongTensor [B, T].
+            cu_seqlens: LongTensor [N + 1] of packed-sequence boundaries (B = 1): no token sees another
+                sequence. Cannot be combined with a cache.
+            cache: list with one entry per layer, as returned by a previous call with use_cache=True
+                (GatedDeltaNet: conv and recurrent state; Attention: keys, values, position); None = start.
+            use_cache: also return the cache after input_ids, to continue with the next tokens.
+        Returns:
+            logits [B, T, vocab_size] float32, or (logits, cache) when use_cache.
+        """
+        if cu_seqlens is not None and (cache is not None or use_cache):
+            raise ValueError("cu_seqlens (packed sequences) cannot be combined with a cache")
+        x = self.embed(input_ids)                                              # [B, T, d_model]
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache[i],
+                                   use_cache=use_cache)
+            new_cache.append(layer_cache)
+        logits = self.lm_head(self.norm(x)).float()
+        return (logits, new_cache) if use_cache else logits
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once); exclude_embeddings drops the embedding and LM head matrices."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.embed.weight.numel()
+            if not self.cfg.tie_embeddings:
+                total -= self.lm_head.weight.numel()
+        return total
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: weight decay on matrices (dim >= 2) only; none on vectors (norm weights, A_log,
+        dt_bias) nor on parameters a layer lists in its `no_weight_decay_params`. Each parameter once."""
+        exempt = {id(getattr(module, name)) for module in self.modules()
+                  for name in getattr(module, "no_weight_decay_params", ())}
+        decay, no_decay = [], []
+        for param in self.parameters():
+            (decay if param.dim() >= 2 and id(param) not in exempt else no_decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k=None, generator=None):
+        """Continues input_ids [B, T] by max_new_tokens tokens; returns LongTensor [B, T + max_new_tokens].
+
+        Greedy when temperature == 0, else samples (optionally from the top_k tokens) with `generator`.
+        The prompt runs through one full forward that fills the cache; then one token per step.
+        """
+        tokens = input_ids
+        logits, cache = self(input_ids, use_cache=True)
+        for step in range(max_new_tokens):
+            next_token = sample_next_token(logits[:, -1], temperature, top_k, generator)   # [B, 1]
+            tokens = torch.cat([tokens, next_token], dim=1)
+            if step + 1 < max_new_tokens:
+                logits, cache = self(next_token, cache=cache, use_cache=True)
+        return tokens

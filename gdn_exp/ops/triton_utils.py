@@ -1,0 +1,125 @@
+"""Bookkeeping shared by the Triton gated-delta kernels (chunk.py, recurrent.py).
+
+Every kernel sees its input as packed sequences along one flattened token axis: a [B, T, H, D] batch is
+B sequences of length T at token offsets 0, T, 2T, ...; a varlen batch ([1, T, H, D] with cu_seqlens) is
+len(cu_seqlens) - 1 sequences at the given offsets. Kernels index chunks through `SequenceLayout`, so a
+chunk never crosses a sequence boundary and fixed-length and varlen batches run the same code.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+class SequenceLayout(NamedTuple):
+    """Sequences and their chunks along the flattened token axis.
+
+    cu_seqlens: int32 [N + 1], token offsets of the N sequences.
+    chunk_indices: int32 [NT, 2], (sequence n, chunk c within n) for each of the NT chunks of all sequences.
+    chunk_offsets: int32 [N + 1], index of the first chunk of each sequence in [0, NT).
+    num_chunks: NT.
+    """
+    cu_seqlens: torch.Tensor
+    chunk_indices: torch.Tensor
+    chunk_offsets: torch.Tensor
+    num_chunks: int
+
+
+def sequence_layout(B: int, T: int, cu_seqlens: Optional[torch.Tensor], chunk_size: int,
+                    device: torch.device) -> SequenceLayout:
+    """Splits every sequence of a [B, T] batch (or of packed `cu_seqlens`, B = 1) into chunks of `chunk_size`."""
+    if cu_seqlens is None:
+        chunks_per_seq = triton.cdiv(T, chunk_size)
+        index = torch.arange(B * chunks_per_seq, device=device, dtype=torch.int32)
+        return SequenceLayout(
+            cu_seqlens=torch.arange(B + 1, device=device, dtype=torch.int32) * T,
+            chunk_indices=torch.stack([index // chunks_per_seq, index % chunks_per_seq], dim=1).contiguous(),
+            chunk_offsets=torch.arange(B + 1, device=device, dtype=torch.int32) * chunks_per_seq,
+            num_chunks=B * chunks_per_seq)
+    cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+    chunks_per_seq = (cu_seqlens.diff() + chunk_size - 1) // chunk_size                # [N]
+    chunk_offsets = torch.nn.functional.pad(chunks_per_seq.cumsum(0), (1, 0)).to(torch.int32)
+    num_chunks = int(chunk_offsets[-1])                                                 # host sync
+    seq = torch.repeat_interleave(torch.arange(len(chunks_per_seq), device=device, dtype=torch.int32),
+                                  chunks_per_seq, output_size=num_chunks)
+    chunk = torch.arange(num_chunks, device=device, dtype=torch.int32) - chunk_offsets[seq.long()]
+    return SequenceLayout(cu_seqlens, torch.stack([seq, chunk], dim=1).contiguous(), chunk_offsets, num_chunks)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact float32 ("ieee") for float32 inputs, tf32 for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_size(dim: int, cap: int) -> int:
+    """Power-of-two block covering `dim` (at least 16, the smallest tl.dot size), capped at `cap`."""
+    return min(max(triton.next_power_of_2(dim), 16), cap)
+
+
+@triton.jit
+def sequence_bounds(cu_seqlens, i_n):
+    """Start token (int64) and length (int32) of sequence i_n."""
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    return bos, (eos - bos).to(tl.int32)
+
+
+@triton.jit
+def chunk_position(cu_seqlens, chunk_indices, i_t):
+    """For global chunk i_t: its sequence i_n, chunk index within the sequence, start token and length."""
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos, seq_len = sequence_bounds(cu_seqlens, i_n)
+    return i_n, i_c, bos, seq_len
+
+
+@triton.jit
+def token_offsets(bos, i_h, seq_len, H: tl.constexpr, D: tl.constexpr, row, col, BR: tl.constexpr,
+                  BC: tl.constexpr):
+    """Offsets and mask of rows [row, row + BR) x columns [col, col + BC) of head i_h of a [tokens, H, D]
+    tensor, within the sequence of length seq_len starting at token bos."""
+    o_r = row + tl.arange(0, BR)
+    o_c = col + tl.arange(0, BC)
+    return (bos + o_r[:, None]) * (H * D) + i_h * D + o_c[None, :], (o_r < seq_len)[:, None] & (o_c < D)[None, :]
+
+
+@triton.jit
+def load_tokens(base, bos, i_h, seq_len, H: tl.constexpr, D: tl.constexpr, row, col, BR: tl.constexpr,
+                BC: tl.constexpr):
+    """[BR, BC] block of a [tokens, H, D] tensor (see token_offsets); zero outside the sequence."""
+    o_x, m_x = token_offsets(bos, i_h, seq_len, H, D, row, col, BR, BC)
+    return tl.load(base + o_x, mask=m_x, other=0)
+
+
+@triton.jit
+def store_tokens(base, b_x, bos, i_h, seq_len, H: tl.constexpr, D: tl.constexpr, row, col, BR: tl.constexpr,
+                 BC: tl.constexpr):
+    """Stores b_x [BR, BC] into a [tokens, H, D] tensor (see token_offsets), cast to its dtype."""
+    o_x, m_x = token_offsets(bos, i_h, seq_len, H, D, row, col, BR, BC)
+    tl.store(base + o_x, b_x.to(base.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def state_offsets(i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col, BK: tl.constexpr,
+                  BV: tl.constexpr):
+    """Offsets and mask of rows [row, row + BK) x columns [col, col + BV) of state i_s, head i_h, in a
+    [*, H, K, V] tensor."""
+    o_k = row + tl.arange(0, BK)
+    o_v = col + tl.arange(0, BV)
+    o_x = (i_s * H + i_h).to(tl.int64) * (K * V) + o_k[:, None] * V + o_v[None, :]
+    return o_x, (o_k < K)[:, None] & (o_v < V)[None, :]
+
+
+@triton.jit
+def load_state(base, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col, BK: tl.constexpr,
+               BV: tl.constexpr):
+    o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
+    return tl.load(base + o_x, mask=m_x, other=0).to(tl.float32)
+
+
+@triton.jit
+def store_state(base, b_x, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col,
+                BK: tl.constexpr, BV: tl.constexpr):
+    o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
+    tl.store(base + o_x, b_x.to(base.dtype.element_ty), mask=m_x)

@@ -1,0 +1,114 @@
+"""Synthetic sequence tasks for gdn-exp, importable on their own (numpy and torch; HF datasets only for caching).
+
+    import tasks
+    batch = tasks.make_task("mqar", seed=0, num_examples=256, num_kv_pairs=8)
+    batch["input_ids"], batch["labels"]        # LongTensor [256, seq_len]; labels are -100 where unscored
+    batch["num_kv_pairs"]                      # per-example slice metadata, LongTensor [256]
+
+    train = tasks.load_split("mqar", split="train", seed=0, num_examples=10_000, cache_dir="data_cache")
+
+`labels[:, t]` is the token to predict from `input_ids[:, :t + 1]` (already shifted). Each task is one module with a
+dataclass config (always vocab_size and seq_len, checked on construction) and a generator (config, seed,
+num_examples) -> dict of int64 numpy arrays.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from .common import IGNORE_INDEX
+from .copy import CopyConfig, generate_copy
+from .mqar import MQARConfig, generate_mqar
+from .needle import NeedleConfig, generate_needle
+from .reverse import ReverseConfig, generate_reverse
+from .selective_copy import SelectiveCopyConfig, generate_selective_copy
+
+TASKS = {
+    "copy": (CopyConfig, generate_copy),
+    "reverse": (ReverseConfig, generate_reverse),
+    "mqar": (MQARConfig, generate_mqar),
+    "selective_copy": (SelectiveCopyConfig, generate_selective_copy),
+    "needle": (NeedleConfig, generate_needle),
+}
+
+SPLITS = ("train", "test")
+SEEDS_PER_SPLIT = 2 ** 31  # split i owns seeds [i * SEEDS_PER_SPLIT, (i + 1) * SEEDS_PER_SPLIT)
+CACHE_FORMAT = 1  # part of the cache key: bump when a generator's output changes for the same parameters
+
+
+def config_class(name: str) -> type:
+    """The dataclass holding task `name`'s parameters (field names, types and defaults)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name][0]
+
+
+def make_config(name: str, **params):
+    """Task `name`'s config with `params` over the defaults; ValueError on an unknown parameter or impossible size."""
+    cls = config_class(name)
+    known = [field.name for field in dataclasses.fields(cls)]
+    for key in params:
+        if key not in known:
+            raise ValueError(f"unknown parameter {key!r} for task {name!r}; known: {', '.join(known)}")
+    return cls(**params)
+
+
+def task_seed(seed: int, split: str) -> int:
+    """The generator seed of `split` for a user seed: train and test seeds come from disjoint ranges."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    if not 0 <= seed < SEEDS_PER_SPLIT:
+        raise ValueError(f"seed={seed} must be in [0, {SEEDS_PER_SPLIT})")
+    return SPLITS.index(split) * SEEDS_PER_SPLIT + seed
+
+
+def make_task(name: str, *, seed: int, num_examples: int, **params) -> dict[str, torch.Tensor]:
+    """Generates `num_examples` examples of task `name` from `seed` (same seed, same data).
+
+    Returns input_ids and labels, LongTensor [num_examples, seq_len], plus the task's slice metadata columns,
+    LongTensor [num_examples] (e.g. num_kv_pairs for mqar).
+    """
+    config = make_config(name, **params)
+    if num_examples < 0:
+        raise ValueError(f"num_examples={num_examples} must be >= 0")
+    generate = TASKS[name][1]
+    return {column: torch.from_numpy(array) for column, array in generate(config, seed, num_examples).items()}
+
+
+def load_split(name: str, *, split: str, seed: int, num_examples: int, cache_dir: str,
+               **params) -> dict[str, torch.Tensor]:
+    """make_task(name, seed=task_seed(seed, split), ...), cached as an Arrow dataset (HF datasets) on disk.
+
+    The cache entry is cache_dir/<name>-<md5 of the task, its full config, the split seed and num_examples>/. It is
+    written to a temporary directory and renamed into place, so parallel jobs never see a half-written entry.
+    """
+    import datasets  # lazily: plain make_task should not pay for importing it
+    import pyarrow
+
+    config = make_config(name, **params)
+    split_seed = task_seed(seed, split)
+    key = json.dumps({"task": name, "params": dataclasses.asdict(config), "seed": split_seed,
+                      "num_examples": num_examples, "format": CACHE_FORMAT}, sort_keys=True)
+    path = os.path.join(cache_dir, f"{name}-{hashlib.md5(key.encode()).hexdigest()}")
+    if not os.path.isdir(path):
+        batch = make_task(name, seed=split_seed, num_examples=num_examples, **params)
+        # [N, seq_len] columns as fixed-size int64 lists: built straight from the buffer, read back as [N, seq_len]
+        columns = {column: pyarrow.FixedSizeListArray.from_arrays(pyarrow.array(tensor.numpy().ravel()),
+                                                                  tensor.shape[1])
+                   if tensor.dim() == 2 else pyarrow.array(tensor.numpy())
+                   for column, tensor in batch.items()}
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp_path = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
+        datasets.Dataset.from_dict(columns).save_to_disk(tmp_path)
+        try:
+            os.rename(tmp_path, path)
+        except OSError:  # another job renamed the same entry into place first; its data is identical
+            shutil.rmtree(tmp_path)
+    return datasets.load_from_disk(path).with_format("torch")[:]
+
+__all__ = ["TASKS", "SPLITS", "IGNORE_INDEX", "config_class", "make_config", "task_seed", "make_task",
+           "load_split"]

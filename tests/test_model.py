@@ -1,0 +1,144 @@
+"""LanguageModel: shapes, causality, cached decoding == full forward, generate, param groups, configs, training."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gdn_exp.model import LanguageModel, ModelConfig
+
+VOCAB = 32
+
+FAMILIES = {
+    "gdn": dict(),
+    "attention": dict(mixer="attention"),
+    "hybrid": dict(n_layers=4, attention_every=2),
+    "sliding_window_hybrid": dict(n_layers=4, attention_every=2, attention_window=4),
+}
+
+
+def tiny_model(dtype=torch.float64, **overrides) -> LanguageModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_heads=2, head_dim=16, attention_heads=2, **overrides)
+    return LanguageModel(cfg).to(dtype)
+
+
+def random_tokens(B, T, seed=1):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_logits_shape_and_dtype():
+    model = tiny_model(torch.float32)
+    logits = model(random_tokens(3, 11))
+    assert logits.shape == (3, 11, VOCAB) and logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_is_causal(family):
+    model = tiny_model(**FAMILIES[family])
+    tokens = random_tokens(2, 16)
+    changed = tokens.clone()
+    changed[:, 10] = (changed[:, 10] + 1) % VOCAB
+    logits, logits_changed = model(tokens), model(changed)
+    torch.testing.assert_close(logits[:, :10], logits_changed[:, :10], rtol=0, atol=0)
+    assert (logits[:, 10:] - logits_changed[:, 10:]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_full_forward(family):
+    model = tiny_model(**FAMILIES[family])
+    tokens = random_tokens(2, 20)
+    full = model(tokens)
+    logits, cache = model(tokens[:, :6], use_cache=True)       # prefill
+    pieces = [logits]
+    logits, cache = model(tokens[:, 6:11], cache=cache, use_cache=True)   # a second multi-token piece
+    pieces.append(logits)
+    for t in range(11, 20):                                    # then one token at a time
+        logits, cache = model(tokens[:, t : t + 1], cache=cache, use_cache=True)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_packed_sequences_equal_separate_runs():
+    model = tiny_model(**FAMILIES["sliding_window_hybrid"])
+    lengths = [7, 2, 11]
+    tokens = random_tokens(1, sum(lengths))
+    cu_seqlens = torch.tensor([0, 7, 9, 20])
+    packed = model(tokens, cu_seqlens=cu_seqlens)
+    separate = torch.cat([model(part) for part in tokens.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, separate, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gdn", "hybrid"])
+def test_greedy_generate_equals_argmax_of_full_forwards(family):
+    model = tiny_model(**FAMILIES[family])
+    prompt = random_tokens(2, 5)
+    generated = model.generate(prompt, 8)
+    expected = prompt
+    for _ in range(8):
+        next_token = model(expected)[:, -1].argmax(dim=-1, keepdim=True)
+        expected = torch.cat([expected, next_token], dim=1)
+    assert torch.equal(generated, expected)
+
+
+def test_sampling_with_top_1_is_greedy():
+    model = tiny_model()
+    prompt = random_tokens(2, 5)
+    sampled = model.generate(prompt, 6, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, model.generate(prompt, 6))
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_param_groups_split_decay_and_cover_every_parameter_once(tie_embeddings):
+    model = tiny_model(n_layers=4, attention_every=2, tie_embeddings=tie_embeddings)
+    decay, no_decay = model.param_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    grouped = [id(p) for p in decay["params"] + no_decay["params"]]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == {id(p) for p in model.parameters()}
+    no_decay_names = {name for name, p in model.named_parameters() if any(p is q for q in no_decay["params"])}
+    assert no_decay_names == {name for name, p in model.named_parameters()
+                              if name.endswith(("A_log", "dt_bias")) or "norm" in name}
+    assert all(p.dim() >= 2 for p in decay["params"])
+
+
+def test_num_params():
+    untied, tied = tiny_model(), tiny_model(tie_embeddings=True)
+    assert untied.num_params() - tied.num_params() == VOCAB * 32
+    assert untied.num_params(exclude_embeddings=True) == tied.num_params(exclude_embeddings=True)
+    assert untied.num_params() == sum(p.numel() for p in untied.parameters())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(mixer="attention", d_model=130, attention_heads=4), "model.d_model=130 is not divisible"),
+    (dict(n_layers=4, attention_every=2, d_model=200), "model.d_model=200 is not divisible"),
+    (dict(mixer="attention", d_model=130, attention_heads=2), "even for RoPE"),
+    (dict(mixer="mamba"), "model.mixer='mamba'"),
+    (dict(expand_v=1.3), "model.expand_v=1.3"),
+    (dict(attention_every=3), "model.attention_every=3 > model.n_layers=2"),
+    (dict(mixer="attention", attention_every=2), "needs model.mixer=gdn"),
+    (dict(attention_window=0), "model.attention_window=0"),
+    (dict(num_heads=0), "model.num_heads=0"),
+])
+def test_validate_names_the_bad_field(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**overrides).validate()
+    with pytest.raises(ValueError, match=message):
+        LanguageModel(ModelConfig(**overrides))
+
+
+def test_gdn_model_needs_no_attention_head_divisibility():
+    ModelConfig(d_model=130).validate()
+
+
+@pytest.mark.parametrize("mixer", ["gdn", "attention"])
+def test_tiny_model_overfits_a_fixed_batch(mixer):
+    model = tiny_model(torch.float32, mixer=mixer)
+    tokens = random_tokens(8, 24)
+    optimizer = torch.optim.AdamW(model.param_groups(0.01), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses

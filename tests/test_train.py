@@ -1,0 +1,153 @@
+"""The trainer: a short run learns and writes the run directory; resume after a kill continues exactly;
+NaN stops the run as diverged and keeps the last good checkpoint; chunk and recurrent modes agree."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import gdn_exp.train.loop as loop
+from gdn_exp.train import run_job
+
+FAST = ["model=tiny", "task=copy", "task.num_train=512", "task.num_test=64", "logger=none",
+        "trainer.batch_size=16", "trainer.eval_interval=10", "trainer.log_interval=5",
+        "trainer.checkpoint_interval=10", "trainer.target_accuracy=null"]
+
+
+def metrics_rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return {r["step"]: r["train/loss"] for r in metrics_rows(run_dir) if "train/loss" in r}
+
+
+def test_short_run_writes_run_directory(compose, tmp_path):
+    cfg = compose(*FAST, "trainer.max_steps=20")
+    results = run_job(cfg, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["status"] == results["status"] == "completed"
+    for key in ("test/accuracy", "test/exact_match", "num_params", "wall_time_s", "tokens_per_s"):
+        assert key in saved, key
+    assert saved["steps"] == 20 and saved["num_params"] > 0 and saved["tokens_per_s"] > 0
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows if "train/loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in rows if "test/accuracy" in r] == [10, 20]
+    for name in ("latest.pt", "best.pt"):
+        state = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        assert "model" in state and state["config"]["model"]["name"] == "tiny"
+
+
+def test_training_reduces_loss(compose, tmp_path):
+    cfg = compose(*FAST, "trainer.max_steps=60", "task.copy_len=4", "task.seq_len=8")
+    run_job(cfg, tmp_path / "run")
+    curve = losses(tmp_path / "run")
+    assert curve[60] < 0.8 * curve[5], curve
+
+
+def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, monkeypatch):
+    run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "full")
+
+    calls = {"n": 0}
+    real_loss = loop.lm_loss
+
+    def loss_then_sigterm(logits, labels):  # a real SIGTERM arrives during step 25
+        calls["n"] += 1
+        if calls["n"] == 25:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(logits, labels)
+
+    monkeypatch.setattr(loop, "lm_loss", loss_then_sigterm)
+    killed = run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "killed")
+    assert killed["status"] == "failed" and "SIGTERM" in killed["error"]
+    assert torch.load(tmp_path / "killed/checkpoints/latest.pt", weights_only=True)["counters"]["step"] == 25
+    monkeypatch.setattr(loop, "lm_loss", real_loss)
+
+    resumed = run_job(compose(*FAST, "trainer.max_steps=40", f"trainer.resume={tmp_path / 'killed'}"),
+                      tmp_path / "resumed")
+    full = json.loads((tmp_path / "full/results.json").read_text())
+    assert resumed["status"] == "completed" and resumed["steps"] == 40
+    assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full"), rel=1e-6)
+    assert resumed["test/accuracy"] == pytest.approx(full["test/accuracy"])
+    assert resumed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
+
+
+def test_resume_true_finds_the_matching_run(compose, tmp_path):
+    runs = tmp_path / "runs"
+    run_job(compose(*FAST, "trainer.max_steps=10"), runs / "a")
+    other = run_job(compose(*FAST, "trainer.max_steps=10", "seed=1", "trainer.resume=true"), runs / "b")
+    assert other["resumed_from"] is None  # a different seed is a different run
+    same = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), runs / "c")
+    assert same["resumed_from"] == str(runs / "a/checkpoints/latest.pt") and same["steps"] == 20
+
+
+def test_nan_loss_stops_as_diverged_and_keeps_last_good_checkpoint(compose, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = loop.lm_loss
+
+    def nan_from_step_15(logits, labels):
+        calls["n"] += 1
+        loss = real_loss(logits, labels)
+        return loss * float("nan") if calls["n"] > 15 else loss
+
+    monkeypatch.setattr(loop, "lm_loss", nan_from_step_15)
+    results = run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "run")
+    assert results["status"] == "diverged" and "step 15" in results["error"]
+    latest = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)
+    assert latest["counters"]["step"] == 10
+    assert all(torch.isfinite(p).all() for p in latest["model"].values())
+
+
+def test_chunk_and_recurrent_kernels_give_the_same_loss_curve(compose, tmp_path):
+    for mode in ("chunk", "recurrent"):
+        run_job(compose(*FAST, "trainer.max_steps=15", f"kernel={mode}"), tmp_path / mode)
+    chunk, recurrent = losses(tmp_path / "chunk"), losses(tmp_path / "recurrent")
+    assert chunk.keys() == recurrent.keys()
+    assert list(recurrent.values()) == pytest.approx(list(chunk.values()), rel=1e-4)
+
+
+def test_completed_job_is_skipped_on_rerun(compose, tmp_path):
+    cfg = compose(*FAST, "trainer.max_steps=10")
+    first = run_job(cfg, tmp_path / "run")
+    again = run_job(cfg, tmp_path / "run")
+    assert again["skipped"] and again["test/accuracy"] == first["test/accuracy"]
+    assert not run_job(cfg, tmp_path / "run", skip_completed=False).get("skipped")
+
+
+def wandb_history(run_file):
+    """{step: {key: value}} from the history records of an offline run-*.wandb file (a LevelDB-style log of
+    protobuf Records in 32 KiB blocks, after a 7-byte header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, partial = run_file.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        partial = chunk if kind in (1, 2) else partial + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            records.append(partial)
+    history = {}
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.setdefault(items["_step"], {}).update(items)
+    return history
+
+
+def test_wandb_offline_run_records_metrics(compose, tmp_path):
+    cfg = compose(*FAST, "trainer.max_steps=10", "logger=wandb", "logger.mode=offline")
+    assert run_job(cfg, tmp_path / "run")["status"] == "completed"
+    runs = list((tmp_path / "run/wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    history = wandb_history(runs[0])
+    for row in metrics_rows(tmp_path / "run"):
+        for key, value in row.items():
+            if key != "step":
+                assert history[row["step"]][key] == pytest.approx(value), (row["step"], key)
