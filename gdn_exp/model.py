@@ -47,7 +47,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
-    init_std: float = 0.02                    # residual output projections get init_std / sqrt(2 * n_layers)
+    init_std: Optional[float] = None          # None: Linear ~ N(0, 1/fan_in), embedding ~ N(0, 1); see LanguageModel
 
     def num_attention_heads(self) -> int:
         return self.attention_heads if self.attention_heads is not None else max(1, self.d_model // 64)
@@ -65,6 +65,8 @@ class ModelConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be >= 1")
         for key in ("expand_v", "mlp_ratio", "norm_eps", "rope_theta", "init_std"):
+            if key == "init_std" and self.init_std is None:
+                continue
             if not getattr(self, key) > 0:
                 raise ValueError(f"model.{key}={getattr(self, key)} must be > 0")
         if self.head_dim * self.expand_v != int(self.head_dim * self.expand_v):
@@ -140,17 +142,20 @@ def sample_next_token(logits, temperature: float, top_k=None, generator=None):
 class LanguageModel(nn.Module):
     """Causal language model over ModelConfig; see the module docstring for the computation.
 
-    Init: every Linear and the embedding ~ N(0, init_std), except the projections that write into the
-    residual stream (mixer o_proj, MLP down_proj), which get N(0, init_std / sqrt(2 * n_layers)) as in GPT-2
-    so the residual stream's variance does not grow with depth. Norms start at 1; the short conv and the
-    GDN decay parameters keep their layer's own init.
+    Init: with init_std None (default), every Linear ~ N(0, 1 / fan_in) and the embedding ~ N(0, 1), so
+    activations keep unit scale at any width (a fixed 0.02 is far too small at d_model 128: MQAR then
+    stalls near chance for hundreds of steps); with init_std set, every Linear and the embedding
+    ~ N(0, init_std) as in GPT-2. Either way the projections that write into the residual stream
+    (mixer o_proj, MLP down_proj) get their std divided by sqrt(2 * n_layers), so the residual stream's
+    variance does not grow with depth. Norms start at 1; the short conv and the GDN decay parameters
+    keep their layer's own init.
 
     Args:
         mode: Gated DeltaNet op form, "chunk" or "recurrent" (see `set_mode`).
         backend: op backend, "auto", "triton" or "torch".
     """
 
-    RESIDUAL_OUTPUTS = ("o_proj.weight", "down_proj.weight")
+    RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
 
     def __init__(self, cfg: ModelConfig, *, mode: str = "chunk", backend: str = "auto"):
         super().__init__()
@@ -168,13 +173,14 @@ class LanguageModel(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
-        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
-        for name, param in self.named_parameters():
-            if name.endswith(self.RESIDUAL_OUTPUTS):
-                nn.init.normal_(param, std=residual_std)
+        std = self.cfg.init_std
+        nn.init.normal_(self.embed.weight, std=1.0 if std is None else std)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear) and module.weight is not self.embed.weight:
+                module_std = module.in_features ** -0.5 if std is None else std
+                if name.endswith(self.RESIDUAL_OUTPUTS):
+                    module_std /= math.sqrt(2 * self.cfg.n_layers)
+                nn.init.normal_(module.weight, std=module_std)
 
     def set_mode(self, mode: str) -> None:
         """Switches every Gated DeltaNet layer to the op's "chunk" or "recurrent" form."""

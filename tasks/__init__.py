@@ -110,5 +110,6 @@ def load_split(name: str, *, split: str, seed: int, num_examples: int, cache_dir
             shutil.rmtree(tmp_path)
     return datasets.load_from_disk(path).with_format("torch")[:]
 
+
 __all__ = ["TASKS", "SPLITS", "IGNORE_INDEX", "config_class", "make_config", "task_seed", "make_task",
            "load_split"]

@@ -8,18 +8,27 @@ import numpy as np
 IGNORE_INDEX = -100  # label of an unscored position (torch's cross_entropy default ignore_index)
 
 
+def check_minimum(name: str, value: int, minimum: int, rule: str = "") -> None:
+    """Raises a one-line ValueError naming the parameter, its value and the bound when value < minimum, e.g.
+    `seq_len=10 is too small: need seq_len >= 12 = 2 * copy_len (copy_len=6)`."""
+    if value < minimum:
+        raise ValueError(f"{name}={value} is too small: need {name} >= {minimum}" + (f" = {rule}" if rule else ""))
+
+
 def choose_without_replacement(rng: np.random.Generator, num_examples: int, population: int, size: int,
                                weights: np.ndarray | None = None) -> np.ndarray:
     """Draws `size` distinct integers from range(population) for each example, in draw order: [num_examples, size].
 
     With `weights` ([population], positive) the draw follows numpy's `choice(replace=False, p=weights)`: each pick is
     proportional to the weights of what is left. Vectorised across examples with the Gumbel top-k trick: the `size`
-    largest log(weight) + Gumbel noise.
+    largest log(weight) + Gumbel noise, in decreasing order.
     """
     scores = rng.gumbel(size=(num_examples, population))
     if weights is not None:
         scores += np.log(weights)
-    return np.argsort(-scores, axis=1, kind="stable")[:, :size]
+    top = np.argpartition(-scores, size - 1, axis=1)[:, :size]  # O(population), unlike a full sort
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+    return np.take_along_axis(top, order, axis=1)
 
 
 def answer_after_separator(prompt: np.ndarray, answer: np.ndarray, separator: int, seq_len: int,

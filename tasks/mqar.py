@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import IGNORE_INDEX, choose_without_replacement
+from .common import IGNORE_INDEX, check_minimum, choose_without_replacement
 
 
 @dataclass
@@ -29,25 +29,24 @@ class MQARConfig:
         self.validate()
 
     def validate(self):
-        if self.num_kv_pairs < 1:
-            raise ValueError(f"num_kv_pairs={self.num_kv_pairs} must be >= 1")
+        check_minimum("num_kv_pairs", self.num_kv_pairs, 1)
         if not self.power_a > 0:
             raise ValueError(f"power_a={self.power_a} must be > 0")
-        if self.vocab_size // 2 - 1 < self.num_kv_pairs:
-            raise ValueError(f"vocab_size={self.vocab_size} is too small for num_kv_pairs={self.num_kv_pairs}: "
-                             f"need vocab_size >= 2 * (num_kv_pairs + 1) = {2 * (self.num_kv_pairs + 1)} "
-                             f"(distinct keys in [1, vocab_size // 2))")
-        if self.seq_len < 4 * self.num_kv_pairs:
-            raise ValueError(f"seq_len={self.seq_len} is too short for num_kv_pairs={self.num_kv_pairs}: "
-                             f"need seq_len >= 4 * num_kv_pairs = {4 * self.num_kv_pairs}")
+        check_minimum("vocab_size", self.vocab_size, 2 * (self.num_kv_pairs + 1),
+                      f"2 * (num_kv_pairs + 1) (num_kv_pairs={self.num_kv_pairs} distinct keys below vocab_size // 2)")
+        check_minimum("seq_len", self.seq_len, 4 * self.num_kv_pairs,
+                      f"4 * num_kv_pairs (num_kv_pairs={self.num_kv_pairs})")
 
 
 def generate_mqar(config: MQARConfig, seed: int, num_examples: int) -> dict:
     """Returns input_ids, labels [num_examples, seq_len] and num_kv_pairs [num_examples] (int64 numpy).
 
-    Example (vocab_size=16: keys 1..7, values 8..15; seq_len=12, num_kv_pairs=2; -100 shown as .):
-        input_ids  3 12 6 9 | 6 14 2 11 3 0 5 7      (pairs 3->12, 6->9; queries of 6 at gap 0 and 3 at gap 2)
-        labels     .  . . . | 9  . . .  12 . . .
+    With vocab_size=16 (keys 1..7, values 8..15), seq_len=14, num_kv_pairs=2:
+    >>> batch = generate_mqar(MQARConfig(vocab_size=16, seq_len=14, num_kv_pairs=2), seed=3, num_examples=1)
+    >>> print(*batch["input_ids"][0])  # pairs 1->10, 5->8; key 1 queried at gap 1, key 5 at gap 4
+    1 10 5 8 15 4 1 5 0 14 10 9 5 7
+    >>> print(*batch["labels"][0])
+    -100 -100 -100 -100 -100 -100 10 -100 -100 -100 -100 -100 8 -100
     """
     rng = np.random.default_rng(seed)
     num_pairs = config.num_kv_pairs

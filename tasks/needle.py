@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import IGNORE_INDEX, choose_without_replacement
+from .common import IGNORE_INDEX, check_minimum, choose_without_replacement
 
 QUERY = 0
 
@@ -30,28 +30,29 @@ class NeedleConfig:
         self.validate()
 
     def validate(self):
-        if self.num_needles < 1:
-            raise ValueError(f"num_needles={self.num_needles} must be >= 1")
+        check_minimum("num_needles", self.num_needles, 1)
         if not 1 <= self.num_queries <= self.num_needles:
             raise ValueError(f"num_queries={self.num_queries} must be in [1, num_needles={self.num_needles}]")
-        if (self.vocab_size - 1) // 3 < self.num_needles:
-            raise ValueError(f"vocab_size={self.vocab_size} is too small for num_needles={self.num_needles}: "
-                             f"need vocab_size >= 3 * num_needles + 1 = {3 * self.num_needles + 1}")
-        min_len = 2 * (self.num_needles + self.num_queries)
-        if self.seq_len < min_len:
-            raise ValueError(f"seq_len={self.seq_len} is too short for num_needles={self.num_needles}, "
-                             f"num_queries={self.num_queries}: need seq_len >= 2 * (num_needles + num_queries) "
-                             f"= {min_len}")
+        check_minimum("vocab_size", self.vocab_size, 3 * self.num_needles + 1,
+                      f"3 * num_needles + 1 (num_needles={self.num_needles})")
+        check_minimum("seq_len", self.seq_len, 2 * (self.num_needles + self.num_queries),
+                      f"2 * (num_needles + num_queries) (num_needles={self.num_needles}, "
+                      f"num_queries={self.num_queries})")
 
 
 def generate_needle(config: NeedleConfig, seed: int, num_examples: int) -> dict:
     """Returns input_ids, labels [num_examples, seq_len], num_needles and needle_depth [num_examples] (int64
     numpy); needle_depth is the first queried needle's start as a percentage of the haystack (0 = start, 100 = end).
 
-    Example (vocab_size=10: keys 1..3, values 4..6, filler 7..9; seq_len=12, num_needles=2, num_queries=1;
-    -100 shown as .):
-        input_ids  8 2 5 7 9 3 4 8 9 7 | 0 3       (needles 2->5 and 3->4 in the haystack, QUERY, key 3)
-        labels     . . . . . . . . . . | . 4
+    With vocab_size=10 (keys 1..3, values 4..6, filler 7..9), seq_len=14, num_needles=2, num_queries=1:
+    >>> config = NeedleConfig(vocab_size=10, seq_len=14, num_needles=2, num_queries=1)
+    >>> batch = generate_needle(config, seed=1, num_examples=1)
+    >>> print(*batch["input_ids"][0])  # needles 3->6 at 5 and 1->6 at 8 in a haystack of 12, QUERY, key 3
+    8 8 9 9 7 3 6 9 1 6 9 8 0 3
+    >>> print(*batch["labels"][0])
+    -100 -100 -100 -100 -100 -100 -100 -100 -100 -100 -100 -100 -100 6
+    >>> print(*batch["needle_depth"])  # start 5 of the last possible start 10
+    50
     """
     rng = np.random.default_rng(seed)
     n = (config.vocab_size - 1) // 3

@@ -12,8 +12,10 @@ class ReverseConfig(CopyConfig):
 def generate_reverse(config: ReverseConfig, seed: int, num_examples: int) -> dict:
     """Returns input_ids, labels [num_examples, seq_len] and copy_len [num_examples] (int64 numpy).
 
-    Example (vocab_size=8, seq_len=8, copy_len=4), row and labels (-100 shown as .):
-        input_ids  5 2 7 3 | 1 3 7 2        (string, SEP, reversed string[:-1])
-        labels     . . . . | 3 7 2 5
+    >>> batch = generate_reverse(ReverseConfig(vocab_size=8, seq_len=8, copy_len=4), seed=2, num_examples=1)
+    >>> print(*batch["input_ids"][0])  # string, SEP, reversed string[:-1]
+    7 3 2 3 1 3 2 3
+    >>> print(*batch["labels"][0])
+    -100 -100 -100 -100 3 2 3 7
     """
     return generate_copy(config, seed, num_examples, reverse=True)

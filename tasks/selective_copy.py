@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import answer_after_separator, choose_without_replacement
+from .common import answer_after_separator, check_minimum, choose_without_replacement
 
 SEP = 0
 
@@ -17,7 +17,7 @@ class SelectiveCopyConfig:
     """vocab_size: model vocabulary; seq_len: input length = context (seq_len - num_tokens) + answer (num_tokens),
     so at least 2 * num_tokens; num_tokens: data tokens to remember; num_noise_tokens: distinct noise ids."""
     vocab_size: int = 16
-    seq_len: int = 64
+    seq_len: int = 32
     num_tokens: int = 8
     num_noise_tokens: int = 1
 
@@ -25,25 +25,23 @@ class SelectiveCopyConfig:
         self.validate()
 
     def validate(self):
-        if self.num_tokens < 1:
-            raise ValueError(f"num_tokens={self.num_tokens} must be >= 1")
-        if self.num_noise_tokens < 1:
-            raise ValueError(f"num_noise_tokens={self.num_noise_tokens} must be >= 1")
-        if self.vocab_size < self.num_noise_tokens + 2:
-            raise ValueError(f"vocab_size={self.vocab_size} is too small for num_noise_tokens={self.num_noise_tokens}: "
-                             f"need vocab_size >= num_noise_tokens + 2 = {self.num_noise_tokens + 2} "
-                             f"(SEP, noise, at least one data token)")
-        if self.seq_len < 2 * self.num_tokens:
-            raise ValueError(f"seq_len={self.seq_len} is too short for num_tokens={self.num_tokens}: "
-                             f"need seq_len >= 2 * num_tokens = {2 * self.num_tokens}")
+        check_minimum("num_tokens", self.num_tokens, 1)
+        check_minimum("num_noise_tokens", self.num_noise_tokens, 1)
+        check_minimum("vocab_size", self.vocab_size, self.num_noise_tokens + 2,
+                      f"SEP + num_noise_tokens + one data token (num_noise_tokens={self.num_noise_tokens})")
+        check_minimum("seq_len", self.seq_len, 2 * self.num_tokens, f"2 * num_tokens (num_tokens={self.num_tokens})")
 
 
 def generate_selective_copy(config: SelectiveCopyConfig, seed: int, num_examples: int) -> dict:
     """Returns input_ids, labels [num_examples, seq_len] and num_tokens [num_examples] (int64 numpy).
 
-    Example (vocab_size=8, seq_len=10, num_tokens=3, num_noise_tokens=1: noise 1, data 2..7; -100 shown as .):
-        input_ids  1 6 1 1 4 1 3 | 0 6 4      (context of 7 with data 6 4 3, SEP, answer[:-1])
-        labels     . . . . . . . | 6 4 3
+    With vocab_size=8, num_noise_tokens=1 (noise 1, data 2..7), seq_len=10, num_tokens=3:
+    >>> config = SelectiveCopyConfig(vocab_size=8, seq_len=10, num_tokens=3, num_noise_tokens=1)
+    >>> batch = generate_selective_copy(config, seed=3, num_examples=1)
+    >>> print(*batch["input_ids"][0])  # context of 7 holding 3 2 6, SEP, answer[:-1]
+    3 2 1 1 6 1 1 0 3 2
+    >>> print(*batch["labels"][0])
+    -100 -100 -100 -100 -100 -100 -100 3 2 6
     """
     rng = np.random.default_rng(seed)
     context_len = config.seq_len - config.num_tokens
@@ -53,6 +51,7 @@ def generate_selective_copy(config: SelectiveCopyConfig, seed: int, num_examples
     positions = np.sort(choose_without_replacement(rng, num_examples, context_len, config.num_tokens), axis=1)
     tokens = rng.integers(data_start, config.vocab_size, size=(num_examples, config.num_tokens))
     np.put_along_axis(context, positions, tokens, axis=1)
+    # context_len + num_tokens = seq_len: nothing is left over for padding
     input_ids, labels = answer_after_separator(context, tokens, SEP, config.seq_len, pad=SEP)
     return {"input_ids": input_ids, "labels": labels,
             "num_tokens": np.full(num_examples, config.num_tokens, dtype=np.int64)}

@@ -13,8 +13,8 @@ intermediates for backward (only the inputs): backward recomputes G, Ainv, W, U~
 the state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel
 for the output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
 
-All dots run in float32 ("ieee" for float32 inputs, tf32 for 16-bit inputs); states and intermediates are
-float32. Tensors live as [tokens, H, D] with sequences packed along tokens (see triton_utils).
+All dots take float32 operands (tf32x3, ~float32 accuracy, for float32 inputs; tf32 for 16-bit inputs);
+states and intermediates are float32. Tensors live as [tokens, H, D] with sequences packed along tokens (see triton_utils).
 """
 import torch
 import triton
