@@ -1,0 +1,275 @@
+"""`gdn-bench`: speed of our gated delta rule beside flash-linear-attention (fla) and causal SDPA, on one GPU.
+
+    gdn-bench op                       op-level table at the standard shapes (and --shape B,T,H,D ...)
+    gdn-bench model                    training tokens/s and MFU: our GDN model vs our SDPA Transformer (+ fla's)
+    gdn-bench check [--quick]          the kernels' correctness matrix (python -m gdn_exp.kernel_check)
+    gdn-bench all --out DIR            check, op and model; writes DIR/bench.json and DIR/bench.md
+
+Timings are medians of `triton.testing.do_bench` (CUDA events). Models used for the derived columns:
+
+FLOPs, per (token, head), chunk size C = 64, key dim K, value dim V (matrix products only, masks ignored):
+    forward   6 K V (state read, state write, output from state) + 2 C (3 K + 2 V) (within-chunk products)
+    backward  2 x forward;  SDPA causal: forward 2 T D per (token, head), backward 2.5 x forward.
+Bytes floor (the least an op must move): forward reads q, k, v, g, beta and writes o once; forward+backward
+    adds reading them and do again and writing dq, dk, dv, dg, dbeta. "% floor" = floor time at the measured
+    copy bandwidth / measured time. Decode: the fp32 state read and written once per step.
+
+fla's chunk backward refuses to run on Hopper with Triton < 3.7.1 (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1`);
+for timing only this module sets that flag to True, and says so in its output.
+"""
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CHUNK = 64
+OP_SHAPES = [(8, 2048, 16, 128), (8, 4096, 16, 128), (2, 16384, 16, 128), (1, 32768, 16, 128), (4, 4096, 8, 256)]
+DECODE_SHAPE = (64, 16, 128)  # B, H, D
+
+
+def do_bench(fn, grad_to_none=None) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def measure_copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x))
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def measure_matmul_flops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b)
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+def gdn_flops(B, T, H, K, V, backward: bool) -> float:
+    fwd = B * T * H * (6 * K * V + 2 * CHUNK * (3 * K + 2 * V))
+    return fwd * (3 if backward else 1)
+
+
+def gdn_bytes(B, T, H, K, V, backward: bool, elem=2) -> float:
+    fwd = B * T * H * (elem * (2 * K + 2 * V) + 4 + elem)  # q, k, v, o + g (fp32) + beta
+    return fwd + (B * T * H * (elem * (4 * K + 4 * V) + 2 * (4 + elem)) if backward else 0)
+
+
+def sdpa_flops(B, T, H, D, backward: bool) -> float:
+    fwd = 2 * B * H * T * T * D  # QK^T and PV, halved by the causal mask
+    return fwd * (3.5 if backward else 1)
+
+
+def op_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=gen)
+    k = F.normalize(torch.randn(B, T, H, D, device="cuda", dtype=torch.float32, generator=gen), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
+    beta = torch.rand(B, T, H, device="cuda", generator=gen).to(dtype)
+    return q, k, v, g, beta
+
+
+def load_fla():
+    """fla's chunk and fused-recurrent ops with the Hopper guard bypassed, or (None, reason)."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except Exception as e:  # not installed, or fails to import on this stack
+        return None, f"{type(e).__name__}: {e}"
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only: fla refuses its chunk backward on Hopper + Triton < 3.7.1
+    return {"chunk": chunk_gated_delta_rule, "recurrent": fused_recurrent_gated_delta_rule}, None
+
+
+def time_fwd_bwd(fn, inputs, out_grad):
+    """(forward ms, forward+backward ms, peak extra GiB of forward+backward) of fn(*inputs) -> o."""
+    fwd = do_bench(lambda: fn(*inputs))
+    leaves = [x for x in inputs if x.requires_grad]
+
+    def step():
+        fn(*inputs).backward(out_grad)
+
+    fwd_bwd = do_bench(step, grad_to_none=leaves)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    for x in leaves:
+        x.grad = None
+    return fwd, fwd_bwd, peak
+
+
+def bench_op_shape(B, T, H, D, fla, bandwidth) -> list:
+    """Rows for one shape: ours chunk, ours recurrent, fla chunk, SDPA causal."""
+    from gdn_exp.ops import gated_delta_rule
+
+    q, k, v, g, beta = (x.requires_grad_() for x in op_inputs(B, T, H, D))
+    do = torch.randn_like(v)
+    rows = []
+
+    def add(name, fwd, fwd_bwd, peak, flops_fn, bytes_fn=None):
+        row = {"shape": f"B{B} T{T} H{H} D{D}", "impl": name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
+               "peak_gib": peak,
+               "fwd_tflops": flops_fn(False) / (fwd * 1e-3) / 1e12 if fwd else None,
+               "fwd_bwd_tflops": flops_fn(True) / (fwd_bwd * 1e-3) / 1e12 if fwd_bwd else None}
+        if bytes_fn:
+            row["fwd_floor_pct"] = 100 * bytes_fn(False) / bandwidth / (fwd * 1e-3) if fwd else None
+            row["fwd_bwd_floor_pct"] = 100 * bytes_fn(True) / bandwidth / (fwd_bwd * 1e-3) if fwd_bwd else None
+        rows.append(row)
+
+    gdn_f = lambda bwd: gdn_flops(B, T, H, D, D, bwd)  # noqa: E731
+    gdn_b = lambda bwd: gdn_bytes(B, T, H, D, D, bwd)  # noqa: E731
+    for mode in ("chunk", "recurrent"):
+        ours = lambda *x, mode=mode: gated_delta_rule(*x, mode=mode, backend="triton")[0]  # noqa: E731
+        add(f"ours {mode}", *time_fwd_bwd(ours, (q, k, v, g, beta), do), gdn_f, gdn_b)
+    if fla:
+        theirs = lambda *x: fla["chunk"](*x)[0]  # noqa: E731
+        try:
+            add("fla chunk", *time_fwd_bwd(theirs, (q, k, v, g, beta), do), gdn_f, gdn_b)
+        except Exception as e:  # report, keep going
+            rows.append({"shape": f"B{B} T{T} H{H} D{D}", "impl": "fla chunk", "error": str(e)[:200]})
+    qs, ks, vs = (x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))  # [B, H, T, D]
+    sdpa = lambda *x: F.scaled_dot_product_attention(*x, is_causal=True)  # noqa: E731
+    add("sdpa causal", *time_fwd_bwd(sdpa, (qs, ks, vs), do.transpose(1, 2).contiguous()),
+        lambda bwd: sdpa_flops(B, T, H, D, bwd))
+    return rows
+
+
+def bench_decode(fla, bandwidth) -> list:
+    from gdn_exp.ops.recurrent import triton_decode_step
+
+    B, H, D = DECODE_SHAPE
+    q, k, v, g, beta = op_inputs(B, 1, H, D)
+    state = torch.randn(B, H, D, D, device="cuda", dtype=torch.float32)
+    state_bytes = 2 * state.numel() * 4
+    rows = []
+    ms = do_bench(lambda: triton_decode_step(q, k, v, g, beta, state, scale=D**-0.5))
+    rows.append({"impl": "ours decode (in place)", "us": ms * 1e3, "state_tb_s": state_bytes / (ms * 1e-3) / 1e12})
+    if fla:
+        ms = do_bench(lambda: fla["recurrent"](q, k, v, g, beta, initial_state=state, output_final_state=True))
+        rows.append({"impl": "fla fused_recurrent", "us": ms * 1e3,
+                     "state_tb_s": state_bytes / (ms * 1e-3) / 1e12})
+    for row in rows:
+        row.update(shape=f"B{B} H{H} D{D} fp32 state", floor_pct=100 * state_bytes / bandwidth / (row["us"] * 1e-6))
+    return rows
+
+
+def bench_model(seq_lens=(2048, 4096, 8192, 16384), tokens_per_batch=32768, d_model=1024, n_layers=8,
+                peak_flops=989e12) -> list:
+    """Training step throughput (fwd + bwd + AdamW, bf16 autocast) of equal-size GDN and Transformer models."""
+    from gdn_exp.model import LanguageModel, ModelConfig
+
+    rows = []
+    configs = {"ours gdn": dict(mixer="gdn", num_heads=d_model // 128, head_dim=128),
+               "ours transformer (sdpa)": dict(mixer="attention", attention_heads=d_model // 128)}
+    for T in seq_lens:
+        B = max(1, tokens_per_batch // T)
+        for name, extra in configs.items():
+            torch.manual_seed(0)
+            cfg = ModelConfig(name=name, vocab_size=32000, d_model=d_model, n_layers=n_layers, **extra)
+            model = LanguageModel(cfg).cuda()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+            x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+
+            def step():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x).flatten(0, 1).float(), x.flatten())
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            torch.cuda.reset_peak_memory_stats()
+            ms = do_bench(step)
+            n = model.num_params()
+            tokens_per_s = B * T / (ms * 1e-3)
+            mixer = (gdn_flops(B, T, cfg.num_heads, 128, 128, True) if cfg.mixer == "gdn"
+                     else sdpa_flops(B, T, cfg.num_attention_heads(), d_model // cfg.num_attention_heads(), True))
+            flops = 6 * n * B * T + n_layers * mixer
+            rows.append({"T": T, "B": B, "impl": name, "params_m": n / 1e6, "step_ms": ms,
+                         "tokens_per_s": tokens_per_s, "mfu_pct": 100 * flops / (ms * 1e-3) / peak_flops,
+                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
+            del model, opt
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows, columns) -> str:
+    def fmt(x):
+        return f"{x:.3g}" if isinstance(x, float) else ("" if x is None else str(x))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def add_ratios(rows):
+    """ours/fla time ratios on each shape's 'ours chunk' row (< 1: ours faster)."""
+    by_shape = {}
+    for r in rows:
+        by_shape.setdefault(r["shape"], {})[r["impl"]] = r
+    for impls in by_shape.values():
+        ours, fla = impls.get("ours chunk"), impls.get("fla chunk")
+        if ours and fla and "fwd_ms" in fla:
+            ours["fla_over_ours_fwd"] = fla["fwd_ms"] / ours["fwd_ms"]
+            ours["fla_over_ours_fwd_bwd"] = fla["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="gdn-bench", description=__doc__.split("\n")[0])
+    parser.add_argument("what", choices=["op", "model", "check", "all"], nargs="?", default="op")
+    parser.add_argument("--shape", action="append", default=[], help="B,T,H,D (repeatable); default: the standard set")
+    parser.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even if importable")
+    parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
+    args, check_args = parser.parse_known_args(argv)
+    if args.what == "check":  # extra arguments go to the check (--quick, --jobs N)
+        from gdn_exp import kernel_check
+
+        return kernel_check.main(check_args)
+    if not torch.cuda.is_available():
+        sys.exit("gdn-bench: needs a CUDA GPU (found none)")
+    import triton
+
+    fla, fla_reason = (None, "--no-fla") if args.no_fla else load_fla()
+    env = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+           "torch": torch.__version__, "triton": triton.__version__,
+           "fla": "unavailable: " + fla_reason if fla is None else "fla 0.6 (Hopper chunk-backward guard bypassed for timing)"}
+    bandwidth, matmul = measure_copy_bandwidth(), measure_matmul_flops()
+    env.update(copy_tb_s=bandwidth / 1e12, bf16_matmul_tflops=matmul / 1e12)
+    report = {"env": env}
+    text = [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in env.items()]
+    if args.what == "all":
+        from gdn_exp import kernel_check
+
+        report["check_passed"] = kernel_check.main(check_args) == 0
+    if args.what in ("op", "all"):
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] or OP_SHAPES
+        rows = [row for shape in shapes for row in bench_op_shape(*shape, fla, bandwidth)]
+        add_ratios(rows)
+        report["op"], report["decode"] = rows, bench_decode(fla, bandwidth)
+        text += ["", markdown(rows, ["shape", "impl", "fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd",
+                                     "fla_over_ours_fwd_bwd", "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct",
+                                     "fwd_bwd_floor_pct", "peak_gib", "error"]),
+                 "", markdown(report["decode"], ["shape", "impl", "us", "state_tb_s", "floor_pct"])]
+    if args.what in ("model", "all"):
+        report["model"] = bench_model()
+        text += ["", markdown(report["model"], ["T", "B", "impl", "params_m", "step_ms", "tokens_per_s", "mfu_pct",
+                                                "peak_gib"])]
+    print("\n".join(text))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(report, indent=2))
+        (args.out / "bench.md").write_text("\n".join(text) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
