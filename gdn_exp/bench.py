@@ -67,13 +67,14 @@ def sdpa_flops(B, T, H, D, backward: bool) -> float:
     return fwd * (3.5 if backward else 1)
 
 
-def op_inputs(B, T, H, D, dtype=torch.bfloat16, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=gen)
-    k = F.normalize(torch.randn(B, T, H, D, device="cuda", dtype=torch.float32, generator=gen), dim=-1).to(dtype)
-    v = torch.randn(B, T, H, D, device="cuda", dtype=dtype, generator=gen)
-    g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
-    beta = torch.rand(B, T, H, device="cuda", generator=gen).to(dtype)
+def op_inputs(B, T, H, D, dtype=torch.bfloat16, device="cuda", seed=0):
+    """Benchmark inputs: bf16 q, k (L2-normalised), v, beta in (0, 1); g = logsigmoid(randn) in float32."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen)
+    k = F.normalize(torch.randn(B, T, H, D, device=device, generator=gen), dim=-1).to(dtype)
+    v = torch.randn(B, T, H, D, device=device, dtype=dtype, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, device=device, generator=gen))
+    beta = torch.rand(B, T, H, device=device, generator=gen).to(dtype)
     return q, k, v, g, beta
 
 
@@ -97,22 +98,24 @@ def time_fwd_bwd(fn, inputs, out_grad):
         fn(*inputs).backward(out_grad)
 
     fwd_bwd = do_bench(step, grad_to_none=leaves)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    peak = None
+    if inputs[0].is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     for x in leaves:
         x.grad = None
     return fwd, fwd_bwd, peak
 
 
-def bench_op_shape(B, T, H, D, fla, bandwidth) -> list:
+def bench_op_shape(B, T, H, D, fla, bandwidth, dtype=torch.bfloat16, device="cuda") -> list:
     """Rows for one shape: ours chunk, ours recurrent, fla chunk, SDPA causal."""
     from gdn_exp.ops import gated_delta_rule
 
-    q, k, v, g, beta = (x.requires_grad_() for x in op_inputs(B, T, H, D))
+    q, k, v, g, beta = (x.requires_grad_() for x in op_inputs(B, T, H, D, dtype, device))
     do = torch.randn_like(v)
     rows = []
 
@@ -144,12 +147,12 @@ def bench_op_shape(B, T, H, D, fla, bandwidth) -> list:
     return rows
 
 
-def bench_decode(fla, bandwidth) -> list:
+def bench_decode(fla, bandwidth, shape=DECODE_SHAPE, dtype=torch.bfloat16, device="cuda") -> list:
     from gdn_exp.ops.recurrent import triton_decode_step
 
-    B, H, D = DECODE_SHAPE
-    q, k, v, g, beta = op_inputs(B, 1, H, D)
-    state = torch.randn(B, H, D, D, device="cuda", dtype=torch.float32)
+    B, H, D = shape
+    q, k, v, g, beta = op_inputs(B, 1, H, D, dtype, device)
+    state = torch.randn(B, H, D, D, device=device, dtype=torch.float32)
     state_bytes = 2 * state.numel() * 4
     rows = []
     ms = do_bench(lambda: triton_decode_step(q, k, v, g, beta, state, scale=D**-0.5))
@@ -246,19 +249,23 @@ def main(argv=None):
     env.update(copy_tb_s=bandwidth / 1e12, bf16_matmul_tflops=matmul / 1e12)
     report = {"env": env}
     text = [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in env.items()]
+    print("\n".join(text), flush=True)
     if args.what == "all":
         from gdn_exp import kernel_check
 
         report["check_passed"] = kernel_check.main(check_args) == 0
     if args.what in ("op", "all"):
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] or OP_SHAPES
-        rows = [row for shape in shapes for row in bench_op_shape(*shape, fla, bandwidth)]
-        add_ratios(rows)
+        columns = ["shape", "impl", "fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd", "fla_over_ours_fwd_bwd",
+                   "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct", "fwd_bwd_floor_pct", "peak_gib", "error"]
+        rows = []
+        for shape in shapes:
+            rows += bench_op_shape(*shape, fla, bandwidth)
+            add_ratios(rows)
+            print(markdown(rows[-4:], columns), flush=True)  # as we go: a time-boxed run keeps what it measured
         report["op"], report["decode"] = rows, bench_decode(fla, bandwidth)
-        text += ["", markdown(rows, ["shape", "impl", "fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd",
-                                     "fla_over_ours_fwd_bwd", "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct",
-                                     "fwd_bwd_floor_pct", "peak_gib", "error"]),
-                 "", markdown(report["decode"], ["shape", "impl", "us", "state_tb_s", "floor_pct"])]
+        text += ["", markdown(rows, columns), "", markdown(report["decode"], ["shape", "impl", "us", "state_tb_s",
+                                                                              "floor_pct"])]
     if args.what in ("model", "all"):
         report["model"] = bench_model()
         text += ["", markdown(report["model"], ["T", "B", "impl", "params_m", "step_ms", "tokens_per_s", "mfu_pct",

@@ -10,6 +10,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 
 import tasks
+from gdn_exp.data import LMTaskConfig
 from gdn_exp.model import ModelConfig
 
 
@@ -22,7 +23,8 @@ class KernelConfig:
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32                  # global: split over the ranks and micro-batches
+    grad_accum_steps: int = 1             # micro-batches per step on each rank
     lr: float = 3e-3
     min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 50
@@ -38,6 +40,8 @@ class TrainerConfig:
     skip_completed: bool = True           # a job whose run dir already holds a completed results.json is skipped
     device: str = "auto"                  # auto (cuda if present) | cpu | cuda | cuda:N
     precision: str = "auto"               # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    strategy: str = "auto"                # auto (ddp under torchrun, else none) | none | ddp | fsdp (FSDP2)
+    activation_checkpointing: bool = False    # recompute each block's activations in the backward pass
     num_threads: Optional[int] = None     # torch CPU threads (null: torch's default)
     progress: bool = True                 # rich progress bar
 
@@ -77,6 +81,7 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     for name in tasks.TASKS:
         cs.store(group="schema/task", name=name, node=task_schema(name))
+    cs.store(group="schema/task", name="lm", node=LMTaskConfig)
 
 
 def task_params(task_cfg) -> dict:
@@ -97,6 +102,15 @@ def validate(cfg) -> None:
     if cfg.model.vocab_size < cfg.task.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than task.vocab_size="
                          f"{cfg.task.vocab_size}")
-    for key in ("max_steps", "batch_size", "eval_interval", "log_interval", "checkpoint_interval"):
+    for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "log_interval",
+                "checkpoint_interval"):
         if cfg.trainer[key] <= 0:
             raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be positive")
+
+
+def validate_batch_split(trainer_cfg, world_size: int) -> None:
+    """The global batch must split evenly over ranks and micro-batches."""
+    per_step = world_size * trainer_cfg.grad_accum_steps
+    if trainer_cfg.batch_size % per_step != 0:
+        raise ValueError(f"trainer.batch_size={trainer_cfg.batch_size} must be divisible by the number of ranks "
+                         f"({world_size}) times trainer.grad_accum_steps ({trainer_cfg.grad_accum_steps})")

@@ -2,6 +2,9 @@
 
     python -m gdn_exp.kernel_check            # full matrix on CUDA: both modes, bfloat16 and float32
     python -m gdn_exp.kernel_check --quick    # the short cases only
+    TRITON_INTERPRET=1 python -m gdn_exp.kernel_check --quick --device cpu   # smoke test without a GPU
+
+Cases run in --jobs worker processes sharing the GPU (Triton compilation dominates the run time).
 
 Every case draws fresh seeded inputs (L2-normalised q and k, beta in [0, 2], g in the case's regime), runs
 the kernel with NaN-poisoned allocations and random upstream gradients on o and final_state, and compares

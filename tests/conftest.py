@@ -1,27 +1,30 @@
-"""Shared test setup: Triton runs on CPU tensors (interpreter), wandb never reaches the network, and a
-`compose` fixture that builds the real Hydra config with overrides and points its outputs at tmp_path."""
+"""Shared test setup: without a GPU, Triton runs on CPU tensors (interpreter); wandb never reaches the network;
+a `compose` fixture builds the real Hydra config with overrides and points its outputs at tmp_path."""
 import os
+from pathlib import Path
 
-# Before anything imports triton: its kernels then run on CPU tensors (float32).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+
+# Before the kernel modules are imported (Triton reads this at @triton.jit time): on a machine without CUDA
+# the kernels then run on CPU tensors (float32); on a GPU machine they compile for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from hydra import compose as hydra_compose  # noqa: E402
-from hydra import initialize_config_dir  # noqa: E402
-
-from gdn_exp.config import register_configs  # noqa: E402
-
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-register_configs()
 
 
 @pytest.fixture
 def compose(tmp_path):
     """compose(*overrides) -> the composed config, with the task cache under tmp_path and no progress bar."""
+    from hydra import compose as hydra_compose  # here, not at import: GPU-only runs need no Hydra
+    from hydra import initialize_config_dir
+
+    from gdn_exp.config import register_configs
+
+    register_configs()
 
     def _compose(*overrides):
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -14,7 +14,8 @@ the state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per 
 for the output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
 
 All dots take float32 operands (tf32x3, ~float32 accuracy, for float32 inputs; tf32 for 16-bit inputs);
-states and intermediates are float32. Tensors live as [tokens, H, D] with sequences packed along tokens (see triton_utils).
+states and intermediates are float32. Tensors live as [tokens, H, D] with sequences packed along tokens
+(see triton_utils).
 """
 import torch
 import triton

@@ -1,16 +1,20 @@
-"""Training: `run_job` wraps `train` with start-up checks, skip-if-done and failure isolation."""
+"""Training: `run_job` wraps `train` with start-up checks, skip-if-done, failure isolation and, under torchrun,
+one shared run directory for all ranks."""
 import json
 import logging
+import shutil
 import traceback
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 import tasks
-from gdn_exp.config import task_params, validate
+from gdn_exp.config import task_params, validate, validate_batch_split
+from gdn_exp.data import check_lm_config
 from gdn_exp.model import ModelConfig
 from gdn_exp.ops import KernelUnavailableError, resolve_backend
-from gdn_exp.train.loop import pick_device, train
+from gdn_exp.train.distributed import Distributed, distributed_job
+from gdn_exp.train.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +22,31 @@ log = logging.getLogger(__name__)
 USER_ERRORS = (ValueError, KernelUnavailableError)
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, dist_info: Distributed) -> None:
     """Every check that can fail before training starts; raises one of USER_ERRORS naming the key."""
     validate(cfg)
+    validate_batch_split(cfg.trainer, dist_info.world_size)
     ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True)).validate()
-    tasks.make_config(cfg.task.name, **task_params(cfg.task))
-    resolve_backend(cfg.kernel.backend, pick_device(cfg.trainer.device))
+    if cfg.task.name == "lm":
+        check_lm_config(cfg.task)
+    else:
+        tasks.make_config(cfg.task.name, **task_params(cfg.task))
+    resolve_backend(cfg.kernel.backend, dist_info.device)
 
 
 def read_results(run_dir: Path) -> dict:
     path = run_dir / "results.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def shared_run_dir(run_dir: Path, dist_info: Distributed) -> Path:
+    """Rank 0's run dir, on every rank. Hydra makes a timestamped dir in each process; a non-zero rank's own
+    dir, if it differs and holds nothing but Hydra's files, is removed, so a job leaves exactly one."""
+    shared = dist_info.broadcast(run_dir)
+    if shared != run_dir and run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log"
+                                                      for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+    return shared
 
 
 def run_job(cfg, run_dir: Path, *, skip_completed: bool = True) -> dict:
@@ -37,20 +55,35 @@ def run_job(cfg, run_dir: Path, *, skip_completed: bool = True) -> dict:
     A job whose results.json already says completed is skipped when `skip_completed` (a re-run sweep).
     A failure is recorded as status=failed with the error; `results["user_error"]` tells a config mistake
     (one line for the user) from a bug (with traceback in results.json and the log).
+    Under torchrun every rank calls this; all use rank 0's run_dir, and only rank 0 writes in it.
     """
-    previous = read_results(run_dir)
+    try:
+        with distributed_job(cfg.trainer.device, cfg.trainer.strategy) as dist_info:
+            return run_checked_job(cfg, shared_run_dir(run_dir, dist_info), dist_info, skip_completed)
+    except USER_ERRORS as e:  # a bad trainer.device or trainer.strategy: no job could start
+        return write_results(run_dir, {"status": "failed", "error": str(e), "user_error": True})
+
+
+def run_checked_job(cfg, run_dir: Path, dist_info: Distributed, skip_completed: bool) -> dict:
+    if not dist_info.is_main:  # one voice in the console
+        logging.getLogger("gdn_exp").setLevel(logging.WARNING)
+    previous = dist_info.broadcast(read_results(run_dir) if dist_info.is_main else None)
     if skip_completed and previous.get("status") == "completed":
         log.info("skipping %s: results.json says completed", run_dir)
         return {**previous, "skipped": True}
     try:
-        check_config(cfg)
-        results = train(cfg, run_dir)
+        check_config(cfg, dist_info)
+        results = train(cfg, run_dir, dist_info)
     except USER_ERRORS as e:
         results = {"status": "failed", "error": str(e), "user_error": True}
     except Exception as e:  # a bug or a crash: keep the traceback, let the other sweep jobs go on
         log.exception("run failed")
         results = {"status": "failed", "error": f"{type(e).__name__}: {e}", "user_error": False,
                    "traceback": traceback.format_exc()}
+    return write_results(run_dir, results) if dist_info.is_main else results
+
+
+def write_results(run_dir: Path, results: dict) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
