@@ -1,6 +1,7 @@
 """`gdn-exp`: the Hydra entry point. Composes conf/, runs one job, returns the sweep objective."""
 import fcntl
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -15,12 +16,12 @@ from gdn_exp.config import register_configs
 
 log = logging.getLogger("gdn_exp")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (an editable install)
-GPU_LOCK_DIR = Path(tempfile.gettempdir()) / "gdn-exp-gpu-locks"
+GPU_LOCK_DIR = Path(tempfile.gettempdir()) / "gdn-exp-gpu-locks"  # machine-wide: concurrent sweeps share it
 register_configs()
 
 
 @contextmanager
-def claim_gpu(num_gpus: int, lock_dir: Path = GPU_LOCK_DIR, poll_s: float = 5.0):
+def claim_gpu(num_gpus: int, lock_dir: Path, poll_s: float = 5.0):
     """Yields the index of a GPU that no other gdn-exp job on this machine holds, and holds it until exit.
 
     Each GPU is a lock file (flock): a job takes the first free one and waits while all are taken. The OS
@@ -50,13 +51,13 @@ def claim_gpu(num_gpus: int, lock_dir: Path = GPU_LOCK_DIR, poll_s: float = 5.0)
 @contextmanager
 def job_device(cfg, multirun: bool):
     """In a sweep on a machine with several GPUs and trainer.device=auto, this job runs on a GPU of its own
-    (trainer.device=cuda:N for the run); otherwise nothing changes."""
+    (trainer.device=cuda:N for the run); otherwise, and under torchrun (a job over all GPUs), nothing changes."""
     import torch
 
-    if multirun and cfg.trainer.device == "auto" and torch.cuda.device_count() > 1:
-        with claim_gpu(torch.cuda.device_count()) as index:
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if multirun and not under_torchrun and cfg.trainer.device == "auto" and torch.cuda.device_count() > 1:
+        with claim_gpu(torch.cuda.device_count(), GPU_LOCK_DIR) as index:
             cfg.trainer.device = f"cuda:{index}"
-            torch.cuda.set_device(index)  # Triton launches on the current device, not on the tensors' one
             yield
     else:
         yield

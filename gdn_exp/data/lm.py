@@ -139,7 +139,9 @@ def token_stream(documents, tokenizer, text_field: str) -> np.ndarray:
     if text_field not in documents.column_names:
         raise ValueError(f"task.text_field={text_field} is not a column of the data "
                          f"(columns: {', '.join(documents.column_names)})")
-    encoded = documents.map(lambda batch: {"ids": [tokenizer.encode(t) for t in batch[text_field] if t]},
+    # surrounding whitespace carries nothing (a text file's last paragraph keeps its newline); empty docs are dropped
+    encoded = documents.map(lambda batch: {"ids": [tokenizer.encode(t.strip()) for t in batch[text_field]
+                                                   if t and t.strip()]},
                             batched=True, remove_columns=documents.column_names, desc="tokenizing")
     ids = encoded.data.column("ids").combine_chunks().flatten()   # pyarrow: no Python loop over tokens
     return ids.to_numpy().astype(np.int64)

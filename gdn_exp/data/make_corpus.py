@@ -7,9 +7,9 @@ The text is simple but varied (stories, letters, notes on places and recipes), w
 places across documents, so a small model lowers its perplexity within minutes on a CPU.
 """
 import random
-from pathlib import Path
 
-CORPUS_PATH = Path(__file__).parent / "corpus" / "village_stories.txt"
+from gdn_exp.data.lm import CORPUS_PATH
+
 NUM_DOCUMENTS = 800
 SEED = 2024
 
@@ -99,12 +99,16 @@ def recipe(rng):
             f" {rng.choice(NAMES)} says it tastes best with {rng.choice(FOODS)}.")
 
 
-def main() -> None:
+def corpus_text() -> str:
+    """The whole corpus: NUM_DOCUMENTS paragraphs (stories are three times as common as each other kind)."""
     rng = random.Random(SEED)
     kinds = [story, story, story, letter, place_note, recipe]
-    documents = [rng.choice(kinds)(rng) for _ in range(NUM_DOCUMENTS)]
+    return "\n\n".join(rng.choice(kinds)(rng) for _ in range(NUM_DOCUMENTS)) + "\n"
+
+
+def main() -> None:
     CORPUS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    CORPUS_PATH.write_text("\n\n".join(documents) + "\n")
+    CORPUS_PATH.write_text(corpus_text())
     print(f"wrote {CORPUS_PATH} ({CORPUS_PATH.stat().st_size:,} bytes, {NUM_DOCUMENTS} documents)")
 
 

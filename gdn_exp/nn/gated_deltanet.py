@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdn_exp.ops import BACKENDS, MODES, gated_delta_rule, gated_linear_attention
+from gdn_exp.ops import BACKENDS, MODES, gated_delta_rule, gated_linear_attention, resolve_backend
 
 from .conv import ShortConvolution
 
@@ -94,6 +94,11 @@ class GatedDeltaNet(nn.Module):
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         self.mode = mode
 
+    def is_decode_step(self, x, cache, use_cache) -> bool:
+        """One token with a cache, no autograd, on the Triton backend: the in-place decode kernel applies."""
+        return (x.shape[1] == 1 and cache is not None and use_cache and not torch.is_grad_enabled()
+                and resolve_backend(self.backend, x.device) == "triton")
+
     def forward(self, x, *, cu_seqlens=None, cache=None, use_cache=False):
         """
         Args:
@@ -126,7 +131,13 @@ class GatedDeltaNet(nn.Module):
 
         op_args = dict(initial_state=None if cache is None else cache["recurrent"], output_final_state=use_cache,
                        cu_seqlens=cu_seqlens, mode="recurrent" if T == 1 else self.mode)
-        if self.use_delta:
+        if self.use_delta and self.is_decode_step(x, cache, use_cache):
+            # generation: the fused kernel updates the cached state in place, no new [B, H, K, V] per token
+            from gdn_exp.ops.recurrent import triton_decode_step  # imports Triton, which is Linux-only
+
+            recurrent_state = cache["recurrent"].contiguous()
+            o = triton_decode_step(q, k, v, g, beta, recurrent_state, scale=K ** -0.5)
+        elif self.use_delta:
             o, recurrent_state = gated_delta_rule(q, k, v, g, beta, backend=self.backend, **op_args)
         else:
             o, recurrent_state = gated_linear_attention(q, k, v, g, beta, **op_args)

@@ -1,0 +1,337 @@
+"""`gdn-exp-report`: one table and a few plots from the run directories of one or more sweeps.
+
+    gdn-exp-report outputs/multiruns/2025-06-01_12-00-00-000000 --best-over trainer.lr --out report/
+
+Every directory under a PATH that holds a results.json is a run. Its .hydra/overrides.yaml gives the parameters
+that were set on the command line or by the sweeper, .hydra/config.yaml the full config and metrics.jsonl the
+training curves. The parameters whose values differ between the runs are the table's columns (the others are
+listed once above it). With --best-over KEY (e.g. trainer.lr) the table keeps, for each setting of the other
+parameters, the run with the best metric, as Zoology's figures take the best learning rate per point.
+
+Outputs: a markdown table on stdout (--csv: CSV); with --out DIR also runs.csv (every run), best.csv (with
+--best-over), report.md (table, failures, plots) and the plots: <metric> against each of d_model, seq_len,
+copy_len and num_kv_pairs that varies (one line per setting of the other parameters, one panel per value of
+the other plotted sizes) and training curves from metrics.jsonl (one panel per line setting).
+"""
+import argparse
+import csv
+import glob
+import io
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+# Overrides that change how a job runs, not what it computes: never a table column.
+BOOKKEEPING_KEYS = ("task_cache_dir", "trainer.progress", "trainer.resume", "trainer.skip_completed",
+                    "trainer.num_threads", "logger", "logger.mode", "logger.group", "logger.project",
+                    "logger.entity", "logger.tags")
+# Config keys that get a "<metric> vs <key>" plot when they take several values.
+PLOT_AXES = ("model.d_model", "task.seq_len", "task.copy_len", "task.num_kv_pairs")
+RESULT_COLUMNS = ("status", "test/accuracy", "best/accuracy", "steps", "num_params", "wall_time_s")
+
+
+@dataclass
+class Run:
+    """One run directory: its parameters (override key -> value), flattened config and results.json."""
+
+    path: Path
+    params: dict   # e.g. {"ablation": "none", "model.d_model": 64, "trainer.lr": 0.001}
+    config: dict   # resolved config with dotted keys, e.g. {"model.d_model": 64, "task.name": "mqar", ...}
+    choices: dict  # config group -> chosen option, e.g. {"ablation": "none", "model": "small"}
+    results: dict  # results.json
+
+    def value(self, key: str):
+        """A parameter, a config value, a group choice or a result, in that order of lookup (None: absent)."""
+        for source in (self.params, self.config, self.choices, self.results):
+            if key in source:
+                return source[key]
+        return None
+
+    def metric(self, name: str) -> float:
+        """results[name] as a float; NaN when the run has none (failed) or it is not a number."""
+        value = self.results.get(name)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def find_run_dirs(patterns: list[str]) -> list[Path]:
+    """Run directories (holding results.json) at or below each path; a path may be a glob pattern."""
+    run_dirs = set()
+    for pattern in patterns:
+        paths = [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
+        for path in paths:
+            if not path.exists():
+                raise ValueError(f"{pattern}: no such file or directory")
+            results = [path] if path.name == "results.json" else path.rglob("results.json")
+            run_dirs.update(p.parent for p in results)
+    return sorted(run_dirs)
+
+
+def parse_overrides(lines: list[str]) -> dict:
+    """{key: value} of Hydra override strings, values typed as Hydra reads them ("trainer.lr=1e-3" -> 0.001);
+    a list or dict value keeps its text ("ablation=[no_conv,no_gate]" -> "[no_conv,no_gate]")."""
+    params = {}
+    for override in OverridesParser.create().parse_overrides(lines):
+        value = override.value()
+        if isinstance(value, (list, dict)):
+            value = override.input_line.split("=", 1)[1]
+        params[override.key_or_group] = value
+    return params
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"model": {"d_model": 64}} -> {"model.d_model": 64}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_run(run_dir: Path) -> Run:
+    results = json.loads((run_dir / "results.json").read_text())
+    hydra_dir = run_dir / ".hydra"
+    config, params, choices = {}, {}, {}
+    if (hydra_dir / "config.yaml").is_file():
+        config = flatten(OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=True))
+    if (hydra_dir / "overrides.yaml").is_file():
+        lines = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))
+        params = {k: v for k, v in parse_overrides(lines).items() if k not in BOOKKEEPING_KEYS}
+    if (hydra_dir / "hydra.yaml").is_file():  # a group left at its default is in the choices only
+        choices = OmegaConf.to_container(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices)
+    return Run(run_dir, params, config, choices, results)
+
+
+def sort_key(value):
+    """Orders numbers numerically and before text, so mixed columns still sort."""
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def swept_keys(runs: list[Run]) -> list[str]:
+    """Parameters whose value differs between the runs (or is missing in some), in first-seen order."""
+    keys = list(dict.fromkeys(key for run in runs for key in run.params))
+    return [key for key in keys if len({repr(run.params.get(key)) for run in runs}) > 1]
+
+
+def fixed_params(runs: list[Run]) -> dict:
+    """Parameters every run sets to the same value."""
+    swept = swept_keys(runs)
+    return {key: value for key, value in runs[0].params.items() if key not in swept} if runs else {}
+
+
+def best_over(runs: list[Run], key: str, metric: str) -> list[Run]:
+    """One run per setting of the swept parameters other than `key`: the one with the highest `metric`
+    (a setting whose runs all lack the metric keeps its first run, e.g. a failed one)."""
+    group_keys = [k for k in swept_keys(runs) if k != key]
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple(repr(run.params.get(k)) for k in group_keys)].append(run)
+    best = []
+    for group in groups.values():
+        scored = [run for run in group if not math.isnan(run.metric(metric))]
+        best.append(max(scored, key=lambda run: run.metric(metric)) if scored else group[0])
+    return best
+
+
+def sort_runs(runs: list[Run], keys: list[str]) -> list[Run]:
+    return sorted(runs, key=lambda run: [sort_key(run.params.get(k, "")) for k in keys] + [str(run.path)])
+
+
+def columns_for(metric: str) -> list[str]:
+    return list(dict.fromkeys(["status", metric, *RESULT_COLUMNS]))
+
+
+def format_cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def markdown_table(runs: list[Run], params: list[str], metric: str) -> str:
+    columns = params + columns_for(metric)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for run in runs:
+        lines.append("| " + " | ".join(format_cell(run.value(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_table(runs: list[Run], params: list[str], metric: str) -> str:
+    """Every row a run: its parameters, results, error (failed runs) and directory."""
+    columns = params + columns_for(metric) + ["error", "run_dir"]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for run in runs:
+        row = [run.value(c) for c in columns[:-1]] + [str(run.path)]
+        writer.writerow(["" if v is None else v for v in row])
+    return out.getvalue()
+
+
+def failure_summary(runs: list[Run]) -> str:
+    """One markdown line per distinct error: how many runs failed with it."""
+    errors = defaultdict(int)
+    for run in runs:
+        if run.results.get("status") == "failed":
+            errors[run.results.get("error", "?")] += 1
+    return "".join(f"- {count} failed: {error}\n" for error, count in errors.items())
+
+
+def summary_line(runs: list[Run]) -> str:
+    statuses = defaultdict(int)
+    for run in runs:
+        statuses[run.results.get("status", "?")] += 1
+    fixed = " ".join(f"{k}={format_cell(v)}" for k, v in fixed_params(runs).items())
+    return (f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))})"
+            + (f"; fixed: `{fixed}`" if fixed else "") + "\n")
+
+
+def label(run: Run, keys: list[str]) -> str:
+    return ", ".join(f"{key.split('.')[-1]}={format_cell(run.value(key))}" for key in keys) or "all runs"
+
+
+def varying(runs: list[Run], keys) -> list[str]:
+    return [key for key in keys if len({repr(run.value(key)) for run in runs}) > 1]
+
+
+def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, path: Path) -> None:
+    """<metric> against config key `axis` (log2 x): one panel per value of the other varying PLOT_AXES, one
+    line per setting of the remaining swept parameters; several runs at one point show the best."""
+    import matplotlib.pyplot as plt
+
+    panel_keys = [key for key in varying(runs, PLOT_AXES) if key != axis]
+    line_keys = [key for key in params if key != axis and key not in panel_keys]
+    panels = defaultdict(lambda: defaultdict(dict))  # panel -> line -> x -> best y
+    for run in runs:
+        x, y = run.value(axis), run.metric(metric)
+        if x is None or math.isnan(y):
+            continue
+        points = panels[label(run, panel_keys)][label(run, line_keys)]
+        points[x] = max(y, points.get(x, -math.inf))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False, sharey=True)
+    for ax, (panel, lines) in zip(axes[0], sorted(panels.items())):
+        xs_all = set()
+        for line, points in sorted(lines.items()):
+            xs = sorted(points)
+            xs_all.update(xs)
+            ax.plot(xs, [points[x] for x in xs], marker="o", label=line)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(xs_all), [format_cell(x) for x in sorted(xs_all)])
+        ax.minorticks_off()
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel(axis)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def plot_curves(runs: list[Run], params: list[str], metric: str, path: Path) -> None:
+    """Training curves from metrics.jsonl: `metric` (top) and train/loss (bottom) against the step, one
+    column of panels per setting of the swept parameters that are not PLOT_AXES, one line per run."""
+    import matplotlib.pyplot as plt
+
+    panel_keys = [key for key in params if key not in PLOT_AXES]
+    line_keys = [key for key in params if key in PLOT_AXES]
+    panels = defaultdict(list)
+    for run in runs:
+        panels[label(run, panel_keys)].append(run)
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False, sharex="col")
+    for column, (panel, panel_runs) in enumerate(sorted(panels.items())):
+        for run in sort_runs(panel_runs, line_keys):
+            rows = read_metrics(run.path)
+            for row_index, name in enumerate((metric, "train/loss")):
+                points = [(r["step"], float(r[name])) for r in rows if name in r]
+                if points:
+                    axes[row_index][column].plot(*zip(*points), label=label(run, line_keys), linewidth=1.2)
+        axes[0][column].set_title(panel, fontsize=9)
+        axes[1][column].set_yscale("log")
+        axes[1][column].set_xlabel("step")
+        axes[0][column].legend(fontsize=6, loc="best")
+        for ax in axes[:, column]:
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(metric)
+    axes[1][0].set_ylabel("train/loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_plots(runs: list[Run], params: list[str], metric: str, out_dir: Path) -> list[Path]:
+    """The PNGs for the table's runs that have the metric; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plotted = [run for run in runs if not math.isnan(run.metric(metric))]
+    name = metric.split("/")[-1]
+    paths = []
+    for axis in varying(plotted, PLOT_AXES):
+        paths.append(out_dir / f"{name}_vs_{axis.split('.')[-1]}.png")
+        plot_metric_vs(plotted, axis, params, metric, paths[-1])
+    if plotted:
+        paths.append(out_dir / "curves.png")
+        plot_curves(plotted, params, metric, paths[-1])
+    return paths
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="gdn-exp-report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="sweep dirs, run dirs or glob patterns")
+    parser.add_argument("--best-over", metavar="KEY", help="keep the best run over this parameter, e.g. trainer.lr")
+    parser.add_argument("--metric", default="test/accuracy", help="results.json key to rank and plot "
+                        "(default: test/accuracy)")
+    parser.add_argument("--out", type=Path, help="write runs.csv, best.csv, report.md and the PNGs here")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
+    args = parser.parse_args(argv)
+
+    try:
+        runs = [load_run(run_dir) for run_dir in find_run_dirs(args.paths)]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if not runs:
+        sys.exit(f"error: no results.json under {' '.join(args.paths)}")
+    params = swept_keys(runs)
+    if args.best_over and args.best_over not in params:
+        sys.exit(f"error: --best-over {args.best_over} is not a swept parameter; swept: {', '.join(params) or 'none'}")
+    table = sort_runs(best_over(runs, args.best_over, args.metric) if args.best_over else runs, params)
+    table_params = [key for key in params if key != args.best_over] + ([args.best_over] if args.best_over else [])
+
+    markdown = summary_line(runs)
+    if args.best_over:
+        markdown += f"Best {args.metric} over {args.best_over} (its best value in the last parameter column).\n"
+    markdown += "\n" + markdown_table(table, table_params, args.metric)
+    failures = failure_summary(runs)
+    if failures:
+        markdown += "\n" + failures
+    print(csv_table(table, table_params, args.metric) if args.csv else markdown, end="")
+
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "runs.csv").write_text(csv_table(sort_runs(runs, params), params, args.metric))
+        if args.best_over:
+            (args.out / "best.csv").write_text(csv_table(table, table_params, args.metric))
+        plots = write_plots(table, [key for key in params if key != args.best_over], args.metric, args.out)
+        images = "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
+        (args.out / "report.md").write_text(markdown + images)
+        written = ["runs.csv"] + (["best.csv"] if args.best_over else []) + ["report.md"] + [p.name for p in plots]
+        print(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Every config group option and experiment preset composes into a config that passes the start-up checks:
+ablations alone and as lists, model families, launchers, and every grid point of every experiment sweep."""
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from gdn_exp.cli import CONF_DIR
+from gdn_exp.train import check_config
+from gdn_exp.train.distributed import Distributed
+
+# What each ablation sets in `model` (everything else stays at the full Gated DeltaNet).
+ABLATIONS = {
+    "none": {},
+    "no_gate": {"use_gate": False},
+    "no_delta": {"use_delta": False},
+    "no_conv": {"use_short_conv": False},
+    "no_output_gate": {"use_output_gate": False},
+    "no_qk_norm": {"use_qk_l2norm": False},
+    "neg_eigval": {"allow_neg_eigval": True},
+    "no_beta": {"use_beta": False},
+    "attention": {"mixer": "attention"},
+}
+ONE_CPU_PROCESS = Distributed(rank=0, world_size=1, device=torch.device("cpu"), strategy="none")
+FULL_MODEL = {"mixer": "gdn", "use_gate": True, "use_delta": True, "use_short_conv": True, "use_output_gate": True,
+              "use_qk_l2norm": True, "allow_neg_eigval": False, "use_beta": True}
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+
+
+def experiment(name: str) -> str:
+    """The override that selects experiment preset `name`: `+experiment=` adds the group, unless config.yaml's
+    defaults list already names it (`optional experiment: null`), where `experiment=` selects it."""
+    listed = "optional experiment" in (CONF_DIR / "config.yaml").read_text()
+    return f"{'' if listed else '+'}experiment={name}"
+
+
+def compose_with_hydra(*overrides, return_hydra_config=True):
+    """The composed config, by default with its `hydra` node (launcher, sweeper)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def model_fields(cfg) -> dict:
+    return {key: cfg.model[key] for key in FULL_MODEL}
+
+
+def test_every_ablation_file_is_listed():
+    assert options("ablation") == sorted(ABLATIONS)
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_ablation_sets_its_model_fields(compose, name):
+    cfg = compose(f"ablation={name}")
+    assert model_fields(cfg) == {**FULL_MODEL, **ABLATIONS[name]}
+    check_config(cfg, ONE_CPU_PROCESS)
+
+
+@pytest.mark.parametrize("names", [["no_conv", "no_output_gate"], ["no_gate", "no_delta", "no_beta"],
+                                   ["neg_eigval", "no_qk_norm"]], ids="+".join)
+def test_ablations_compose_as_a_list(compose, names):
+    cfg = compose(f"ablation=[{','.join(names)}]")
+    expected = dict(FULL_MODEL)
+    for name in names:
+        expected.update(ABLATIONS[name])
+    assert model_fields(cfg) == expected
+    check_config(cfg, ONE_CPU_PROCESS)
+
+
+@pytest.mark.parametrize("group", ["model", "task", "kernel", "trainer", "logger"])
+def test_every_group_option_composes_and_passes_checks(compose, group):
+    for option in options(group):
+        cfg = compose(f"{group}={option}")
+        check_config(cfg, ONE_CPU_PROCESS)
+        if group in ("model", "task"):
+            assert cfg[group].name == option
+
+
+@pytest.mark.parametrize("name, layer_mixers, window", [
+    ("transformer_small", ["attention", "attention"], None),
+    ("hybrid_medium", ["gdn", "attention", "gdn", "attention"], None),
+    ("hybrid_swa_medium", ["gdn", "attention", "gdn", "attention"], 64),
+])
+def test_model_families(compose, name, layer_mixers, window):
+    from gdn_exp.model import ModelConfig
+
+    model = ModelConfig(**OmegaConf.to_container(compose(f"model={name}").model, resolve=True))
+    assert model.layer_mixers() == layer_mixers and model.attention_window == window
+
+
+def test_local_launcher_is_joblib_with_configurable_jobs():
+    launcher = compose_with_hydra("hydra/launcher=local", "hydra.launcher.n_jobs=3").hydra.launcher
+    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 3 and int(launcher.batch_size) == 1
+
+
+def test_slurm_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
+    launcher = compose_with_hydra("hydra/launcher=slurm").hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1
+
+
+def sweep_axes(hydra_cfg) -> dict:
+    """{key: [values]} of hydra.sweeper.params, typed as Hydra reads them (a single value is a one-point axis)."""
+    parser = OverridesParser.create()
+    overrides = [parser.parse_override(f"{key}={value}") for key, value in hydra_cfg.sweeper.params.items()]
+    return {o.key_or_group: list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()] for o in overrides}
+
+
+def grid_configs(name: str):
+    """Every grid point of experiment `name`'s sweep as ({key: value}, config): one composition per setting of
+    the config-group axes (ablation, task), with the value axes then set in place (composing 768 times is too
+    slow); each config is valid until the next one is yielded."""
+    axes = sweep_axes(compose_with_hydra(experiment(name)).hydra)
+    group_axes = {key: values for key, values in axes.items() if (CONF_DIR / key).is_dir()}
+    value_axes = {key: values for key, values in axes.items() if key not in group_axes}
+    for group_choice in itertools.product(*group_axes.values()):
+        group_overrides = [f"{key}={value}" for key, value in zip(group_axes, group_choice)]
+        cfg = compose_with_hydra(experiment(name), *group_overrides, return_hydra_config=False)
+        for value_choice in itertools.product(*value_axes.values()):
+            for key, value in zip(value_axes, value_choice):
+                OmegaConf.update(cfg, key, value)
+            yield dict(zip(group_axes, group_choice)) | dict(zip(value_axes, value_choice)), cfg
+
+
+EXPERIMENTS = {  # name: (task, number of grid points, launcher)
+    "mqar_grid": ("mqar", 768, "BasicLauncher"),
+    "mqar_smoke": ("mqar", 32, "JoblibLauncher"),
+    "length_grid": ("copy", 64, "BasicLauncher"),
+    "length_smoke": ("copy", 24, "JoblibLauncher"),
+}
+
+
+def test_every_experiment_is_listed():
+    assert options("experiment") == sorted(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_preset_composes(name):
+    task, num_points, launcher = EXPERIMENTS[name]
+    cfg = compose_with_hydra(experiment(name))
+    assert cfg.task.name == task and cfg.model.n_layers == 2
+    assert cfg.hydra.launcher._target_.endswith(launcher)
+    axes = sweep_axes(cfg.hydra)
+    assert {"ablation", "trainer.lr"} <= axes.keys()
+    assert set(axes["ablation"]) == {"none", "no_delta", "no_gate", "attention"}
+    if name.startswith("mqar"):
+        assert {"model.d_model", "task.seq_len", "task.num_kv_pairs"} <= axes.keys()
+        assert cfg.model.num_heads == 1 and cfg.model.head_dim == cfg.model.d_model
+    else:
+        assert set(axes["task"]) == {"copy", "reverse"} and "task.copy_len" in axes
+    if name.endswith("smoke"):
+        assert cfg.trainer.num_threads == 1 and cfg.trainer.progress is False
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_grid_point_passes_start_up_checks(name):
+    points = 0
+    for point, cfg in grid_configs(name):
+        check_config(cfg, ONE_CPU_PROCESS)
+        mixer = "attention" if point["ablation"] == "attention" else "gdn"
+        assert cfg.model.mixer == mixer, point
+        assert cfg.model.use_gate == (point["ablation"] != "no_gate"), point
+        assert cfg.model.use_delta == (point["ablation"] != "no_delta"), point
+        for key, value in point.items():
+            if "." in key:
+                assert OmegaConf.select(cfg, key) == value, (point, key)
+        points += 1
+    assert points == EXPERIMENTS[name][1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, one_point", [
+    ("mqar_smoke", ["ablation=no_delta", "model.d_model=32", "task.seq_len=32", "trainer.lr=1e-2"]),
+    ("length_smoke", ["task=reverse", "task.copy_len=4", "ablation=attention"]),
+])
+def test_smoke_experiment_runs_through_the_cli(tmp_path, name, one_point):
+    """One grid point of the preset, 4 steps, through `gdn-exp -m` and its parallel launcher."""
+    done = subprocess.run([sys.executable, "-m", "gdn_exp.cli", "-m", experiment(name), f"hydra.sweep.dir={tmp_path}",
+                           *one_point, "logger=none", "trainer.max_steps=4", "trainer.eval_interval=2",
+                           f"task_cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(path.read_text()) for path in tmp_path.glob("*/results.json")]
+    assert [(r["status"], r["steps"]) for r in results] == [("completed", 4)]
