@@ -1,6 +1,7 @@
 """Long-context evaluation: models trained at length L, tested at 2x, 4x, ... L (up to 32K tokens) on their task.
 
     python -m gdn_exp.longcontext outputs/runs/RUN_A outputs/runs/RUN_B --out outputs/longcontext
+    python -m gdn_exp.longcontext a/longcontext.json b/longcontext.json --out merged   # combine earlier results
 
 Each run dir's checkpoint (best.pt, else latest.pt) names its model and task. The task is regenerated from
 test-split seeds at every evaluation length; what grows with the length is what makes the task long:
@@ -150,23 +151,28 @@ def plot(rows: list, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="gdn-exp run directories (with checkpoints/)")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="gdn-exp run directories (with checkpoints/), or longcontext.json files of earlier calls")
     parser.add_argument("--factors", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
                         help="evaluation lengths as multiples of each run's training length")
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="skip longer evaluation lengths")
     parser.add_argument("--num-examples", type=int, default=64, help="examples per length (at most)")
     parser.add_argument("--token-budget", type=int, default=2 ** 19,
                         help="at most this many tokens per length: fewer examples at long lengths")
-    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per forward call")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward call")
+    # attention scores of one call take batch x heads x chunk x length floats: 0.5 GB at 32K with 2 heads
+    parser.add_argument("--chunk-size", type=int, default=512, help="tokens per forward call")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward call")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("outputs/longcontext"), help="output directory")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for run_dir in args.run_dirs:
-        rows += evaluate_run(run_dir, args.factors, max_length=args.max_length, num_examples=args.num_examples,
+    for run in args.runs:
+        if run.suffix == ".json":
+            rows += json.loads(run.read_text())
+            continue
+        rows += evaluate_run(run, args.factors, max_length=args.max_length, num_examples=args.num_examples,
                              token_budget=args.token_budget, chunk_size=args.chunk_size, batch_size=args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "longcontext.json").write_text(json.dumps(rows, indent=1) + "\n")

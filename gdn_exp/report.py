@@ -3,15 +3,16 @@
     gdn-exp-report outputs/multiruns/2025-06-01_12-00-00-000000 --best-over trainer.lr --out report/
 
 Every directory under a PATH that holds a results.json is a run. Its .hydra/overrides.yaml gives the parameters
-that were set on the command line or by the sweeper, .hydra/config.yaml the full config and metrics.jsonl the
-training curves. The parameters whose values differ between the runs are the table's columns (the others are
-listed once above it). With --best-over KEY (e.g. trainer.lr) the table keeps, for each setting of the other
-parameters, the run with the best metric, as Zoology's figures take the best learning rate per point.
+that were set on the command line or by the sweeper (less those kept out of job dir names, such as logger and
+task_cache_dir), .hydra/config.yaml the full config and metrics.jsonl the training curves. The parameters whose
+values differ between the runs are the table's columns (the others are listed once above it). With --best-over
+KEY (e.g. trainer.lr) the table keeps, for each setting of the other parameters, the run with the best metric,
+as Zoology's figures take the best learning rate per point.
 
 Outputs: a markdown table on stdout (--csv: CSV); with --out DIR also runs.csv (every run), best.csv (with
 --best-over), report.md (table, failures, plots) and the plots: <metric> against each of d_model, seq_len,
-copy_len and num_kv_pairs that varies (one line per setting of the other parameters, one panel per value of
-the other plotted sizes) and training curves from metrics.jsonl (one panel per line setting).
+copy_len and num_kv_pairs that varies (one line per setting of the other parameters, one panel per task and
+value of the other plotted sizes) and training curves from metrics.jsonl (one panel per line setting).
 """
 import argparse
 import csv
@@ -27,10 +28,6 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-# Overrides that change how a job runs, not what it computes: never a table column.
-BOOKKEEPING_KEYS = ("task_cache_dir", "trainer.progress", "trainer.resume", "trainer.skip_completed",
-                    "trainer.num_threads", "logger", "logger.mode", "logger.group", "logger.project",
-                    "logger.entity", "logger.tags")
 # Config keys that get a "<metric> vs <key>" plot when they take several values.
 PLOT_AXES = ("model.d_model", "task.seq_len", "task.copy_len", "task.num_kv_pairs")
 RESULT_COLUMNS = ("status", "test/accuracy", "best/accuracy", "steps", "num_params", "wall_time_s")
@@ -98,14 +95,16 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 def load_run(run_dir: Path) -> Run:
     results = json.loads((run_dir / "results.json").read_text())
     hydra_dir = run_dir / ".hydra"
-    config, params, choices = {}, {}, {}
+    config, params, choices, bookkeeping = {}, {}, {}, []
     if (hydra_dir / "config.yaml").is_file():
         config = flatten(OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=True))
+    if (hydra_dir / "hydra.yaml").is_file():
+        hydra_cfg = OmegaConf.load(hydra_dir / "hydra.yaml").hydra
+        choices = OmegaConf.to_container(hydra_cfg.runtime.choices)  # a group left at its default is only here
+        bookkeeping = hydra_cfg.job.config.override_dirname.exclude_keys  # e.g. logger, trainer.progress
     if (hydra_dir / "overrides.yaml").is_file():
         lines = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml"))
-        params = {k: v for k, v in parse_overrides(lines).items() if k not in BOOKKEEPING_KEYS}
-    if (hydra_dir / "hydra.yaml").is_file():  # a group left at its default is in the choices only
-        choices = OmegaConf.to_container(OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices)
+        params = {k: v for k, v in parse_overrides(lines).items() if k not in bookkeeping}
     return Run(run_dir, params, config, choices, results)
 
 
@@ -114,10 +113,15 @@ def sort_key(value):
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
+def varying(runs: list[Run], keys) -> list[str]:
+    """The keys whose value (`Run.value`) differs between the runs."""
+    return [key for key in keys if len({repr(run.value(key)) for run in runs}) > 1]
+
+
 def swept_keys(runs: list[Run]) -> list[str]:
-    """Parameters whose value differs between the runs (or is missing in some), in first-seen order."""
-    keys = list(dict.fromkeys(key for run in runs for key in run.params))
-    return [key for key in keys if len({repr(run.params.get(key)) for run in runs}) > 1]
+    """Parameters whose value differs between the runs, in first-seen order. A run that does not set one
+    has its config's value, so two sweeps that differ only in what they spelled out agree."""
+    return varying(runs, dict.fromkeys(key for run in runs for key in run.params))
 
 
 def fixed_params(runs: list[Run]) -> dict:
@@ -132,7 +136,7 @@ def best_over(runs: list[Run], key: str, metric: str) -> list[Run]:
     group_keys = [k for k in swept_keys(runs) if k != key]
     groups = defaultdict(list)
     for run in runs:
-        groups[tuple(repr(run.params.get(k)) for k in group_keys)].append(run)
+        groups[tuple(repr(run.value(k)) for k in group_keys)].append(run)
     best = []
     for group in groups.values():
         scored = [run for run in group if not math.isnan(run.metric(metric))]
@@ -141,7 +145,7 @@ def best_over(runs: list[Run], key: str, metric: str) -> list[Run]:
 
 
 def sort_runs(runs: list[Run], keys: list[str]) -> list[Run]:
-    return sorted(runs, key=lambda run: [sort_key(run.params.get(k, "")) for k in keys] + [str(run.path)])
+    return sorted(runs, key=lambda run: [sort_key(run.value(k)) for k in keys] + [str(run.path)])
 
 
 def columns_for(metric: str) -> list[str]:
@@ -151,9 +155,7 @@ def columns_for(metric: str) -> list[str]:
 def format_cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(runs: list[Run], params: list[str], metric: str) -> str:
@@ -198,16 +200,12 @@ def label(run: Run, keys: list[str]) -> str:
     return ", ".join(f"{key.split('.')[-1]}={format_cell(run.value(key))}" for key in keys) or "all runs"
 
 
-def varying(runs: list[Run], keys) -> list[str]:
-    return [key for key in keys if len({repr(run.value(key)) for run in runs}) > 1]
-
-
 def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, path: Path) -> None:
-    """<metric> against config key `axis` (log2 x): one panel per value of the other varying PLOT_AXES, one
-    line per setting of the remaining swept parameters; several runs at one point show the best."""
+    """<metric> against config key `axis` (log2 x): one panel per setting of the task and the other PLOT_AXES
+    that vary, one line per setting of the remaining swept parameters; several runs at one point show the best."""
     import matplotlib.pyplot as plt
 
-    panel_keys = [key for key in varying(runs, PLOT_AXES) if key != axis]
+    panel_keys = [key for key in varying(runs, ("task", *PLOT_AXES)) if key != axis]
     line_keys = [key for key in params if key != axis and key not in panel_keys]
     panels = defaultdict(lambda: defaultdict(dict))  # panel -> line -> x -> best y
     for run in runs:
@@ -216,19 +214,23 @@ def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, p
             continue
         points = panels[label(run, panel_keys)][label(run, line_keys)]
         points[x] = max(y, points.get(x, -math.inf))
+    all_lines = sorted({line for lines in panels.values() for line in lines})
+    colors = {line: f"C{i % 10}" for i, line in enumerate(all_lines)}  # a line has one color in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False, sharey=True)
     for ax, (panel, lines) in zip(axes[0], sorted(panels.items())):
         xs_all = set()
         for line, points in sorted(lines.items()):
             xs = sorted(points)
             xs_all.update(xs)
-            ax.plot(xs, [points[x] for x in xs], marker="o", label=line)
+            ax.plot(xs, [points[x] for x in xs], marker="o", color=colors[line], label=line)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs_all), [format_cell(x) for x in sorted(xs_all)])
         ax.minorticks_off()
         ax.set_title(panel, fontsize=9)
         ax.set_xlabel(axis)
         ax.grid(alpha=0.3)
+        if "accuracy" in metric:
+            ax.set_ylim(0, 1.02)
     axes[0][0].set_ylabel(metric)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -251,6 +253,7 @@ def plot_curves(runs: list[Run], params: list[str], metric: str, path: Path) -> 
     panels = defaultdict(list)
     for run in runs:
         panels[label(run, panel_keys)].append(run)
+    colors = {line: f"C{i % 10}" for i, line in enumerate(sorted({label(run, line_keys) for run in runs}))}
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False, sharex="col")
     for column, (panel, panel_runs) in enumerate(sorted(panels.items())):
         for run in sort_runs(panel_runs, line_keys):
@@ -258,13 +261,16 @@ def plot_curves(runs: list[Run], params: list[str], metric: str, path: Path) -> 
             for row_index, name in enumerate((metric, "train/loss")):
                 points = [(r["step"], float(r[name])) for r in rows if name in r]
                 if points:
-                    axes[row_index][column].plot(*zip(*points), label=label(run, line_keys), linewidth=1.2)
+                    line = label(run, line_keys)
+                    axes[row_index][column].plot(*zip(*points), color=colors[line], label=line, linewidth=1.2)
         axes[0][column].set_title(panel, fontsize=9)
+        if "accuracy" in metric:
+            axes[0][column].set_ylim(0, 1.02)
         axes[1][column].set_yscale("log")
         axes[1][column].set_xlabel("step")
-        axes[0][column].legend(fontsize=6, loc="best")
         for ax in axes[:, column]:
             ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6, loc="best")  # a line has one color in every panel
     axes[0][0].set_ylabel(metric)
     axes[1][0].set_ylabel("train/loss")
     fig.tight_layout()
@@ -296,7 +302,8 @@ def main(argv=None) -> None:
     parser.add_argument("--best-over", metavar="KEY", help="keep the best run over this parameter, e.g. trainer.lr")
     parser.add_argument("--metric", default="test/accuracy", help="results.json key to rank and plot "
                         "(default: test/accuracy)")
-    parser.add_argument("--out", type=Path, help="write runs.csv, best.csv, report.md and the PNGs here")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="write runs.csv, best.csv, report.md and the PNGs here")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
     args = parser.parse_args(argv)
 
@@ -314,7 +321,7 @@ def main(argv=None) -> None:
 
     markdown = summary_line(runs)
     if args.best_over:
-        markdown += f"Best {args.metric} over {args.best_over} (its best value in the last parameter column).\n"
+        markdown += f"\nEach row: the run with the best {args.metric} over {args.best_over} (see its column).\n"
     markdown += "\n" + markdown_table(table, table_params, args.metric)
     failures = failure_summary(runs)
     if failures:

@@ -37,13 +37,6 @@ def options(group: str) -> list[str]:
     return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
 
 
-def experiment(name: str) -> str:
-    """The override that selects experiment preset `name`: `+experiment=` adds the group, unless config.yaml's
-    defaults list already names it (`optional experiment: null`), where `experiment=` selects it."""
-    listed = "optional experiment" in (CONF_DIR / "config.yaml").read_text()
-    return f"{'' if listed else '+'}experiment={name}"
-
-
 def compose_with_hydra(*overrides, return_hydra_config=True):
     """The composed config, by default with its `hydra` node (launcher, sweeper)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -119,12 +112,12 @@ def grid_configs(name: str):
     """Every grid point of experiment `name`'s sweep as ({key: value}, config): one composition per setting of
     the config-group axes (ablation, task), with the value axes then set in place (composing 768 times is too
     slow); each config is valid until the next one is yielded."""
-    axes = sweep_axes(compose_with_hydra(experiment(name)).hydra)
+    axes = sweep_axes(compose_with_hydra(f"+experiment={name}").hydra)
     group_axes = {key: values for key, values in axes.items() if (CONF_DIR / key).is_dir()}
     value_axes = {key: values for key, values in axes.items() if key not in group_axes}
     for group_choice in itertools.product(*group_axes.values()):
         group_overrides = [f"{key}={value}" for key, value in zip(group_axes, group_choice)]
-        cfg = compose_with_hydra(experiment(name), *group_overrides, return_hydra_config=False)
+        cfg = compose_with_hydra(f"+experiment={name}", *group_overrides, return_hydra_config=False)
         for value_choice in itertools.product(*value_axes.values()):
             for key, value in zip(value_axes, value_choice):
                 OmegaConf.update(cfg, key, value)
@@ -146,7 +139,7 @@ def test_every_experiment_is_listed():
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_experiment_preset_composes(name):
     task, num_points, launcher = EXPERIMENTS[name]
-    cfg = compose_with_hydra(experiment(name))
+    cfg = compose_with_hydra(f"+experiment={name}")
     assert cfg.task.name == task and cfg.model.n_layers == 2
     assert cfg.hydra.launcher._target_.endswith(launcher)
     axes = sweep_axes(cfg.hydra)
@@ -184,7 +177,7 @@ def test_every_grid_point_passes_start_up_checks(name):
 ])
 def test_smoke_experiment_runs_through_the_cli(tmp_path, name, one_point):
     """One grid point of the preset, 4 steps, through `gdn-exp -m` and its parallel launcher."""
-    done = subprocess.run([sys.executable, "-m", "gdn_exp.cli", "-m", experiment(name), f"hydra.sweep.dir={tmp_path}",
+    done = subprocess.run([sys.executable, "-m", "gdn_exp.cli", "-m", f"+experiment={name}", f"hydra.sweep.dir={tmp_path}",
                            *one_point, "logger=none", "trainer.max_steps=4", "trainer.eval_interval=2",
                            f"task_cache_dir={tmp_path / 'cache'}"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

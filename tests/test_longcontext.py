@@ -55,3 +55,5 @@ def test_command_writes_table_json_and_plot(compose, tmp_path):
     table = (tmp_path / "out/longcontext.md").read_text()
     assert "| needle | gdn | 32 |" in table and "| 128 |" in table
     assert (tmp_path / "out/longcontext.png").stat().st_size > 10_000
+    main([str(tmp_path / "out/longcontext.json"), "--out", str(tmp_path / "merged")])  # earlier rows, re-rendered
+    assert (tmp_path / "merged/longcontext.md").read_text() == table

@@ -7,10 +7,10 @@ import sys
 import threading
 import time
 
-import pytest
 from omegaconf import OmegaConf
 
 from gdn_exp import cli, report
+from wandb_files import wandb_records
 
 # A copy task small enough that a job trains in about a second.
 TINY = ["model=tiny", "task=copy", "task.num_train=64", "task.num_test=16", "task.copy_len=2", "trainer.max_steps=3",
@@ -19,11 +19,10 @@ TINY = ["model=tiny", "task=copy", "task.num_train=64", "task.num_test=16", "tas
 
 
 def gdn_exp(tmp_path, *args):
-    """Runs `gdn-exp` in a fresh process with the task cache under tmp_path; returns the finished process."""
+    """Runs `gdn-exp` in a fresh process, with the task cache under tmp_path, and checks that it exits with 0."""
     command = [sys.executable, "-m", "gdn_exp.cli", *args, f"task_cache_dir={tmp_path / 'cache'}"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    return done
 
 
 def job_results(sweep_dir):
@@ -46,58 +45,31 @@ def test_parallel_sweep_isolates_a_broken_job(tmp_path):
             assert "seq_len=3 is too small" in results["error"]
         else:
             assert results["status"] == "completed" and results["steps"] == 3, name
-    table = report.markdown_table(*table_of(sweep_dir))
+    runs = [report.load_run(run_dir) for run_dir in report.find_run_dirs([str(sweep_dir)])]
+    table = report.markdown_table(runs, report.swept_keys(runs), "test/accuracy")
     assert table.count("| completed |") == 2 and table.count("| failed |") == 2
 
 
-def test_rerun_of_a_sweep_skips_completed_jobs_unless_opted_out(tmp_path):
-    sweep = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *TINY, "logger=none", "task.seq_len=8,3"]
-    gdn_exp(tmp_path, *sweep)
-    first = job_results(tmp_path / "sweep")
+def test_rerun_skips_completed_jobs_unless_opted_out(tmp_path):
+    """The first run logs to wandb (offline): its runs share the sweep's group. The re-runs log nowhere, which
+    leaves the job dir names alone, so they find the first run's jobs."""
+    sweep_dir = tmp_path / "2025-01-01_00-00-00-000000"
+    sweep = ["-m", f"hydra.sweep.dir={sweep_dir}", *TINY, "task.seq_len=8,3"]
+    gdn_exp(tmp_path, *sweep, "logger=wandb", "logger.mode=offline")
+    first = job_results(sweep_dir)
     assert sorted(results["status"] for results, _ in first.values()) == ["completed", "failed"]
+    run_file, = sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb")  # the completed job's wandb run
+    assert [r.run.run_group for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"] == [
+        sweep_dir.name]
 
-    gdn_exp(tmp_path, *sweep)  # the same sweep again: the completed job is skipped, the broken one fails again
-    second = job_results(tmp_path / "sweep")
+    gdn_exp(tmp_path, *sweep, "logger=none")  # the same sweep again: the completed job is skipped
+    second = job_results(sweep_dir)
     for name, (results, mtime) in second.items():
         assert (mtime == first[name][1]) == (results["status"] == "completed"), name
 
-    gdn_exp(tmp_path, *sweep, "trainer.skip_completed=false")  # opted out: every job runs again
-    third = job_results(tmp_path / "sweep")
+    gdn_exp(tmp_path, *sweep, "logger=none", "trainer.skip_completed=false")  # opted out: every job runs again
+    third = job_results(sweep_dir)
     assert third.keys() == first.keys() and all(third[name][1] > second[name][1] for name in third)
-
-
-def table_of(sweep_dir):
-    runs = [report.load_run(run_dir) for run_dir in report.find_run_dirs([str(sweep_dir)])]
-    return report.sort_runs(runs, report.swept_keys(runs)), report.swept_keys(runs), "test/accuracy"
-
-
-def wandb_records(run_file) -> list:
-    """The protobuf Records of an offline run-*.wandb file: a LevelDB-style log in 32 KiB blocks after a 7-byte
-    header; each chunk has a 7-byte header (checksum, length, kind: 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, pos, block, records, partial = run_file.read_bytes(), 7, 32768, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        partial = chunk if kind in (1, 2) else partial + chunk
-        if kind in (1, 4):
-            records.append(wandb_internal_pb2.Record.FromString(partial))
-    return records
-
-
-def test_wandb_runs_of_a_sweep_share_its_group(tmp_path):
-    sweep_dir = tmp_path / "2025-01-01_00-00-00-000000"
-    gdn_exp(tmp_path, "-m", f"hydra.sweep.dir={sweep_dir}", *TINY, "task.seq_len=8", "logger=wandb",
-            "logger.mode=offline", "trainer.lr=1e-3,3e-3")
-    run_files = sorted(sweep_dir.glob("*/wandb/offline-run-*/run-*.wandb"))
-    assert len(run_files) == 2
-    for run_file in run_files:
-        run_records = [r.run for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"]
-        assert run_records and all(run.run_group == sweep_dir.name for run in run_records)
 
 
 def test_gpu_claims_are_exclusive_and_wait_for_a_free_gpu(tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 import gdn_exp.train.loop as loop
 from gdn_exp.train import run_job
+from wandb_files import wandb_history
 
 FAST = ["model=tiny", "task=copy", "task.num_train=512", "task.num_test=64", "logger=none",
         "trainer.batch_size=16", "trainer.eval_interval=10", "trainer.log_interval=5",
@@ -114,31 +115,6 @@ def test_completed_job_is_skipped_on_rerun(compose, tmp_path):
     again = run_job(cfg, tmp_path / "run")
     assert again["skipped"] and again["test/accuracy"] == first["test/accuracy"]
     assert not run_job(cfg, tmp_path / "run", skip_completed=False).get("skipped")
-
-
-def wandb_history(run_file):
-    """{step: {key: value}} from the history records of an offline run-*.wandb file (a LevelDB-style log of
-    protobuf Records in 32 KiB blocks, after a 7-byte header)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, pos, block, records, partial = run_file.read_bytes(), 7, 32768, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        partial = chunk if kind in (1, 2) else partial + chunk  # 1 full, 2 first, 3 middle, 4 last
-        if kind in (1, 4):
-            records.append(partial)
-    history = {}
-    for raw in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
-            history.setdefault(items["_step"], {}).update(items)
-    return history
 
 
 def test_wandb_offline_run_records_metrics(compose, tmp_path):

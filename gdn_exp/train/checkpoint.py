@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from gdn_exp.train.distributed import Distributed, unwrap
+from gdn_exp.train.distributed import Distributed, is_sharded, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def load_latest(path: Path, model, optimizer) -> dict:
         set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
         return load(path / TRAIN_STATE)
     state = load(path)
-    if any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters()):
+    if is_sharded(model):
         raise ValueError(f"trainer.resume: {path} is a full checkpoint (one process or DDP); resume it with "
                          f"trainer.strategy=ddp or none, or start the FSDP run from scratch")
     unwrap(model).load_state_dict(state["model"])
@@ -89,10 +89,9 @@ def load_latest(path: Path, model, optimizer) -> dict:
 
 
 def full_model_state(model) -> dict:
-    """The whole model's weights as plain CPU tensors (gathered under FSDP: call on every rank; rank 0's
-    result is the complete one)."""
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or not any(
-            isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters()):
+    """The whole model's weights as plain tensors, keyed as in LanguageModel (under FSDP gathered to CPU:
+    call on every rank; rank 0's result is the complete one)."""
+    if not is_sharded(model):
         return unwrap(model).state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -137,6 +137,11 @@ def gradient_sync(model: nn.Module, enabled: bool):
     return nullcontext()
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """True when FSDP holds the model's parameters as shards (DTensors)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a possibly sharded one (FSDP's clip_grad_norm_ returns a DTensor)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
