@@ -130,12 +130,13 @@ def plot(rows: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     task_names = list(dict.fromkeys(r["task"] for r in rows))
+    colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(r["label"] for r in rows))}  # same in every panel
     fig, axes = plt.subplots(1, len(task_names), figsize=(5 * len(task_names), 3.8), squeeze=False)
     for ax, task_name in zip(axes[0], task_names):
         task_rows = [r for r in rows if r["task"] == task_name]
         for label in dict.fromkeys(r["label"] for r in task_rows):
             points = sorted((r["length"], r["accuracy"]) for r in task_rows if r["label"] == label)
-            ax.plot(*zip(*points), marker="o", label=label)
+            ax.plot(*zip(*points), marker="o", label=label, color=colors[label])
         for train_length in {r["train_length"] for r in task_rows}:
             ax.axvline(train_length, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
