@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 import tasks
 from gdn_exp.data import LMTaskConfig
@@ -77,6 +78,8 @@ def task_schema(name: str) -> type:
 
 
 def register_configs() -> None:
+    # ${floordiv:a,b} ties one size to another in a preset (copy_len = seq_len / 2 in the length grids)
+    OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for name in tasks.TASKS:

@@ -149,7 +149,8 @@ def test_experiment_preset_composes(name):
         assert {"model.d_model", "task.seq_len", "task.num_kv_pairs"} <= axes.keys()
         assert cfg.model.num_heads == 1 and cfg.model.head_dim == cfg.model.d_model
     else:
-        assert set(axes["task"]) == {"copy", "reverse"} and "task.copy_len" in axes
+        assert set(axes["task"]) == {"copy", "reverse"} and "task.seq_len" in axes
+        assert cfg.task.copy_len == cfg.task.seq_len // 2
     if name.endswith("smoke"):
         assert cfg.trainer.num_threads == 1 and cfg.trainer.progress is False
 
@@ -173,7 +174,7 @@ def test_every_grid_point_passes_start_up_checks(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, one_point", [
     ("mqar_smoke", ["ablation=no_delta", "model.d_model=32", "task.seq_len=32", "trainer.lr=1e-2"]),
-    ("length_smoke", ["task=reverse", "task.copy_len=4", "ablation=attention"]),
+    ("length_smoke", ["task=reverse", "task.seq_len=8", "ablation=attention"]),
 ])
 def test_smoke_experiment_runs_through_the_cli(tmp_path, name, one_point):
     """One grid point of the preset, 4 steps, through `gdn-exp -m` and its parallel launcher."""

@@ -49,6 +49,13 @@ def test_kernel_matches_oracle_cpu(case, mode):
 
 
 @interpreter_only
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_float16_inputs_cpu(mode):
+    """float16 (numpy has it, unlike bfloat16) runs the 16-bit input path under the interpreter too."""
+    assert_matches_oracle(Case(B=1, T=65, H=1, K=16, V=32), mode, torch.float16, torch.device("cpu"))
+
+
+@interpreter_only
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("case", SLOW_CPU_CASES, ids=lambda c: c.name)
@@ -91,7 +98,7 @@ def test_dispatch_runs_triton_kernels(mode):
     torch.testing.assert_close(o_triton, o_torch, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("case", kernel_check.full_matrix(), ids=lambda c: c.name)
 @pytest.mark.gpu
