@@ -123,7 +123,7 @@ def markdown_table(rows: list) -> str:
 
 
 def plot(rows: list, path: Path) -> None:
-    """Accuracy vs evaluation length (log2 axis), one panel per task, one line per model."""
+    """Accuracy vs evaluation length (log2 axis), one panel per task, one line per trained model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,9 +134,12 @@ def plot(rows: list, path: Path) -> None:
     fig, axes = plt.subplots(1, len(task_names), figsize=(5 * len(task_names), 3.8), squeeze=False)
     for ax, task_name in zip(axes[0], task_names):
         task_rows = [r for r in rows if r["task"] == task_name]
-        for label in dict.fromkeys(r["label"] for r in task_rows):
-            points = sorted((r["length"], r["accuracy"]) for r in task_rows if r["label"] == label)
-            ax.plot(*zip(*points), marker="o", label=label, color=colors[label])
+        for label, train_length in dict.fromkeys((r["label"], r["train_length"]) for r in task_rows):
+            # one line per trained model: same colour per mixer, the legend names each mixer once
+            points = sorted((r["length"], r["accuracy"]) for r in task_rows
+                            if (r["label"], r["train_length"]) == (label, train_length))
+            shown = label in ax.get_legend_handles_labels()[1]
+            ax.plot(*zip(*points), marker="o", label=None if shown else label, color=colors[label])
         for train_length in {r["train_length"] for r in task_rows}:
             ax.axvline(train_length, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
