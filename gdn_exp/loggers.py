@@ -5,6 +5,7 @@ perf/tokens_per_s, mem/peak_gib.
 """
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -55,3 +56,11 @@ class RunLogger:
             self.wandb_run.summary.update(summary)
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def finish_crashed_run() -> None:
+    """Marks a wandb run that a crash left open as failed (exit code 1), so the next job in the same process
+    starts its own run and the dashboard shows the crash."""
+    wandb = sys.modules.get("wandb")  # only if this process ever started a run
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=1)

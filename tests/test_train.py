@@ -127,3 +127,16 @@ def test_wandb_offline_run_records_metrics(compose, tmp_path):
         for key, value in row.items():
             if key != "step":
                 assert history[row["step"]][key] == pytest.approx(value), (row["step"], key)
+
+
+def test_crash_records_failed_and_closes_the_wandb_run(compose, tmp_path, monkeypatch):
+    import wandb
+
+    def crash(logits, labels):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(loop, "lm_loss", crash)
+    results = run_job(compose(*FAST, "trainer.max_steps=10", "logger=wandb"), tmp_path / "run")
+    assert results["status"] == "failed" and not results["user_error"] and "boom" in results["error"]
+    assert "RuntimeError" in json.loads((tmp_path / "run/results.json").read_text())["traceback"]
+    assert wandb.run is None  # finished as failed, so the next job in this process starts its own run

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 import tasks
 from gdn_exp.config import task_params, validate, validate_batch_split
 from gdn_exp.data import check_lm_config
+from gdn_exp.loggers import finish_crashed_run
 from gdn_exp.model import ModelConfig
 from gdn_exp.ops import KernelUnavailableError, resolve_backend
 from gdn_exp.train.distributed import Distributed, distributed_job
@@ -78,6 +79,7 @@ def run_checked_job(cfg, run_dir: Path, dist_info: Distributed, skip_completed: 
         results = {"status": "failed", "error": str(e), "user_error": True}
     except Exception as e:  # a bug or a crash: keep the traceback, let the other sweep jobs go on
         log.exception("run failed")
+        finish_crashed_run()
         results = {"status": "failed", "error": f"{type(e).__name__}: {e}", "user_error": False,
                    "traceback": traceback.format_exc()}
     return write_results(run_dir, results) if dist_info.is_main else results
