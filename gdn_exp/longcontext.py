@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 import tasks
-from gdn_exp.model import LanguageModel, ModelConfig
+from gdn_exp.model import GDN_SWITCHES, LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
 from gdn_exp.train.evaluate import IGNORE_INDEX
 
 MAX_LENGTH = 32768
-ABLATION_FLAGS = ("use_short_conv", "use_output_gate", "use_qk_l2norm", "use_gate", "use_delta", "use_beta",
-                  "allow_neg_eigval")
 
 
 def task_at_length(name: str, params: dict, length: int) -> dict:
@@ -50,7 +48,7 @@ def model_label(model_cfg: dict) -> str:
         label = "gdn"
     if model_cfg.get("attention_window") and "attention" in label:
         label += f" (window {model_cfg['attention_window']})"
-    changed = [f"{flag}={model_cfg[flag]}" for flag in ABLATION_FLAGS
+    changed = [f"{flag}={model_cfg[flag]}" for flag in GDN_SWITCHES
                if "gdn" in label and model_cfg.get(flag, getattr(defaults, flag)) != getattr(defaults, flag)]
     return label + (f" [{', '.join(changed)}]" if changed else "")
 

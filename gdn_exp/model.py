@@ -18,6 +18,8 @@ from torch import nn
 from gdn_exp.nn import Attention, GatedDeltaNet, SwiGLU, swiglu_hidden_size
 
 MIXERS = ("gdn", "attention")
+GDN_SWITCHES = ("use_short_conv", "use_output_gate", "use_qk_l2norm", "use_gate", "use_delta", "use_beta",
+                "allow_neg_eigval")
 
 
 @dataclass
@@ -82,6 +84,12 @@ class ModelConfig:
         if self.attention_every > self.n_layers:
             raise ValueError(f"model.attention_every={self.attention_every} > model.n_layers={self.n_layers} "
                              f"leaves no attention layer")
+        if self.mixer == "attention":  # no Gated DeltaNet layer: a changed GDN switch would be silently ignored
+            defaults = ModelConfig()
+            for key in GDN_SWITCHES:
+                if getattr(self, key) != getattr(defaults, key):
+                    raise ValueError(f"model.{key}={getattr(self, key)} has no effect with model.mixer=attention "
+                                     f"(no Gated DeltaNet layers); drop the ablation or use a hybrid")
         if self.attention_window is not None and self.attention_window < 1:
             raise ValueError(f"model.attention_window={self.attention_window} must be >= 1 or null")
         if self.attention_heads is not None and self.attention_heads < 1:

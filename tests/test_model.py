@@ -142,3 +142,9 @@ def test_tiny_model_overfits_a_fixed_batch(mixer):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_gdn_switches_are_rejected_without_gdn_layers():
+    with pytest.raises(ValueError, match="model.use_gate=False has no effect with model.mixer=attention"):
+        ModelConfig(mixer="attention", use_gate=False).validate()
+    ModelConfig(mixer="gdn", attention_every=2, use_gate=False).validate()  # a hybrid keeps GDN layers
