@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gdn_exp.tables import markdown_table
+
 CHUNK = 64
 OP_SHAPES = [(8, 2048, 16, 128), (8, 4096, 16, 128), (2, 16384, 16, 128), (1, 32768, 16, 128), (4, 4096, 8, 256)]
 DECODE_SHAPE = (64, 16, 128)  # B, H, D
@@ -209,9 +211,7 @@ def markdown(rows, columns) -> str:
     def fmt(x):
         return f"{x:.3g}" if isinstance(x, float) else ("" if x is None else str(x))
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(columns, [[fmt(r.get(c)) for c in columns] for r in rows])
 
 
 def add_ratios(rows):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import tasks
+from gdn_exp import tables
 from gdn_exp.model import GDN_SWITCHES, LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
 from gdn_exp.train.evaluate import IGNORE_INDEX
@@ -111,13 +112,11 @@ def evaluate_run(run_dir: Path, factors: list, *, max_length: int, num_examples:
 def markdown_table(rows: list) -> str:
     """Accuracy per (task, model) row and evaluation-length column."""
     lengths = sorted({r["length"] for r in rows})
-    lines = ["| task | model | train L | " + " | ".join(f"{n:,}" for n in lengths) + " |",
-             "|---|---|---|" + "---|" * len(lengths)]
+    lines = []
     for key in dict.fromkeys((r["task"], r["label"], r["train_length"]) for r in rows):
         accuracy = {r["length"]: r["accuracy"] for r in rows if (r["task"], r["label"], r["train_length"]) == key}
-        cells = [f"{accuracy[n]:.3f}" if n in accuracy else "" for n in lengths]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append([key[0], key[1], f"{key[2]:,}"] + [f"{accuracy[n]:.3f}" if n in accuracy else "" for n in lengths])
+    return tables.markdown_table(["task", "model", "train L"] + [f"{n:,}" for n in lengths], lines) + "\n"
 
 
 def plot(rows: list, path: Path) -> None:

@@ -28,6 +28,8 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from gdn_exp import tables
+
 # Config keys that get a "<metric> vs <key>" plot when they take several values.
 PLOT_AXES = ("model.d_model", "task.seq_len", "task.copy_len", "task.num_kv_pairs")
 RESULT_COLUMNS = ("status", "test/accuracy", "best/accuracy", "steps", "num_params", "wall_time_s")
@@ -160,10 +162,7 @@ def format_cell(value) -> str:
 
 def markdown_table(runs: list[Run], params: list[str], metric: str) -> str:
     columns = params + columns_for(metric)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for run in runs:
-        lines.append("| " + " | ".join(format_cell(run.value(c)) for c in columns) + " |")
-    return "\n".join(lines) + "\n"
+    return tables.markdown_table(columns, [[format_cell(run.value(c)) for c in columns] for run in runs]) + "\n"
 
 
 def csv_table(runs: list[Run], params: list[str], metric: str) -> str:

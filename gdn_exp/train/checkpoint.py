@@ -130,8 +130,8 @@ def find_resume(resume, run_dir: Path, config: dict) -> Optional[Path]:
         return own
     candidates = sorted(filter(None, (latest_in(d) for d in run_dir.parent.glob("*/checkpoints"))),
                         key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:
-        saved = load(path / TRAIN_STATE if path.is_dir() else path)["config"]
+    for path in candidates:  # mmap: only the config is read, not every candidate's weights
+        saved = torch.load(path / TRAIN_STATE if path.is_dir() else path, mmap=True, weights_only=True)["config"]
         if all(saved.get(key) == config.get(key) for key in IDENTITY_KEYS):
             return path
     log.warning("trainer.resume=true: no earlier run with this model/task/kernel/seed under %s; "

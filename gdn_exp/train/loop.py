@@ -164,8 +164,8 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
             micro_batches = dist_info.shard(idx).chunk(tc.grad_accum_steps)
             loss_sum = torch.zeros((), device=device)  # this rank's summed token losses
             for i, micro in enumerate(micro_batches):
+                scored = (train_y[micro] != IGNORE_INDEX).sum().item()  # on the CPU copy: no device sync
                 x, y = train_x[micro].to(device, non_blocking=True), train_y[micro].to(device, non_blocking=True)
-                scored = (y != IGNORE_INDEX).sum().item()
                 with gradient_sync(network, enabled=i == len(micro_batches) - 1):
                     with autocast():
                         logits = forward(x)
