@@ -1,9 +1,12 @@
 """`gdn-bench`: speed of our gated delta rule beside flash-linear-attention (fla) and causal SDPA, on one GPU.
 
     gdn-bench op                       op-level table at the standard shapes (and --shape B,T,H,D ...)
-    gdn-bench model                    training tokens/s and MFU: our GDN model vs our SDPA Transformer (+ fla's)
+    gdn-bench model [--seq-lens ...]   training tokens/s and MFU: our GDN model vs our SDPA Transformer
+    gdn-bench kernels [--sweep]        time of each chunk kernel at --shape (default B8 T4096 H16 D128);
+                                       --sweep also tries wy_fwd at other num_warps and keeps the fastest
     gdn-bench check [--quick]          the kernels' correctness matrix (python -m gdn_exp.kernel_check)
     gdn-bench all --out DIR            check, op and model; writes DIR/bench.json and DIR/bench.md
+    gdn-bench check kernels op model   any several, in this order, in one process
 
 Timings are medians of `triton.testing.do_bench` (CUDA events). Models used for the derived columns:
 
@@ -168,6 +171,42 @@ def bench_decode(fla, bandwidth, shape=DECODE_SHAPE, dtype=torch.bfloat16, devic
     return rows
 
 
+def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
+    """ms of each chunk kernel (through its Python launcher) at one shape; with sweep, wy_fwd is also timed
+    at other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run."""
+    from gdn_exp.ops import chunk
+    from gdn_exp.ops.triton_utils import sequence_layout
+
+    q, k, v, g, beta = op_inputs(B, T, H, D, dtype, device)
+    do, scale = torch.randn_like(v), D**-0.5
+    layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
+    g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
+    h, v_new, _ = chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout)
+    dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
+    dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
+    launches = {
+        "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),
+        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout),
+        "output_fwd": lambda: chunk.chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, v.dtype),
+        "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
+        "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
+        "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
+    }
+    rows = []
+    for name, fn in launches.items():
+        # wy_fwd is the one kernel on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
+        configs = [chunk.LAUNCH[name]] + ([dict(num_warps=w, num_stages=1) for w in (1, 2, 8)]
+                                          if sweep and name == "wy_fwd" else [])
+        timed = []
+        for config in configs:
+            chunk.LAUNCH[name] = config
+            timed.append((do_bench(fn), config))
+        ms, chunk.LAUNCH[name] = min(timed, key=lambda x: x[0])
+        rows.append({"shape": f"B{B} T{T} H{H} D{D}", "kernel": name, "ms": ms, "launch": str(chunk.LAUNCH[name]),
+                     "tried": ", ".join(f"{c['num_warps']} warps {t:.3g}" for t, c in timed) if sweep else None})
+    return rows
+
+
 def bench_model(seq_lens=(2048, 4096, 8192, 16384), tokens_per_batch=32768, d_model=1024, n_layers=8,
                 peak_flops=989e12) -> list:
     """Training step throughput (fwd + bwd + AdamW, bf16 autocast) of equal-size GDN and Transformer models."""
@@ -228,12 +267,16 @@ def add_ratios(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="gdn-bench", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["op", "model", "check", "all"], nargs="?", default="op")
+    parser.add_argument("what", choices=["op", "kernels", "model", "check", "all"], nargs="*", default=["op"],
+                        help="one or more, run in one process")
     parser.add_argument("--shape", action="append", default=[], help="B,T,H,D (repeatable); default: the standard set")
+    parser.add_argument("--sweep", action="store_true", help="kernels: also try wy_fwd at other num_warps")
+    parser.add_argument("--seq-lens", default="2048,4096,8192,16384", help="model: sequence lengths T")
     parser.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even if importable")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
     args, check_args = parser.parse_known_args(argv)
-    if args.what == "check":  # extra arguments go to the check (--quick, --jobs N)
+    what = {"check", "op", "model"} if "all" in args.what else set(args.what)
+    if what == {"check"}:  # extra arguments go to the check (--quick, --jobs N)
         from gdn_exp import kernel_check
 
         return kernel_check.main(check_args)
@@ -250,11 +293,16 @@ def main(argv=None):
     report = {"env": env}
     text = [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in env.items()]
     print("\n".join(text), flush=True)
-    if args.what == "all":
+    if "check" in what:
         from gdn_exp import kernel_check
 
         report["check_passed"] = kernel_check.main(check_args) == 0
-    if args.what in ("op", "all"):
+    if "kernels" in what:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] or [OP_SHAPES[1]]
+        report["kernels"] = [row for shape in shapes for row in bench_kernels(*shape, sweep=args.sweep)]
+        text += ["", markdown(report["kernels"], ["shape", "kernel", "ms", "launch", "tried"])]
+        print(text[-1], flush=True)
+    if "op" in what:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] or OP_SHAPES
         columns = ["shape", "impl", "fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd", "fla_over_ours_fwd_bwd",
                    "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct", "fwd_bwd_floor_pct", "peak_gib", "error"]
@@ -266,8 +314,8 @@ def main(argv=None):
         report["op"], report["decode"] = rows, bench_decode(fla, bandwidth)
         text += ["", markdown(rows, columns), "", markdown(report["decode"], ["shape", "impl", "us", "state_tb_s",
                                                                               "floor_pct"])]
-    if args.what in ("model", "all"):
-        report["model"] = bench_model()
+    if "model" in what:
+        report["model"] = bench_model(seq_lens=[int(t) for t in args.seq_lens.split(",")])
         text += ["", markdown(report["model"], ["T", "B", "impl", "params_m", "step_ms", "tokens_per_s", "mfu_pct",
                                                 "peak_gib"])]
     print("\n".join(text))

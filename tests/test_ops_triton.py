@@ -6,6 +6,8 @@ float32 with compiled kernels; run them with TRITON_INTERPRET=0 on a CUDA machin
 max-abs error and ||x - ref|| / ||ref|| per tensor (kernel_check.compare) and runs with NaN-poisoned outputs.
 """
 import os
+import subprocess
+import sys
 import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
@@ -112,3 +114,16 @@ def test_kernel_matches_oracle_gpu(case, mode, dtype):
 @gpu_only
 def test_decode_step_gpu(dtype):
     assert not kernel_check.check_decode(64, 16, 128, 128, dtype, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("dtype, shape", [("bfloat16", "2,256,4,128,128"), ("float32", "1,128,2,64,64")])
+def test_chunk_kernels_compile_for_hopper(dtype, shape):
+    """Every chunk kernel compiles for sm_90 with the launch settings it would get on an H100, within its
+    shared memory: the interpreter runs the kernels' logic but never compiles them (compile_check)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "gdn_exp.compile_check", "--dtype", dtype, "--shape", shape],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    compiled = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("chunk_")}
+    assert compiled == {"chunk_wy_fwd_kernel", "chunk_state_fwd_kernel", "chunk_output_fwd_kernel",
+                        "chunk_state_bwd_kernel", "chunk_dqk_bwd_kernel", "chunk_wy_bwd_kernel"}

@@ -47,11 +47,25 @@ def sequence_layout(B: int, T: int, cu_seqlens: Optional[torch.Tensor], chunk_si
     return SequenceLayout(cu_seqlens, torch.stack([seq, chunk], dim=1).contiguous(), chunk_offsets, num_chunks)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision for float32 operands: "tf32x3" (three tf32 products, ~float32 accuracy on
-    tensor cores) for float32 inputs, plain tf32 for 16-bit inputs. ("ieee" is exact too, but compiles to
-    unrolled FMAs: about a minute of compile time per kernel set on an H100.)"""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+@triton.jit
+def mma(a, b, DTYPE: tl.constexpr):
+    """a @ b with float32 accumulation. DTYPE is the op's input dtype: 16-bit operands run on the tensor cores
+    at full rate (float32 intermediates are rounded to DTYPE first); float32 operands run as tf32x3 (three
+    tf32 products, ~float32 accuracy; "ieee" compiles to unrolled FMAs, minutes per kernel set)."""
+    if DTYPE == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        return tl.dot(a.to(DTYPE), b.to(DTYPE))
+
+
+@triton.jit
+def state_mma(a, b, DTYPE: tl.constexpr):
+    """a @ b for the products with the running float32 state in the sequential passes: tf32 operands for 16-bit
+    inputs (rounding the state to 16 bits every chunk adds up over a long sequence), tf32x3 for float32."""
+    if DTYPE == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
 
 def block_size(dim: int, cap: int) -> int:
