@@ -276,6 +276,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
     args, check_args = parser.parse_known_args(argv)
     what = {"check", "op", "model"} if "all" in args.what else set(args.what)
+    given_shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape]
     if what == {"check"}:  # extra arguments go to the check (--quick, --jobs N)
         from gdn_exp import kernel_check
 
@@ -298,16 +299,15 @@ def main(argv=None):
 
         report["check_passed"] = kernel_check.main(check_args) == 0
     if "kernels" in what:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] or [OP_SHAPES[1]]
-        report["kernels"] = [row for shape in shapes for row in bench_kernels(*shape, sweep=args.sweep)]
+        report["kernels"] = [row for shape in given_shapes or [OP_SHAPES[1]]
+                             for row in bench_kernels(*shape, sweep=args.sweep)]
         text += ["", markdown(report["kernels"], ["shape", "kernel", "ms", "launch", "tried"])]
         print(text[-1], flush=True)
     if "op" in what:
-        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape] or OP_SHAPES
         columns = ["shape", "impl", "fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd", "fla_over_ours_fwd_bwd",
                    "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct", "fwd_bwd_floor_pct", "peak_gib", "error"]
         rows = []
-        for shape in shapes:
+        for shape in given_shapes or OP_SHAPES:
             rows += bench_op_shape(*shape, fla, bandwidth)
             add_ratios(rows)
             print(markdown(rows[-4:], columns), flush=True)  # as we go: a time-boxed run keeps what it measured
