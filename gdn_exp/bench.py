@@ -1,12 +1,17 @@
 """`gdn-bench`: speed of our gated delta rule beside flash-linear-attention (fla) and causal SDPA, on one GPU.
 
-    gdn-bench op                       op-level table at the standard shapes (and --shape B,T,H,D ...)
-    gdn-bench model [--seq-lens ...]   training tokens/s and MFU: our GDN model vs our SDPA Transformer
+    gdn-bench op                       op-level table at the standard shapes (and --shape B,T,H,D ...), then decode
+    gdn-bench decode [--sweep]         one decode step at B64 H16 D128: eager, from a CUDA graph, fla; --sweep
+                                       tries V block x num_warps and keeps the fastest
+    gdn-bench model [--seq-lens ...]   training tokens/s and MFU: our GDN model vs our SDPA Transformer and vs
+                                       our model with fla's GatedDeltaNet layer (when fla.layers imports)
+    gdn-bench generate                 generation tokens/s of our GDN model, eager vs CUDA-graph decode loop
+    gdn-bench profile [--seq-lens T]   the GDN model's training step: CUDA kernel time table (torch.profiler)
     gdn-bench kernels [--sweep]        time of each chunk kernel at --shape (default B8 T4096 H16 D128);
                                        --sweep also tries wy_fwd at other num_warps and keeps the fastest
     gdn-bench check [--quick]          the kernels' correctness matrix (python -m gdn_exp.kernel_check)
-    gdn-bench all --out DIR            check, op and model; writes DIR/bench.json and DIR/bench.md
-    gdn-bench check kernels op model   any several, in this order, in one process
+    gdn-bench all --out DIR            check, op, model and generate; writes DIR/bench.json and DIR/bench.md
+    gdn-bench check kernels op model   any several, in this order, in one process (files rewritten per table)
 
 Timings are medians of `triton.testing.do_bench` (CUDA events). Models used for the derived columns:
 
@@ -152,22 +157,77 @@ def bench_op_shape(B, T, H, D, fla, bandwidth, dtype=torch.bfloat16, device="cud
     return rows
 
 
-def bench_decode(fla, bandwidth, shape=DECODE_SHAPE, dtype=torch.bfloat16, device="cuda") -> list:
-    from gdn_exp.ops.recurrent import triton_decode_step
+def do_bench_graph(fn) -> float:
+    """Median ms of fn replayed from a CUDA graph (triton.testing.do_bench_cudagraph): the GPU time alone,
+    without Python and launch overhead (and without do_bench's L2 flush between calls)."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, return_mode="median")
+
+
+def bench_decode(fla, bandwidth, shape=DECODE_SHAPE, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
+    """Rows for one decode step (T = 1, fp32 state updated in place): ours timed eagerly (do_bench, Python and
+    launch included) and replayed from a CUDA graph (do_bench_graph), and fla's fused_recurrent eagerly.
+    With sweep, the graph timing tries every V block x num_warps of recurrent.DECODE_LAUNCH and keeps the
+    fastest there for the rest of the run (both of our rows use it)."""
+    from gdn_exp.ops import recurrent
 
     B, H, D = shape
     q, k, v, g, beta = op_inputs(B, 1, H, D, dtype, device)
     state = torch.randn(B, H, D, D, device=device, dtype=torch.float32)
     state_bytes = 2 * state.numel() * 4
-    rows = []
-    ms = do_bench(lambda: triton_decode_step(q, k, v, g, beta, state, scale=D**-0.5))
-    rows.append({"impl": "ours decode (in place)", "us": ms * 1e3, "state_tb_s": state_bytes / (ms * 1e-3) / 1e12})
+    step = lambda: recurrent.triton_decode_step(q, k, v, g, beta, state, scale=D**-0.5)  # noqa: E731
+    configs = [dict(recurrent.DECODE_LAUNCH)] + ([dict(BV=bv, num_warps=w) for bv in (16, 32, 64, 128)
+                                                  for w in (1, 2, 4, 8)] if sweep else [])
+    timed = []
+    for config in configs:
+        recurrent.DECODE_LAUNCH.update(config)
+        timed.append((do_bench_graph(step), config))
+    graph_ms, best = min(timed, key=lambda x: x[0])
+    recurrent.DECODE_LAUNCH.update(best)
+    tried = ", ".join(f"BV{c['BV']}/{c['num_warps']}w {t * 1e3:.3g}" for t, c in timed) if sweep else None
+    rows = [{"impl": "ours decode (in place)", "us": do_bench(step) * 1e3, "launch": str(best)},
+            {"impl": "ours decode (CUDA graph)", "us": graph_ms * 1e3, "launch": str(best), "tried": tried}]
     if fla:
-        ms = do_bench(lambda: fla["recurrent"](q, k, v, g, beta, initial_state=state, output_final_state=True))
-        rows.append({"impl": "fla fused_recurrent", "us": ms * 1e3,
-                     "state_tb_s": state_bytes / (ms * 1e-3) / 1e12})
+        def fla_step():
+            return fla["recurrent"](q, k, v, g, beta, initial_state=state, output_final_state=True)
+
+        rows += [{"impl": "fla fused_recurrent", "us": do_bench(fla_step) * 1e3},
+                 {"impl": "fla fused_recurrent (CUDA graph)", "us": do_bench_graph(fla_step) * 1e3}]
     for row in rows:
-        row.update(shape=f"B{B} H{H} D{D} fp32 state", floor_pct=100 * state_bytes / bandwidth / (row["us"] * 1e-6))
+        row.update(shape=f"B{B} H{H} D{D} fp32 state", state_tb_s=state_bytes / (row["us"] * 1e-6) / 1e12,
+                   floor_pct=100 * state_bytes / bandwidth / (row["us"] * 1e-6))
+    return rows
+
+
+def bench_generate(d_model=1024, n_layers=8, num_heads=8, head_dim=128, vocab_size=32000, batch_size=64,
+                   prompt_len=128, new_tokens=256, cuda_graph_options=(False, True), dtype=torch.bfloat16,
+                   device="cuda") -> list:
+    """Greedy generation with our GDN LanguageModel (weights converted to dtype): the time of one generate()
+    call of new_tokens tokens after a prompt_len-token prompt, for each generate(cuda_graph=...) option.
+    tokens_per_s counts new tokens over the whole call (prefill, graph capture and sampling included);
+    decode_ms_per_token leaves the prefill out. same_tokens: the option's tokens equal the first option's."""
+    from gdn_exp.model import LanguageModel, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="bench", vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, num_heads=num_heads,
+                      head_dim=head_dim)
+    model = LanguageModel(cfg).to(device=device, dtype=dtype)
+    prompt = torch.randint(0, vocab_size, (batch_size, prompt_len), device=device,
+                           generator=torch.Generator(device).manual_seed(0))
+    with torch.no_grad():
+        prefill_ms = do_bench(lambda: model(prompt, use_cache=True))
+    rows, first_tokens = [], None
+    labels = {False: "eager", True: "CUDA graph", None: "auto"}
+    for cuda_graph in cuda_graph_options:
+        tokens = model.generate(prompt, new_tokens, cuda_graph=cuda_graph)
+        first_tokens = tokens if first_tokens is None else first_tokens
+        ms = do_bench(lambda: model.generate(prompt, new_tokens, cuda_graph=cuda_graph))
+        rows.append({"shape": f"B{batch_size} prompt {prompt_len} + {new_tokens} new, {n_layers}x d{d_model}",
+                     "impl": f"ours gdn generate ({labels[cuda_graph]})",
+                     "ms": ms, "prefill_ms": prefill_ms, "decode_ms_per_token": (ms - prefill_ms) / new_tokens,
+                     "tokens_per_s": batch_size * new_tokens / (ms * 1e-3),
+                     "same_tokens": torch.equal(tokens, first_tokens)})
     return rows
 
 
@@ -181,13 +241,13 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
     g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    h, v_new, _ = chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout)
+    h, h_lo, v_new, _ = chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
     launches = {
         "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),
-        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout),
-        "output_fwd": lambda: chunk.chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, v.dtype),
+        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True),
+        "output_fwd": lambda: chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
         "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
         "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
@@ -207,43 +267,107 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     return rows
 
 
+class FlaMixer(torch.nn.Module):
+    """fla's GatedDeltaNet layer behind our mixer interface (training only: no cache, no packed sequences)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, *, cu_seqlens=None, cache=None, use_cache=False):
+        return self.layer(x)[0], None
+
+
+def with_fla_mixers(model):
+    """Our LanguageModel with every GDN mixer replaced by fla.layers.GatedDeltaNet of the same size: the same
+    model around fla's layer (its fused conv, gated norm and chunk op), so the step times compare the layers."""
+    from fla.layers import GatedDeltaNet as FlaGatedDeltaNet
+
+    cfg = model.cfg
+    for i, block in enumerate(model.blocks):
+        block.mixer = FlaMixer(FlaGatedDeltaNet(hidden_size=cfg.d_model, expand_v=cfg.expand_v, head_dim=cfg.head_dim,
+                                                num_heads=cfg.num_heads, conv_size=cfg.conv_size, layer_idx=i))
+    return model
+
+
 def bench_model(seq_lens=(2048, 4096, 8192, 16384), tokens_per_batch=32768, d_model=1024, n_layers=8,
-                peak_flops=989e12) -> list:
-    """Training step throughput (fwd + bwd + AdamW, bf16 autocast) of equal-size GDN and Transformer models."""
+                peak_flops=989e12, fla=None) -> list:
+    """Training step throughput (fwd + bwd + AdamW, bf16 autocast) of equal-size GDN and Transformer models,
+    and (with fla) our GDN model with fla's layer in place of ours."""
     from gdn_exp.model import LanguageModel, ModelConfig
 
     rows = []
-    configs = {"ours gdn": dict(mixer="gdn", num_heads=d_model // 128, head_dim=128),
-               "ours transformer (sdpa)": dict(mixer="attention", attention_heads=d_model // 128)}
+    gdn = dict(mixer="gdn", num_heads=d_model // 128, head_dim=128)
+    configs = {"ours gdn": gdn, "ours transformer (sdpa)": dict(mixer="attention", attention_heads=d_model // 128)}
+    if fla:
+        configs["fla gdn layer in our model"] = gdn
     for T in seq_lens:
         B = max(1, tokens_per_batch // T)
         for name, extra in configs.items():
             torch.manual_seed(0)
             cfg = ModelConfig(name=name, vocab_size=32000, d_model=d_model, n_layers=n_layers, **extra)
-            model = LanguageModel(cfg).cuda()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-            x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = F.cross_entropy(model(x).flatten(0, 1).float(), x.flatten())
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            torch.cuda.reset_peak_memory_stats()
-            ms = do_bench(step)
+            model = LanguageModel(cfg)
+            if name.startswith("fla"):
+                try:
+                    model = with_fla_mixers(model)
+                except Exception as e:  # fla.layers fails to import on this stack
+                    rows.append({"T": T, "B": B, "impl": name, "error": f"{type(e).__name__}: {e}"[:200]})
+                    continue
+            ms, peak_gib = time_train_step(model, B, T)
             n = model.num_params()
-            tokens_per_s = B * T / (ms * 1e-3)
             mixer = (gdn_flops(B, T, cfg.num_heads, 128, 128, True) if cfg.mixer == "gdn"
                      else sdpa_flops(B, T, cfg.num_attention_heads(), d_model // cfg.num_attention_heads(), True))
             flops = 6 * n * B * T + n_layers * mixer
             rows.append({"T": T, "B": B, "impl": name, "params_m": n / 1e6, "step_ms": ms,
-                         "tokens_per_s": tokens_per_s, "mfu_pct": 100 * flops / (ms * 1e-3) / peak_flops,
-                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
-            del model, opt
+                         "tokens_per_s": B * T / (ms * 1e-3), "mfu_pct": 100 * flops / (ms * 1e-3) / peak_flops,
+                         "peak_gib": peak_gib})
+            del model
             torch.cuda.empty_cache()
     return rows
+
+
+def train_step(model, B, T):
+    """A function running one training step of model (moved to CUDA) on random tokens [B, T]: bf16 autocast
+    forward, backward, fused AdamW."""
+    model.cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x = torch.randint(0, model.cfg.vocab_size, (B, T), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), x.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def time_train_step(model, B, T) -> tuple:
+    """(ms, peak GiB) of one training step (`train_step`)."""
+    step = train_step(model, B, T)
+    torch.cuda.reset_peak_memory_stats()
+    ms = do_bench(step)
+    return ms, torch.cuda.max_memory_allocated() / 2**30
+
+
+def profile_model(T=4096, tokens_per_batch=32768, d_model=1024, n_layers=8, row_limit=25) -> str:
+    """Where the GDN model's training step spends GPU time: torch.profiler's CUDA kernel table over 2 steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gdn_exp.model import LanguageModel, ModelConfig
+
+    cfg = ModelConfig(name="profile", vocab_size=32000, d_model=d_model, n_layers=n_layers, num_heads=d_model // 128,
+                      head_dim=128)
+    step = train_step(LanguageModel(cfg), max(1, tokens_per_batch // T), T)
+    for _ in range(3):  # compile and warm up
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=60)
 
 
 def markdown(rows, columns) -> str:
@@ -267,16 +391,20 @@ def add_ratios(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="gdn-bench", description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["op", "kernels", "model", "check", "all"], nargs="*", default=["op"],
-                        help="one or more, run in one process")
+    parser.add_argument("what", nargs="*", choices=["op", "decode", "kernels", "model", "generate", "profile", "check",
+                                                    "all"],
+                        default=["op"], help="one or more, run in one process")
     parser.add_argument("--shape", action="append", default=[], help="B,T,H,D (repeatable); default: the standard set")
-    parser.add_argument("--sweep", action="store_true", help="kernels: also try wy_fwd at other num_warps")
-    parser.add_argument("--seq-lens", default="2048,4096,8192,16384", help="model: sequence lengths T")
+    parser.add_argument("--sweep", action="store_true",
+                        help="kernels: also try wy_fwd at other num_warps; op, decode: V block x num_warps")
+    parser.add_argument("--seq-lens", default="2048,4096,8192,16384",
+                        help="model: sequence lengths T (profile: the first)")
     parser.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even if importable")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
     args, check_args = parser.parse_known_args(argv)
-    what = {"check", "op", "model"} if "all" in args.what else set(args.what)
+    what = {"check", "op", "model", "generate"} if "all" in args.what else set(args.what)
     given_shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape]
+    given_seq_lens = [int(t) for t in args.seq_lens.split(",")]
     if what == {"check"}:  # extra arguments go to the check (--quick, --jobs N)
         from gdn_exp import kernel_check
 
@@ -294,35 +422,49 @@ def main(argv=None):
     report = {"env": env}
     text = [f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in env.items()]
     print("\n".join(text), flush=True)
+
+    def emit(key, rows, columns=None):
+        """Adds rows (a markdown table of columns, or one block of text) to the report and prints them; rewrites
+        the files every time, so a time-boxed run keeps what it measured."""
+        if columns is None:
+            report[key] = rows
+            text.extend(["", rows])
+        else:
+            report.setdefault(key, []).extend(rows)
+            text.extend(["", markdown(rows, columns)])
+        print(text[-1], flush=True)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "bench.json").write_text(json.dumps(report, indent=2))
+            (args.out / "bench.md").write_text("\n".join(text) + "\n")
+
     if "check" in what:
         from gdn_exp import kernel_check
 
         report["check_passed"] = kernel_check.main(check_args) == 0
     if "kernels" in what:
-        report["kernels"] = [row for shape in given_shapes or [OP_SHAPES[1]]
-                             for row in bench_kernels(*shape, sweep=args.sweep)]
-        text += ["", markdown(report["kernels"], ["shape", "kernel", "ms", "launch", "tried"])]
-        print(text[-1], flush=True)
+        for shape in given_shapes or [OP_SHAPES[1]]:
+            emit("kernels", bench_kernels(*shape, sweep=args.sweep), ["shape", "kernel", "ms", "launch", "tried"])
     if "op" in what:
         columns = ["shape", "impl", "fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd", "fla_over_ours_fwd_bwd",
                    "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct", "fwd_bwd_floor_pct", "peak_gib", "error"]
-        rows = []
         for shape in given_shapes or OP_SHAPES:
-            rows += bench_op_shape(*shape, fla, bandwidth)
+            rows = bench_op_shape(*shape, fla, bandwidth)
             add_ratios(rows)
-            print(markdown(rows[-4:], columns), flush=True)  # as we go: a time-boxed run keeps what it measured
-        report["op"], report["decode"] = rows, bench_decode(fla, bandwidth)
-        text += ["", markdown(rows, columns), "", markdown(report["decode"], ["shape", "impl", "us", "state_tb_s",
-                                                                              "floor_pct"])]
+            emit("op", rows, columns)
+    if "op" in what or "decode" in what:
+        emit("decode", bench_decode(fla, bandwidth, sweep=args.sweep),
+             ["shape", "impl", "us", "state_tb_s", "floor_pct", "launch", "tried"])
     if "model" in what:
-        report["model"] = bench_model(seq_lens=[int(t) for t in args.seq_lens.split(",")])
-        text += ["", markdown(report["model"], ["T", "B", "impl", "params_m", "step_ms", "tokens_per_s", "mfu_pct",
-                                                "peak_gib"])]
-    print("\n".join(text))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.json").write_text(json.dumps(report, indent=2))
-        (args.out / "bench.md").write_text("\n".join(text) + "\n")
+        for T in given_seq_lens:
+            emit("model", bench_model(seq_lens=[T], fla=fla),
+                 ["T", "B", "impl", "params_m", "step_ms", "tokens_per_s", "mfu_pct", "peak_gib", "error"])
+    if "profile" in what:
+        emit("profile", f"GDN model training step, T = {given_seq_lens[0]}, CUDA kernels over 2 steps:\n"
+             + profile_model(T=given_seq_lens[0]))
+    if "generate" in what:
+        emit("generate", bench_generate(), ["shape", "impl", "ms", "prefill_ms", "decode_ms_per_token",
+                                            "tokens_per_s", "same_tokens"])
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Compiles the chunk kernels for Hopper (sm_90) without a GPU and reports each kernel's registers, stack
-(spills) and shared memory: catches compile errors and shared-memory or register blow-ups before GPU time.
+"""Compiles the chunk kernels (and the fused short conv) for Hopper (sm_90) without a GPU and reports each kernel's
+registers, stack (spills) and shared memory: catches compile errors and shared-memory or register blow-ups before
+GPU time.
 
     python -m gdn_exp.compile_check [--dtype bfloat16] [--shape B,T,H,K,V] [--launch wy_fwd=1,1 ...]
 
@@ -65,8 +66,10 @@ def registers_and_stack(cubin: bytes):
 
 
 def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
-    """Compiles every kernel the chunk op launches at this shape; returns one dict per distinct compile."""
+    """Compiles every kernel the chunk op (and the layer's fused short conv) launches at this shape; returns one
+    dict per distinct compile."""
     from gdn_exp.ops import chunk
+    from gdn_exp.ops.short_conv import triton_short_conv_silu
     from gdn_exp.ops.triton_utils import sequence_layout
 
     for name, (warps, stages) in launch_overrides:
@@ -97,6 +100,10 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
         layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, torch.device("cpu"))
         chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, K**-0.5, h0, True, layout)
         chunk.chunk_gated_delta_rule_bwd(q, k, v, g, beta, K**-0.5, h0, do, h0, layout)
+        # the layer's fused short conv (values are garbage here: nothing runs)
+        x = torch.randn(B, T, H * (2 * K + V), dtype=dtype, requires_grad=True)
+        outs = triton_short_conv_silu(x, torch.randn(x.shape[-1], 4), ((H, K, True), (H, K, True), (H, V, False)))
+        torch.autograd.backward(outs, [torch.zeros_like(o) for o in outs])
     finally:
         JITFunction.run = run
     return results

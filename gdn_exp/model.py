@@ -7,6 +7,7 @@
 The mixer of each layer is Gated DeltaNet or attention (`ModelConfig.layer_mixers`), which gives the GDN
 model, the Transformer baseline and hybrids with (sliding-window) attention every n-th layer.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -238,18 +239,116 @@ class LanguageModel(nn.Module):
             (decay if param.dim() >= 2 and id(param) not in exempt else no_decay).append(param)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def supports_static_decoding(self) -> bool:
+        """True when every layer's cache keeps its shape from token to token (Gated DeltaNet layers only; an
+        attention layer's KV cache grows by one token per step), so `StaticDecoder` and cuda_graph apply."""
+        return all(isinstance(block.mixer, GatedDeltaNet) for block in self.blocks)
+
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k=None, generator=None):
+    def generate(self, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k=None, generator=None,
+                 cuda_graph: Optional[bool] = None):
         """Continues input_ids [B, T] by max_new_tokens tokens; returns LongTensor [B, T + max_new_tokens].
 
         Greedy when temperature == 0, else samples (optionally from the top_k tokens) with `generator`.
         The prompt runs through one full forward that fills the cache; then one token per step.
+
+        cuda_graph: replay each one-token step from a CUDA graph (`StaticDecoder`), which removes the Python and
+            kernel-launch overhead of the step; sampling stays outside the graph. None (default) = on when
+            input_ids is on CUDA and `supports_static_decoding()`, else the eager loop; True raises ValueError
+            where it cannot run. Under autocast the graph re-casts the weights every step (no weight-cast
+            cache), so for speed convert the model instead (model.to(torch.bfloat16)).
         """
-        tokens = input_ids
+        if cuda_graph and not self.supports_static_decoding():
+            raise ValueError("cuda_graph=True needs a model of Gated DeltaNet layers only (an attention layer's "
+                             "KV cache grows every token, which a CUDA graph cannot replay)")
+        if cuda_graph and not input_ids.is_cuda:
+            raise ValueError(f"cuda_graph=True needs input_ids on a CUDA device; got {input_ids.device}")
+        if cuda_graph is None:
+            cuda_graph = input_ids.is_cuda and self.supports_static_decoding()
+        tokens = [input_ids]
         logits, cache = self(input_ids, use_cache=True)
+        logits = logits[:, -1]                                                 # [B, vocab]
+        decoder = None
         for step in range(max_new_tokens):
-            next_token = sample_next_token(logits[:, -1], temperature, top_k, generator)   # [B, 1]
-            tokens = torch.cat([tokens, next_token], dim=1)
-            if step + 1 < max_new_tokens:
+            next_token = sample_next_token(logits, temperature, top_k, generator)   # [B, 1]
+            tokens.append(next_token)
+            if step + 1 == max_new_tokens:
+                break
+            if cuda_graph:
+                if decoder is None:
+                    decoder = StaticDecoder(self, cache)
+                    decoder.capture()
+                logits = decoder.step(next_token)
+            else:
                 logits, cache = self(next_token, cache=cache, use_cache=True)
-        return tokens
+                logits = logits[:, -1]
+        return torch.cat(tokens, dim=1)
+
+
+class StaticDecoder:
+    """One-token decode steps of a LanguageModel on fixed buffers, so that `capture` can record a step in a
+    CUDA graph once and every later `step` replays it.
+
+    Buffers: the input token [B, 1]; the cache, one {"conv": [B, W-1, D] or None, "recurrent": [B, H, K, V]
+    float32} per layer, whose tensors every step overwrites in place (the Triton decode kernel writes the
+    recurrent state in place itself; the conv cache comes back as a new tensor and is copied over); and, once
+    captured, the logits [B, vocab]. Without `capture`, `step` runs the same computation eagerly (on any
+    device; this is what the CPU tests exercise).
+
+    Args:
+        model: a LanguageModel with `supports_static_decoding()`.
+        cache: the cache after the prompt (model(prompt, use_cache=True)); the decoder takes its tensors over
+            (made contiguous) and advances them step by step.
+    """
+
+    def __init__(self, model: LanguageModel, cache: list):
+        if not model.supports_static_decoding():
+            raise ValueError("StaticDecoder needs a model of Gated DeltaNet layers only (an attention layer's "
+                             "KV cache grows every token)")
+        self.model = model
+        self.cache = [{name: None if t is None else t.contiguous() for name, t in layer.items()} for layer in cache]
+        state = self.cache[0]["recurrent"]                                     # [B, H, K, V]
+        self.token = torch.zeros(state.shape[0], 1, dtype=torch.long, device=state.device)
+        self.graph = self.logits = None
+
+    def _forward(self, cache: list):
+        """One step on self.token from `cache`, whose tensors receive the new cache in place; logits [B, vocab]."""
+        logits, new_cache = self.model(self.token, cache=cache, use_cache=True)
+        for layer, new_layer in zip(cache, new_cache):
+            for name, tensor in layer.items():
+                if tensor is not None and new_layer[name] is not tensor:
+                    tensor.copy_(new_layer[name])
+        return logits[:, -1]
+
+    def _autocast(self):
+        """The caller's autocast without its weight-cast cache: casts cached during warm-up would be read by
+        every replay after autocast had freed them (see torch's CUDA graph notes)."""
+        device_type = self.token.device.type
+        if not torch.is_autocast_enabled(device_type):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Records one step in a CUDA graph that `step` then replays. A warm-up step (Triton compilation,
+        cuBLAS workspaces) runs first on a side stream, on a copy of the cache, so the cache is left as it was."""
+        scratch = [{name: None if t is None else t.clone() for name, t in layer.items()} for layer in self.cache]
+        with torch.cuda.device(self.token.device), self._autocast():
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                self._forward(scratch)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward(self.cache)
+
+    @torch.no_grad()
+    def step(self, token):
+        """token [B, 1] -> logits [B, vocab] of the next token; advances the cache. After `capture` the logits
+        are the graph's output buffer, overwritten by the next step."""
+        self.token.copy_(token)
+        if self.graph is None:
+            return self._forward(self.cache)
+        self.graph.replay()
+        return self.logits

@@ -16,6 +16,7 @@ def wall_clock_bench(monkeypatch):
         return (time.perf_counter() - start) * 1e3
 
     monkeypatch.setattr(bench, "do_bench", timed)
+    monkeypatch.setattr(bench, "do_bench_graph", timed)
 
 
 def test_op_rows_on_cpu(wall_clock_bench):
@@ -27,8 +28,32 @@ def test_op_rows_on_cpu(wall_clock_bench):
 
 
 def test_decode_rows_on_cpu(wall_clock_bench):
-    (row,) = bench.bench_decode(None, bandwidth=1e11, shape=(2, 2, 16), dtype=torch.float32, device="cpu")
-    assert row["us"] > 0 and row["state_tb_s"] > 0 and row["floor_pct"] > 0
+    rows = bench.bench_decode(None, bandwidth=1e11, shape=(2, 2, 16), dtype=torch.float32, device="cpu")
+    assert [r["impl"] for r in rows] == ["ours decode (in place)", "ours decode (CUDA graph)"]
+    for row in rows:
+        assert row["us"] > 0 and row["state_tb_s"] > 0 and row["floor_pct"] > 0
+        assert row["launch"] == str(dict(BV=None, num_warps=4))
+
+
+def test_decode_sweep_keeps_the_fastest_launch(wall_clock_bench, monkeypatch):
+    from gdn_exp.ops import recurrent
+
+    monkeypatch.setattr(recurrent, "DECODE_LAUNCH", dict(BV=None, num_warps=4))
+    rows = bench.bench_decode(None, bandwidth=1e11, shape=(2, 2, 16), sweep=True, dtype=torch.float32,
+                              device="cpu")
+    graph_row = rows[1]
+    assert len(graph_row["tried"].split(", ")) == 1 + 16
+    assert graph_row["launch"] == rows[0]["launch"] == str(recurrent.DECODE_LAUNCH)
+    assert recurrent.DECODE_LAUNCH["BV"] in (None, 16, 32, 64, 128)
+
+
+def test_generate_rows_on_cpu(wall_clock_bench):
+    rows = bench.bench_generate(d_model=32, n_layers=1, num_heads=2, head_dim=16, vocab_size=40, batch_size=2,
+                                prompt_len=5, new_tokens=3, cuda_graph_options=(False, None), dtype=torch.float32,
+                                device="cpu")
+    assert [r["impl"] for r in rows] == ["ours gdn generate (eager)", "ours gdn generate (auto)"]  # auto = eager on CPU
+    for row in rows:
+        assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["same_tokens"], row
 
 
 def test_work_model_matches_the_hand_count():

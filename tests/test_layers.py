@@ -193,3 +193,29 @@ def test_triton_backend_matches_torch_backend():
             outputs[backend] = (prefill, step, cache["recurrent"])
     for triton_output, torch_output in zip(outputs["triton"], outputs["torch"]):
         torch.testing.assert_close(triton_output, torch_output, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_runs_the_op_in_bf16(monkeypatch):
+    """Under bf16 autocast the op must get bf16 q, k, v (a float32 conv weight or F.normalize would promote
+    them, sending the op down its float32 path: that cost the GDN model 3x on the GPU)."""
+    import gdn_exp.nn.gated_deltanet as gdn_module
+
+    seen, original = [], gdn_module.gated_delta_rule
+
+    def spy(q, k, v, g, beta, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype, g.dtype))
+        return original(q, k, v, g, beta, **kwargs)
+
+    monkeypatch.setattr(gdn_module, "gated_delta_rule", spy)
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(D_MODEL, HEADS, HEAD_DIM)
+    x = torch.randn(2, 16, D_MODEL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = layer(x)
+    y.float().sum().backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32)]
+    assert y.dtype == torch.bfloat16 and layer.conv.weight.grad.dtype == torch.float32
+    with torch.no_grad():  # and it computes the same function as float32, to bf16 accuracy
+        reference, _ = layer(x)
+    assert (y.float() - reference).norm() < 0.05 * reference.norm()
+

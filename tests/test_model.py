@@ -1,9 +1,12 @@
-"""LanguageModel: shapes, causality, cached decoding == full forward, generate, param groups, configs, training."""
+"""LanguageModel: shapes, causality, cached decoding == full forward, generate (eager, static buffers, CUDA
+graphs), param groups, configs, training."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from gdn_exp.model import LanguageModel, ModelConfig
+from gdn_exp.model import LanguageModel, ModelConfig, StaticDecoder
 
 VOCAB = 32
 
@@ -84,6 +87,74 @@ def test_sampling_with_top_1_is_greedy():
     prompt = random_tokens(2, 5)
     sampled = model.generate(prompt, 6, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, model.generate(prompt, 6))
+
+
+@pytest.mark.parametrize("backend", [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1")),
+])
+def test_static_decoder_matches_eager_generate_and_updates_the_cache_in_place(backend):
+    """The decode step on fixed buffers (what a CUDA graph replays), run eagerly: the same greedy tokens as the
+    eager loop, with the same cache tensors advanced in place every step. backend="triton" reaches the in-place
+    decode kernel (interpreted on CPU; mode="recurrent" keeps the interpreted prefill short)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_heads=2, head_dim=16)
+    model = LanguageModel(cfg, mode="recurrent", backend=backend)
+    prompt = random_tokens(2, 5)
+    expected = model.generate(prompt, 6, cuda_graph=False)
+    with torch.no_grad():
+        logits, cache = model(prompt, use_cache=True)
+    decoder = StaticDecoder(model, cache)
+    buffers = [(t, t.data_ptr(), t.clone()) for layer in decoder.cache for t in layer.values()]
+    tokens, logits = [prompt], logits[:, -1]
+    for _ in range(5):
+        tokens.append(logits.argmax(dim=-1, keepdim=True))
+        logits = decoder.step(tokens[-1])
+    tokens.append(logits.argmax(dim=-1, keepdim=True))
+    assert torch.equal(torch.cat(tokens, dim=1), expected)
+    now = [t for layer in decoder.cache for t in layer.values()]
+    assert len(now) == len(buffers) == 2 * cfg.n_layers
+    for (tensor, pointer, before), current in zip(buffers, now):
+        assert current is tensor and current.data_ptr() == pointer and not torch.equal(current, before)
+
+
+@pytest.mark.parametrize("family, message", [
+    ("gdn", "needs input_ids on a CUDA device; got cpu"),
+    ("hybrid", "needs a model of Gated DeltaNet layers only"),
+    ("attention", "needs a model of Gated DeltaNet layers only"),
+])
+def test_cuda_graph_true_raises_where_it_cannot_run(family, message):
+    model = tiny_model(**FAMILIES[family])
+    with pytest.raises(ValueError, match=f"cuda_graph=True {message}"):
+        model.generate(random_tokens(2, 5), 3, cuda_graph=True)
+    assert model.generate(random_tokens(2, 5), 3).shape == (2, 8)  # auto: the eager loop
+
+
+def test_static_decoder_rejects_attention_layers():
+    model = tiny_model(**FAMILIES["hybrid"])
+    with torch.no_grad():
+        _, cache = model(random_tokens(2, 5), use_cache=True)
+    with pytest.raises(ValueError, match="Gated DeltaNet layers only"):
+        StaticDecoder(model, cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0)")
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-autocast"])
+def test_cuda_graph_generate_equals_eager_on_gpu(precision):
+    """Greedy tokens from replayed CUDA-graph steps equal the eager loop's (same kernels, same inputs), with
+    bf16 weights and with fp32 weights under bf16 autocast (the graph then re-casts the weights each step)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=128, n_layers=2, num_heads=2, head_dim=64)
+    model = LanguageModel(cfg).cuda().to(torch.bfloat16 if precision == "bf16" else torch.float32)
+    prompt = torch.randint(0, cfg.vocab_size, (3, 17), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+        eager = model.generate(prompt, 24, cuda_graph=False)
+        graph = model.generate(prompt, 24, cuda_graph=True)
+        auto = model.generate(prompt, 24)
+    assert torch.equal(graph, eager) and torch.equal(auto, eager)
 
 
 @pytest.mark.parametrize("tie_embeddings", [False, True])

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from gdn_exp import kernel_check  # noqa: E402
 from gdn_exp.kernel_check import Case, varlen_case  # noqa: E402
 from gdn_exp.ops import gated_delta_rule  # noqa: E402
+from gdn_exp.ops import recurrent  # noqa: E402
 from gdn_exp.ops.recurrent import triton_decode_step  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -85,6 +86,31 @@ def test_decode_step_updates_state_in_place():
 def test_decode_step_rejects_more_than_one_token():
     x = torch.zeros(1, 2, 1, 16)
     with pytest.raises(ValueError, match="T = 2"):
+        triton_decode_step(x, x, x, x[..., 0], x[..., 0], torch.zeros(1, 1, 16, 16), scale=1.0)
+
+
+@interpreter_only
+@pytest.mark.parametrize("launch", [dict(BV=16, num_warps=1), dict(BV=64, num_warps=8)], ids=["BV16", "BV64"])
+def test_decode_launch_override_gives_the_default_result(monkeypatch, launch):
+    """DECODE_LAUNCH's V block splits the state's 32 columns over two programs (BV 16) or masks half of one
+    (BV 64); either way the step computes what the default launch (one block of 32) does."""
+    torch.manual_seed(2)
+    B, H, K, V = 2, 2, 16, 32
+    q, k = (torch.nn.functional.normalize(torch.randn(B, 1, H, K), dim=-1) for _ in range(2))
+    v, g, beta = torch.randn(B, 1, H, V), -torch.rand(B, 1, H), torch.rand(B, 1, H)
+    state = torch.randn(B, H, K, V)
+    default_state, override_state = state.clone(), state.clone()
+    default_o = triton_decode_step(q, k, v, g, beta, default_state, scale=K ** -0.5)
+    monkeypatch.setattr(recurrent, "DECODE_LAUNCH", launch)
+    override_o = triton_decode_step(q, k, v, g, beta, override_state, scale=K ** -0.5)
+    torch.testing.assert_close(override_o, default_o, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(override_state, default_state, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_launch_rejects_a_block_that_is_not_a_power_of_two(monkeypatch):
+    monkeypatch.setattr(recurrent, "DECODE_LAUNCH", dict(BV=24, num_warps=4))
+    x = torch.zeros(1, 1, 1, 16)
+    with pytest.raises(ValueError, match=r"DECODE_LAUNCH\['BV'\]=24 must be a power of two"):
         triton_decode_step(x, x, x, x[..., 0], x[..., 0], torch.zeros(1, 1, 16, 16), scale=1.0)
 
 

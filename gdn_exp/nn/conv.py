@@ -12,6 +12,36 @@ def packed_sequence_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens[1:], tokens, right=True)
 
 
+def positions_in_sequence(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """How many tokens of its own packed sequence precede each of the T tokens: LongTensor [T]."""
+    return torch.arange(T, device=cu_seqlens.device) - cu_seqlens[packed_sequence_ids(cu_seqlens, T)]
+
+
+def causal_conv(x, weight, past=None, position=None):
+    """Causal depthwise convolution y_t = sum_{i < W} weight[:, W-1-i] * x_{t-i}, computed in x's dtype.
+
+    Args:
+        x: [B, T, D]; weight: [D, W] (cast to x's dtype: under autocast x is bf16, and a float32 y would
+            send everything after it down float32 paths).
+        past: [B, W-1, D], the inputs before x (oldest first), or None for zeros.
+        position: LongTensor [T], tokens of its own sequence before each token (packed sequences): a tap
+            further back reads zero. None: one sequence per row.
+    Returns:
+        y: [B, T, D]; padded: [B, W-1+T, D], past and x (its last W-1 rows continue the sequence).
+    """
+    B, T, D = x.shape
+    W = weight.shape[1]
+    padded = torch.cat([x.new_zeros(B, W - 1, D) if past is None else past, x], dim=1)
+    weight = weight.to(x.dtype)
+    y = torch.zeros_like(x)
+    for i in range(W):  # tap i reads the input i steps back
+        tap = padded[:, W - 1 - i : W - 1 - i + T]                             # [B, T, D]
+        if position is not None:
+            tap = tap * (position >= i)[:, None].to(x.dtype)
+        y = y + tap * weight[:, W - 1 - i]
+    return y, padded
+
+
 class ShortConvolution(nn.Module):
     """Causal depthwise convolution of width W: y_t = sum_{i < W} weight[:, W-1-i] * x_{t-i}, per channel.
 
@@ -44,16 +74,6 @@ class ShortConvolution(nn.Module):
         """
         if cu_seqlens is not None and (cache is not None or use_cache):
             raise ValueError("ShortConvolution: cu_seqlens cannot be combined with a cache")
-        B, T, D = x.shape
-        W = self.kernel_size
-        past = x.new_zeros(B, W - 1, D) if cache is None else cache
-        padded = torch.cat([past, x], dim=1)                                   # [B, W-1+T, D]
-        if cu_seqlens is not None:  # how far back each token may look without leaving its sequence
-            position = torch.arange(T, device=x.device) - cu_seqlens[packed_sequence_ids(cu_seqlens, T)]
-        y = torch.zeros_like(x)
-        for i in range(W):  # tap i reads the input i steps back
-            tap = padded[:, W - 1 - i : W - 1 - i + T]                         # [B, T, D]
-            if cu_seqlens is not None:
-                tap = tap * (position >= i)[:, None].to(x.dtype)
-            y = y + tap * self.weight[:, W - 1 - i]
-        return y, (padded[:, T:] if use_cache else None)
+        position = None if cu_seqlens is None else positions_in_sequence(cu_seqlens, x.shape[1])
+        y, padded = causal_conv(x, self.weight, cache, position)
+        return y, (padded[:, x.shape[1]:] if use_cache else None)

@@ -7,7 +7,35 @@ from torch import nn
 
 from gdn_exp.ops import BACKENDS, MODES, gated_delta_rule, gated_linear_attention, resolve_backend
 
-from .conv import ShortConvolution
+from .conv import ShortConvolution, causal_conv, positions_in_sequence
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| over the last dim, computed in float32 and returned in x's dtype (under autocast F.normalize
+    returns float32, which would send the op down its much slower float32 path)."""
+    return F.normalize(x.float(), dim=-1).to(x.dtype)
+
+
+def qkv_pointwise(qkv, conv_weight, past, position, H: int, K: int, V: int, use_l2norm: bool):
+    """From the fused projection to the op's inputs: short convolution, SiLU, split into heads, L2 norms. The
+    PyTorch path (CPU, generation with a conv cache) and the reference of `ops.short_conv`, its Triton form.
+
+    Args:
+        qkv: [B, T, H(2K + V)]; conv_weight: [H(2K + V), W], or None for no convolution; past, position: as in
+            `causal_conv` (the conv cache; token positions of packed sequences).
+    Returns:
+        q, k: [B, T, H, K]; v: [B, T, H, V] (all contiguous, qkv's dtype); padded: `causal_conv`'s [B, W-1+T, ...]
+        (its last W-1 rows are the next conv cache), or None without convolution.
+    """
+    B, T, _ = qkv.shape
+    padded = None
+    if conv_weight is not None:
+        qkv, padded = causal_conv(qkv, conv_weight, past, position)
+    q, k, v = F.silu(qkv).split([H * K, H * K, H * V], dim=-1)
+    q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
+    if use_l2norm:
+        q, k = l2_normalize(q), l2_normalize(k)
+    return q.contiguous(), k.contiguous(), v.contiguous(), padded
 
 
 class GatedDeltaNet(nn.Module):
@@ -47,7 +75,9 @@ class GatedDeltaNet(nn.Module):
     Args:
         mode: "chunk" or "recurrent" form of the op for T > 1. A T = 1 step always runs "recurrent",
             which is the same computation as a one-token chunk without padding it to the chunk size.
-        backend: the op's backend ("auto", "triton", "torch"); use_delta=False always runs PyTorch.
+        backend: the op's backend ("auto", "triton", "torch"); use_delta=False always runs PyTorch. With
+            Triton, training and uncached forward passes also run the short conv, SiLU and q/k norms as one
+            fused kernel (`ops.short_conv`); `qkv_pointwise` is the PyTorch path.
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, expand_v: float = 1.0, conv_size: int = 4,
@@ -112,15 +142,23 @@ class GatedDeltaNet(nn.Module):
         """
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_dim, self.value_dim
+        if cu_seqlens is not None and (cache is not None or use_cache):
+            raise ValueError("GatedDeltaNet: cu_seqlens cannot be combined with a cache")
         qkv = self.qkv_proj(x)                                                 # [B, T, H(2K + V)]
+        position = None if cu_seqlens is None or not self.use_short_conv else positions_in_sequence(cu_seqlens, T)
         conv_cache = None
-        if self.use_short_conv:
-            qkv, conv_cache = self.conv(qkv, cu_seqlens=cu_seqlens, cache=None if cache is None else cache["conv"],
-                                        use_cache=use_cache)
-        q, k, v = F.silu(qkv).split([H * K, H * K, H * V], dim=-1)
-        q, k, v = q.view(B, T, H, K), k.view(B, T, H, K), v.view(B, T, H, V)
-        if self.use_qk_l2norm:
-            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        if (self.use_short_conv and cache is None and not use_cache
+                and resolve_backend(self.backend, x.device) == "triton"):
+            from gdn_exp.ops.short_conv import triton_short_conv_silu  # imports Triton, which is Linux-only
+
+            norm = self.use_qk_l2norm
+            q, k, v = triton_short_conv_silu(qkv, self.conv.weight, ((H, K, norm), (H, K, norm), (H, V, False)),
+                                             position)
+        else:
+            q, k, v, padded = qkv_pointwise(qkv, self.conv.weight if self.use_short_conv else None,
+                                            None if cache is None else cache["conv"], position, H, K, V,
+                                            self.use_qk_l2norm)
+            conv_cache = padded[:, T:] if use_cache and padded is not None else None
         if self.use_gate:  # float32 under autocast: the parameters are float32
             g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H]
         else:
@@ -142,7 +180,8 @@ class GatedDeltaNet(nn.Module):
         else:
             o, recurrent_state = gated_linear_attention(q, k, v, g, beta, **op_args)
 
-        o = self.o_norm(o)                                                     # [B, T, H, V]
+        # the weight in o's dtype: torch's fused RMSNorm kernel needs matching dtypes (bf16 o under autocast)
+        o = F.rms_norm(o, (V,), self.o_norm.weight.to(o.dtype), self.o_norm.eps)  # [B, T, H, V]
         if self.use_output_gate:
             o = o * F.silu(self.g_proj(x)).view(B, T, H, V)
         y = self.o_proj(o.reshape(B, T, H * V))

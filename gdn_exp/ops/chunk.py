@@ -14,17 +14,21 @@ the state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per 
 for the output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
 
 Precision follows the inputs (`triton_utils.mma`): for bf16/fp16 inputs the dots take 16-bit operands with
-float32 accumulation, except the products with a float32 state (tf32, `state_mma`: in the sequential passes
-and the output's inter-chunk term). W, U~, U and the gradients dh, dU, dW are stored in the input dtype; the
-per-chunk states, gate cumsums, Ainv and partial gradient sums in float32. Float32 inputs keep everything
-float32 (tf32x3 dots). Tensors live as [tokens, H, D] with sequences packed along tokens (see triton_utils).
+float32 accumulation, except the products with the running float32 state in the sequential passes (tf32,
+`state_mma`). W, U~, U and the gradients dh, dU, dW are stored in the input dtype; gate cumsums, Ainv and
+partial gradient sums in float32. The per-chunk states h are stored in the input dtype plus, for the forward's
+output, a second 16-bit plane with the rounding remainder (S = hi + lo, ~16 mantissa bits: the inter-chunk
+term Q S is most of o when the gates barely decay, and a single bf16 h missed the error bound); backward's
+products with h take the hi plane. Float32 inputs keep everything float32 (tf32x3 dots). Tensors live as
+[tokens, H, D] with sequences packed along tokens (see triton_utils).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_tokens, mma,
-                           sequence_bounds, sequence_layout, state_mma, store_state, store_tokens)
+from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_state_stored, load_tokens,
+                           mma, sequence_layout, start_state, state_mma, state_pass_program, store_state,
+                           store_tokens)
 
 CHUNK_SIZE = 64
 # num_warps / num_stages per kernel for 16-bit inputs; float32 inputs use FP32_LAUNCH everywhere. Settings are
@@ -217,22 +221,21 @@ def chunk_gates(g_cum, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
-def chunk_state_fwd_kernel(k, w, u, g_cum, h, v_new, h0, ht, cu_seqlens, chunk_offsets,
+def chunk_state_fwd_kernel(k, w, u, g_cum, h, h_lo, v_new, h0, ht, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr):
+                           STORE_FINAL_STATE: tl.constexpr, STORE_H_LO: tl.constexpr):
     """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): stores the state at
-    each chunk start in h and U = U~ - W S in v_new. BK covers all of K."""
+    each chunk start in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo) and U = U~ - W S in
+    v_new. BK covers all of K."""
     DTYPE: tl.constexpr = k.dtype.element_ty
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, seq_len = sequence_bounds(cu_seqlens, i_n)
-    i_t0 = tl.load(chunk_offsets + i_n)
-    b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_S = load_state(h0, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
+    i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
+    b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
     for i_c in range(tl.cdiv(seq_len, BT)):
         store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
+        if STORE_H_LO:
+            b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
+            store_state(h_lo, b_S - b_hi, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
         b_G, m_t, _, b_G_last = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
         b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
         b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
@@ -247,10 +250,10 @@ def chunk_state_fwd_kernel(k, w, u, g_cum, h, v_new, h0, ht, cu_seqlens, chunk_o
 
 
 @triton.jit
-def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, o, scale, cu_seqlens, chunk_indices,
+def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, h_lo, o, scale, cu_seqlens, chunk_indices,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr):
-    """Per chunk and V block: O = scale (exp(G) Q) S + (scale Q K^T * D) U."""
+                            BK: tl.constexpr, BV: tl.constexpr, HAS_H_LO: tl.constexpr):
+    """Per chunk and V block: O = scale (exp(G) Q) S + (scale Q K^T * D) U, with S = h (+ h_lo)."""
     DTYPE: tl.constexpr = q.dtype.element_ty
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
@@ -260,8 +263,10 @@ def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, o, scale, cu_seqlens, chunk_i
     for i_k in range(tl.cdiv(K, BK)):
         b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
         b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
-        b_S = load_state(h, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV)
-        b_o += state_mma(b_q, b_S, DTYPE)
+        # two 16-bit products (hi, lo) cost less than one tf32 product with a float32 S, and are more exact
+        b_o += mma(b_q, load_state_stored(h, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
+        if HAS_H_LO:
+            b_o += mma(b_q, load_state_stored(h_lo, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
         b_qk += mma(b_q, tl.trans(b_k), DTYPE)
     b_P = b_qk * decay_matrix(b_G, BT, True)
     b_u = load_tokens(v_new, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
@@ -277,13 +282,8 @@ def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqle
     """Reverse over the chunks of one sequence: dS (gradient of the chunk-end state) into dh, and
     dU = P^T dO + (exp(G_last - G) K) dS into du, where P = scale Q K^T * D. BK covers all of K."""
     DTYPE: tl.constexpr = q.dtype.element_ty
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, seq_len = sequence_bounds(cu_seqlens, i_n)
-    i_t0 = tl.load(chunk_offsets + i_n)
-    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dS = load_state(dht, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
+    i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
+    b_dS = start_state(dht, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_FINAL_STATE_GRADIENT)
     num_chunks = tl.cdiv(seq_len, BT)
     for i_r in range(num_chunks):
         i_c = num_chunks - 1 - i_r
@@ -436,33 +436,35 @@ def state_pass_block_v(K: int, V: int) -> int:
     return block_size(V, 64 if K <= 64 else 32)
 
 
-def chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout):
-    """Returns the per-chunk start states h [NT, H, K, V] (float32: the output's inter-chunk term is the largest
-    part of o when the gates barely decay), U [tokens, H, V] in k's dtype, and the final state (float32, or
-    None)."""
+def chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, store_h_lo: bool):
+    """Returns the per-chunk start states h [NT, H, K, V] in k's dtype and, for 16-bit k with store_h_lo,
+    their rounding remainders h_lo (same shape and dtype; else None), U [tokens, H, V] in k's dtype, and the
+    final state (float32, or None)."""
     B, T, H, K = k.shape
     V = u.shape[-1]
     N = len(layout.cu_seqlens) - 1
-    h = torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=torch.float32)
+    h = torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
+    h_lo = torch.empty_like(h) if store_h_lo and k.dtype != torch.float32 else None
     v_new = torch.empty_like(u)
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
     BV = state_pass_block_v(K, V)
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        k, w, u, g_cum, h, v_new, initial_state, final_state, layout.cu_seqlens, layout.chunk_offsets,
+        k, w, u, g_cum, h, h_lo, v_new, initial_state, final_state, layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        **launch("state_fwd", k.dtype))
-    return h, v_new, final_state
+        STORE_H_LO=h_lo is not None, **launch("state_fwd", k.dtype))
+    return h, h_lo, v_new, final_state
 
 
-def chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, out_dtype):
+def chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype):
     B, T, H, K = q.shape
     V = v_new.shape[-1]
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
     BV = block_size(V, 64)
     chunk_output_fwd_kernel[(triton.cdiv(V, BV), layout.num_chunks, H)](
-        q, k, v_new, g_cum, h, o, scale, layout.cu_seqlens, layout.chunk_indices,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 64), BV=BV, **launch("output_fwd", q.dtype))
+        q, k, v_new, g_cum, h, h_lo, o, scale, layout.cu_seqlens, layout.chunk_indices,
+        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 64), BV=BV, HAS_H_LO=h_lo is not None,
+        **launch("output_fwd", q.dtype))
     return o
 
 
@@ -515,14 +517,15 @@ def chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout):
 
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout):
     g_cum, _, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False)
-    h, v_new, final_state = chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout)
-    o = chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, v.dtype)
+    h, h_lo, v_new, final_state = chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
+                                                  store_h_lo=True)
+    o = chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype)
     return o, final_state
 
 
 def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, do, dht, layout):
     g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    h, v_new, _ = chunk_state_fwd(k, w, u, g_cum, initial_state, False, layout)
+    h, _, v_new, _ = chunk_state_fwd(k, w, u, g_cum, initial_state, False, layout, store_h_lo=False)
     dh, du, dh0 = chunk_state_bwd(q, k, w, g_cum, do, dht, scale, initial_state is not None, layout)
     dq, dk_part, dw, dG_part = chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
     dk, dv, dg, dbeta = chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout)

@@ -11,7 +11,8 @@ checkpoint, recomputes the C states of that segment into a per-(sequence, head) 
 back through the segment. Memory: O((T/C + C) K V) per head instead of O(T K V). The V split makes dq, dk,
 dg and dbeta partial sums over V blocks, reduced in PyTorch.
 
-`triton_decode_step` runs the forward kernel for T = 1 with the state read and written in place.
+`triton_decode_step` runs the forward kernel for T = 1 with the state read and written in place, with the V
+block and warps of `DECODE_LAUNCH` (`gdn-bench op --sweep` times the alternatives).
 """
 import math
 
@@ -19,7 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import load_state, sequence_bounds, sequence_layout, store_state
+from .triton_utils import load_state, sequence_bounds, sequence_layout, start_state, store_state
+
+# triton_decode_step's launch: V block (a power of two; None = forward_block_v's choice) and num_warps
+# (None = decode_block_v). H100, B64 H16 D128, CUDA graph, 2026-11-27: BV 64 / 4 warps 49.7 us, BV 32 50.6,
+# 16 52.6-54, 128 54-417 (`gdn-bench decode --sweep`).
+DECODE_LAUNCH = dict(BV=None, num_warps=4)
 
 
 @triton.jit
@@ -81,9 +87,7 @@ def recurrent_fwd_kernel(q, k, v, g, beta, o, h0, ht, checkpoints, scale, T, C, 
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, seq_len = sequence_of_program(cu_seqlens, i_n, T, IS_VARLEN)
-    b_S = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_S = load_state(h0, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
+    b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
     if SAVE_CHECKPOINTS:
         if IS_VARLEN:
             i_s0 = tl.load(checkpoint_offsets + i_n)
@@ -121,9 +125,7 @@ def recurrent_bwd_kernel(q, k, v, g, beta, checkpoints, scratch, do, dht, dq_par
     else:
         i_s0 = i_n * tl.cdiv(T, C)
     o_gate = i_v * T_total * H + bos * H + i_h       # into [NV, tokens, H]
-    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dS = load_state(dht, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
+    b_dS = start_state(dht, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_FINAL_STATE_GRADIENT)
     num_segments = tl.cdiv(seq_len, C)
     for i_r in range(num_segments):
         i_s = num_segments - 1 - i_r
@@ -164,9 +166,10 @@ def checkpoint_interval(max_len: int) -> int:
     return min(max(triton.next_power_of_2(math.isqrt(max(max_len - 1, 0)) + 1), 16), 256)
 
 
-def forward_block_v(K: int, V: int) -> int:
-    """V block of the forward kernel: a [K, BV] float32 state of at most 4096 elements per program."""
-    return min(triton.next_power_of_2(V), max(4096 // triton.next_power_of_2(K), 16))
+def forward_block_v(K: int, V: int, max_elements: int = 4096) -> int:
+    """V block of the forward kernel: a [K, BV] float32 state of at most max_elements per program (4096 over a
+    sequence; a decode step, which holds nothing else, takes 8192)."""
+    return min(triton.next_power_of_2(V), max(max_elements // triton.next_power_of_2(K), 16))
 
 
 def backward_block_v(K: int, V: int) -> int:
@@ -175,9 +178,10 @@ def backward_block_v(K: int, V: int) -> int:
 
 
 def recurrent_fwd(q, k, v, g, beta, scale, initial_state, final_state, cu_seqlens, checkpoint_every=None,
-                  checkpoint_offsets=None, num_checkpoints=0):
+                  checkpoint_offsets=None, num_checkpoints=0, block_v=None, num_warps=4):
     """Returns o [B, T, H, V] (v's dtype) and, if checkpoint_every is given, the state checkpoints
-    [num_checkpoints, H, K, V] float32. `final_state` [N, H, K, V] is written if not None."""
+    [num_checkpoints, H, K, V] float32. `final_state` [N, H, K, V] is written if not None. block_v: the V
+    block (None = forward_block_v)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -185,12 +189,12 @@ def recurrent_fwd(q, k, v, g, beta, scale, initial_state, final_state, cu_seqlen
     save_checkpoints = checkpoint_every is not None
     checkpoints = (torch.empty(num_checkpoints, H, K, V, device=q.device, dtype=torch.float32)
                    if save_checkpoints else None)
-    BV = forward_block_v(K, V)
+    BV = block_v or forward_block_v(K, V)
     recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, g, beta, o, initial_state, final_state, checkpoints, scale, T, checkpoint_every or 1,
         cu_seqlens, checkpoint_offsets, H=H, K=K, V=V, BK=triton.next_power_of_2(K), BV=BV,
         IS_VARLEN=cu_seqlens is not None, USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=final_state is not None, SAVE_CHECKPOINTS=save_checkpoints)
+        STORE_FINAL_STATE=final_state is not None, SAVE_CHECKPOINTS=save_checkpoints, num_warps=num_warps)
     return o, checkpoints
 
 
@@ -276,12 +280,17 @@ def triton_decode_step(q, k, v, g, beta, state, *, scale):
         scale: multiplies q.
     Returns:
         o: [B, 1, H, V] in v's dtype.
+    The kernel launches with `DECODE_LAUNCH` (V block, num_warps).
     """
     if q.shape[1] != 1:
         raise ValueError(f"triton_decode_step takes one token per sequence (T = 1); got T = {q.shape[1]}")
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError(f"state must be a contiguous float32 tensor; got {state.dtype}, "
                          f"contiguous={state.is_contiguous()}")
+    block_v = DECODE_LAUNCH["BV"] or forward_block_v(q.shape[-1], v.shape[-1], max_elements=8192)
+    if block_v & (block_v - 1):
+        raise ValueError(f"recurrent.DECODE_LAUNCH['BV']={block_v} must be a power of two or None")
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    o, _ = recurrent_fwd(q, k, v, g, beta, scale, state, state, None)
+    o, _ = recurrent_fwd(q, k, v, g, beta, scale, state, state, None, block_v=block_v,
+                         num_warps=DECODE_LAUNCH["num_warps"])
     return o

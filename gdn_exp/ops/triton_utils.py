@@ -128,10 +128,18 @@ def state_offsets(i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, r
 
 
 @triton.jit
+def load_state_stored(base, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col,
+                      BK: tl.constexpr, BV: tl.constexpr):
+    """[BK, BV] block of a state (see state_offsets) in the stored dtype: a 16-bit dot operand as it is."""
+    o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
+    return tl.load(base + o_x, mask=m_x, other=0)
+
+
+@triton.jit
 def load_state(base, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col, BK: tl.constexpr,
                BV: tl.constexpr):
-    o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
-    return tl.load(base + o_x, mask=m_x, other=0).to(tl.float32)
+    """[BK, BV] block of a state (see state_offsets) in float32."""
+    return load_state_stored(base, i_s, i_h, H, K, V, row, col, BK, BV).to(tl.float32)
 
 
 @triton.jit
@@ -139,3 +147,25 @@ def store_state(base, b_x, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.con
                 BK: tl.constexpr, BV: tl.constexpr):
     o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
     tl.store(base + o_x, b_x.to(base.dtype.element_ty), mask=m_x)
+
+
+@triton.jit
+def start_state(base, i_n, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, col, BK: tl.constexpr,
+                BV: tl.constexpr, GIVEN: tl.constexpr):
+    """The [BK, BV] float32 state a sequential pass starts from: sequence i_n's block of `base` if GIVEN
+    (an initial state, or the final state's gradient), else zeros."""
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if GIVEN:
+        b_S = load_state(base, i_n, i_h, H, K, V, 0, col, BK, BV)
+    return b_S
+
+
+@triton.jit
+def state_pass_program(cu_seqlens, chunk_offsets, H: tl.constexpr):
+    """For a chunk-state-pass program (V block i_v, sequence x head i_nh): i_v, i_n, i_h, the sequence's start
+    token and length, and the index of its first chunk."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, seq_len = sequence_bounds(cu_seqlens, i_n)
+    return i_v, i_n, i_h, bos, seq_len, tl.load(chunk_offsets + i_n)
+
