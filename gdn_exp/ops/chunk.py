@@ -515,10 +515,13 @@ def chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout):
     return dk, dv, dg, dbeta
 
 
+# Each intermediate is dropped right after the last kernel that reads it, so that the peak memory is what one
+# step needs, not everything at once (the caching allocator reuses the blocks in stream order).
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout):
     g_cum, _, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False)
     h, h_lo, v_new, final_state = chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
                                                   store_h_lo=True)
+    del w, u
     o = chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype)
     return o, final_state
 
@@ -526,8 +529,11 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
 def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, do, dht, layout):
     g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
     h, _, v_new, _ = chunk_state_fwd(k, w, u, g_cum, initial_state, False, layout, store_h_lo=False)
+    del u
     dh, du, dh0 = chunk_state_bwd(q, k, w, g_cum, do, dht, scale, initial_state is not None, layout)
+    del w
     dq, dk_part, dw, dG_part = chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
+    del h, v_new, dh
     dk, dv, dg, dbeta = chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout)
     return dq, dk, dv, dg, dbeta, dh0
 
