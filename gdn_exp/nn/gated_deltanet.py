@@ -24,8 +24,9 @@ def qkv_pointwise(qkv, conv_weight, past, position, H: int, K: int, V: int, use_
         qkv: [B, T, H(2K + V)]; conv_weight: [H(2K + V), W], or None for no convolution; past, position: as in
             `causal_conv` (the conv cache; token positions of packed sequences).
     Returns:
-        q, k: [B, T, H, K]; v: [B, T, H, V] (all contiguous, qkv's dtype); padded: `causal_conv`'s [B, W-1+T, ...]
-        (its last W-1 rows are the next conv cache), or None without convolution.
+        q, k: [B, T, H, K]; v: [B, T, H, V] (qkv's dtype; views where no norm applies: the ops copy what they
+        need contiguous); padded: `causal_conv`'s [B, W-1+T, ...] (its last W-1 rows are the next conv cache), or
+        None without convolution.
     """
     B, T, _ = qkv.shape
     padded = None
@@ -35,7 +36,7 @@ def qkv_pointwise(qkv, conv_weight, past, position, H: int, K: int, V: int, use_
     q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
     if use_l2norm:
         q, k = l2_normalize(q), l2_normalize(k)
-    return q.contiguous(), k.contiguous(), v.contiguous(), padded
+    return q, k, v, padded
 
 
 class GatedDeltaNet(nn.Module):
