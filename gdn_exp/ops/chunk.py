@@ -64,14 +64,21 @@ def decay_matrix(b_G, BT: tl.constexpr, INCLUSIVE: tl.constexpr):
 
 
 @triton.jit
-def unit_lower_inverse(b_A, BS: tl.constexpr):
-    """(I + A)^-1 for strictly lower-triangular A [BS, BS], by forward substitution one row at a time."""
+def unit_lower_inverses(A0, A1, A2, A3, BS: tl.constexpr):
+    """(I + A_b)^-1 for four strictly lower-triangular A_b [BS, BS] at once: forward substitution one row at a
+    time on the four stacked along two trailing axes ([BS, BS, 2, 2]), so the BS - 1 serial steps serve all
+    four blocks."""
+    b_A = tl.join(tl.join(A0, A1), tl.join(A2, A3))                      # [BS, BS, 2, 2]
     o_i = tl.arange(0, BS)
-    b_X = tl.where(o_i[:, None] == o_i[None, :], 1.0, 0.0)
+    rows = o_i[:, None, None, None]
+    b_X = tl.where((rows == o_i[None, :, None, None]), 1.0, 0.0) + tl.zeros_like(b_A)
     for i in range(1, BS):
-        b_a = tl.sum(tl.where(o_i[:, None] == i, b_A, 0.0), 0)          # row i of A
-        b_X -= tl.where(o_i[:, None] == i, tl.sum(b_a[:, None] * b_X, 0)[None, :], 0.0)
-    return b_X
+        b_a = tl.sum(tl.where(rows == i, b_A, 0.0), 0)                  # row i of each A_b: [BS, 2, 2]
+        b_X -= tl.where(rows == i, tl.sum(b_a[:, None, :, :] * b_X, 0)[None, :, :, :], 0.0)
+    X01, X23 = tl.split(b_X)
+    X0, X1 = tl.split(X01)
+    X2, X3 = tl.split(X23)
+    return X0, X1, X2, X3
 
 
 @triton.jit
@@ -139,8 +146,8 @@ def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_ind
     """Per chunk: G = cumsum(g), Ainv = (I + A)^-1, W = Ainv (beta exp(G) K), U~ = Ainv (beta V).
 
     The chunk is four row blocks of BS = BT / 4, and every [BT, BT] matrix lives as its [BS, BS] blocks in
-    registers: the blocks of K K^T, the diagonal blocks of Ainv by forward substitution (BS steps instead of
-    BT), then X_ij = -X_ii sum_{j <= m < i} A_im X_mj by dots. The row scales (beta exp(G), beta) go onto
+    registers: the blocks of K K^T, the four diagonal blocks of Ainv by one forward substitution over all four
+    (BS - 1 serial steps instead of BT - 1), then X_ij = -X_ii sum_{j <= m < i} A_im X_mj by dots. The row scales (beta exp(G), beta) go onto
     the columns of Ainv's blocks, so K and V feed the dots as loaded. Ainv (float32, lower blocks only) is
     stored when backward needs it."""
     tl.static_assert(BT == 4 * BS)
@@ -168,10 +175,10 @@ def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_ind
         A30 += mma(b_k3, tl.trans(b_k0), DTYPE)
         A31 += mma(b_k3, tl.trans(b_k1), DTYPE)
         A32 += mma(b_k3, tl.trans(b_k2), DTYPE)
-    X00 = unit_lower_inverse(decay_block(A00, b_G0, b_G0, b_beta0, BS, True), BS)
-    X11 = unit_lower_inverse(decay_block(A11, b_G1, b_G1, b_beta1, BS, True), BS)
-    X22 = unit_lower_inverse(decay_block(A22, b_G2, b_G2, b_beta2, BS, True), BS)
-    X33 = unit_lower_inverse(decay_block(A33, b_G3, b_G3, b_beta3, BS, True), BS)
+    X00, X11, X22, X33 = unit_lower_inverses(decay_block(A00, b_G0, b_G0, b_beta0, BS, True),
+                                             decay_block(A11, b_G1, b_G1, b_beta1, BS, True),
+                                             decay_block(A22, b_G2, b_G2, b_beta2, BS, True),
+                                             decay_block(A33, b_G3, b_G3, b_beta3, BS, True), BS)
     A10 = decay_block(A10, b_G1, b_G0, b_beta1, BS, False)
     A20 = decay_block(A20, b_G2, b_G0, b_beta2, BS, False)
     A21 = decay_block(A21, b_G2, b_G1, b_beta2, BS, False)
