@@ -235,7 +235,7 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     """ms of each chunk kernel (through its Python launcher) at one shape; with sweep, wy_fwd is also timed
     at other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run."""
     from gdn_exp.ops import chunk
-    from gdn_exp.ops.triton_utils import sequence_layout
+    from gdn_exp.ops.triton_utils import sequence_layout, sm_count
 
     q, k, v, g, beta = op_inputs(B, T, H, D, dtype, device)
     do, scale = torch.randn_like(v), D**-0.5
@@ -254,16 +254,23 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     }
     rows = []
     for name, fn in launches.items():
-        # wy_fwd is the one kernel on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
-        configs = [chunk.LAUNCH[name]] + ([dict(num_warps=w, num_stages=1) for w in (1, 2, 8)]
-                                          if sweep and name == "wy_fwd" else [])
-        timed = []
-        for config in configs:
-            chunk.LAUNCH[name] = config
-            timed.append((do_bench(fn), config))
-        ms, chunk.LAUNCH[name] = min(timed, key=lambda x: x[0])
-        rows.append({"shape": f"B{B} T{T} H{H} D{D}", "kernel": name, "ms": ms, "launch": str(chunk.LAUNCH[name]),
-                     "tried": ", ".join(f"{c['num_warps']} warps {t:.3g}" for t, c in timed) if sweep else None})
+        tried = None
+        if name in chunk.STATE_LAUNCH:  # settings per V block, picked by shape
+            bv, config = chunk.state_pass_config(name, B * H, D, D, dtype, sm_count(q.device))
+            ms, setting = do_bench(fn), f"BV={bv}, {config}"
+        else:
+            # wy_fwd is the one kernel on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
+            configs = [chunk.LAUNCH[name]] + ([dict(num_warps=w, num_stages=1) for w in (1, 2, 8)]
+                                              if sweep and name == "wy_fwd" else [])
+            timed = []
+            for config in configs:
+                chunk.LAUNCH[name] = config
+                timed.append((do_bench(fn), config))
+            ms, chunk.LAUNCH[name] = min(timed, key=lambda x: x[0])
+            setting = str(chunk.LAUNCH[name])
+            if sweep and name == "wy_fwd":
+                tried = ", ".join(f"{c['num_warps']} warps {t:.3g}" for t, c in timed)
+        rows.append({"shape": f"B{B} T{T} H{H} D{D}", "kernel": name, "ms": ms, "launch": setting, "tried": tried})
     return rows
 
 

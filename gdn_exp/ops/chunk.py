@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_state_stored, load_tokens,
-                           mma, sequence_layout, start_state, state_mma, state_pass_program, store_state,
-                           store_tokens)
+                           mma, sequence_layout, sm_count, start_state, state_mma, state_pass_program,
+                           store_state, store_tokens)
 
 CHUNK_SIZE = 64
 # num_warps / num_stages per kernel for 16-bit inputs; float32 inputs use FP32_LAUNCH everywhere. Settings are
@@ -38,11 +38,18 @@ CHUNK_SIZE = 64
 # float32 state kernels. The state passes' products run in tf32 (state_mma), which passed at 4 warps.
 LAUNCH = {
     "wy_fwd": dict(num_warps=1, num_stages=1),  # 16-row dots (mma.sync, not wgmma); 1 warp: 2.2x faster than 4
-    "state_fwd": dict(num_warps=4, num_stages=1),
     "output_fwd": dict(num_warps=8, num_stages=2),
-    "state_bwd": dict(num_warps=4, num_stages=1),
     "dqk_bwd": dict(num_warps=8, num_stages=2),
     "wy_bwd": dict(num_warps=8, num_stages=2),
+}
+# The sequential state passes for 16-bit inputs, per V block (see state_pass_config): each program holds a
+# [K, BV] float32 state and walks one sequence, so the V block trades work per program against programs per
+# SM. Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4; scripts/sweep_launch.py);
+# at K > 128 one stage (shared memory).
+STATE_LAUNCH = {
+    "state_fwd": {64: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_stages=1),
+                  16: dict(num_warps=4, num_stages=2)},
+    "state_bwd": {32: dict(num_warps=4, num_stages=2), 16: dict(num_warps=4, num_stages=2)},
 }
 FP32_LAUNCH = dict(num_warps=4, num_stages=1)
 
@@ -437,10 +444,16 @@ def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool):
     return g_cum, a_inv, w, u
 
 
-def state_pass_block_v(K: int, V: int) -> int:
-    """V block of the sequential state kernels, which hold a whole [K, BV] float32 state in registers; not
-    below 32 unless V is (see LAUNCH)."""
-    return block_size(V, 64 if K <= 64 else 32)
+def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.dtype, sms: int):
+    """(V block, launch settings) of state kernel `name` for num_states = sequences x heads on a GPU with `sms`
+    SMs: the largest block of STATE_LAUNCH (at most 32 for K > 128: the state lives in registers) that still
+    gives every SM a program, else the smallest. float32 inputs: blocks of at least 32 (16 miscompiled there,
+    see LAUNCH) and FP32_LAUNCH."""
+    if dtype == torch.float32:
+        return block_size(V, 64 if K <= 64 else 32), FP32_LAUNCH
+    blocks = [b for b in sorted(STATE_LAUNCH[name], reverse=True) if b <= block_size(V, 32 if K > 128 else 64)]
+    BV = next((b for b in blocks if num_states * triton.cdiv(V, b) >= sms), blocks[-1])
+    return BV, dict(STATE_LAUNCH[name][BV], num_stages=1) if K > 128 else STATE_LAUNCH[name][BV]
 
 
 def chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, store_h_lo: bool):
@@ -454,12 +467,12 @@ def chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, s
     h_lo = torch.empty_like(h) if store_h_lo and k.dtype != torch.float32 else None
     v_new = torch.empty_like(u)
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
-    BV = state_pass_block_v(K, V)
+    BV, config = state_pass_config("state_fwd", N * H, K, V, k.dtype, sm_count(k.device))
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         k, w, u, g_cum, h, h_lo, v_new, initial_state, final_state, layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        STORE_H_LO=h_lo is not None, **launch("state_fwd", k.dtype))
+        STORE_H_LO=h_lo is not None, **config)
     return h, h_lo, v_new, final_state
 
 
@@ -484,11 +497,11 @@ def chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout):
     dh = torch.empty(layout.num_chunks, H, K, V, device=q.device, dtype=q.dtype)
     du = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     dh0 = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if has_initial_state else None
-    BV = state_pass_block_v(K, V)
+    BV, config = state_pass_config("state_bwd", N * H, K, V, q.dtype, sm_count(q.device))
     chunk_state_bwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, w, g_cum, do, dht, dh, du, dh0, scale, layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV, USE_INITIAL_STATE=has_initial_state,
-        USE_FINAL_STATE_GRADIENT=dht is not None, **launch("state_bwd", q.dtype))
+        USE_FINAL_STATE_GRADIENT=dht is not None, **config)
     return dh, du, dh0
 
 

@@ -68,6 +68,11 @@ def state_mma(a, b, DTYPE: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs one program at a time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def block_size(dim: int, cap: int) -> int:
     """Power-of-two block covering `dim` (at least 16, the smallest tl.dot size), capped at `cap`."""
     return min(max(triton.next_power_of_2(dim), 16), cap)
