@@ -155,8 +155,8 @@ def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_ind
     The chunk is four row blocks of BS = BT / 4, and every [BT, BT] matrix lives as its [BS, BS] blocks in
     registers: the blocks of K K^T, the four diagonal blocks of Ainv by one forward substitution over all four
     (BS - 1 serial steps instead of BT - 1), then X_ij = -X_ii sum_{j <= m < i} A_im X_mj by dots. The row
-    scales (beta exp(G), beta) go onto the columns of Ainv's blocks, so K and V feed the dots as loaded. Ainv (float32, lower blocks only) is
-    stored when backward needs it."""
+    scales (beta exp(G), beta) go onto the columns of Ainv's blocks, so K and V feed the dots as loaded.
+    Ainv (float32, lower blocks only) is stored when backward needs it."""
     tl.static_assert(BT == 4 * BS)
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
