@@ -235,35 +235,43 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     """ms of each chunk kernel (through its Python launcher) at one shape; with sweep, wy_fwd is also timed
     at other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run."""
     from gdn_exp.ops import chunk
-    from gdn_exp.ops.triton_utils import sequence_layout
+    from gdn_exp.ops.triton_utils import sequence_layout, sm_count
 
     q, k, v, g, beta = op_inputs(B, T, H, D, dtype, device)
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
     g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    h, h_lo, v_new, _ = chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
+    h, v_new = chunk.chunk_state_fwd(k, w, u, g_cum, None, layout)
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
-    launches = {
+    launches = {  # forward: wy_fwd, state_output_fwd; backward: all but state_output_fwd
         "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),
-        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True),
-        "output_fwd": lambda: chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),
+        "state_output_fwd": lambda: chunk.chunk_state_output_fwd(q, k, w, u, g_cum, scale, None, False, layout,
+                                                                 v.dtype),
+        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, layout),
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
         "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
         "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
     }
     rows = []
     for name, fn in launches.items():
-        # wy_fwd is the one kernel on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
-        configs = [chunk.LAUNCH[name]] + ([dict(num_warps=w, num_stages=1) for w in (1, 2, 8)]
-                                          if sweep and name == "wy_fwd" else [])
-        timed = []
-        for config in configs:
-            chunk.LAUNCH[name] = config
-            timed.append((do_bench(fn), config))
-        ms, chunk.LAUNCH[name] = min(timed, key=lambda x: x[0])
-        rows.append({"shape": f"B{B} T{T} H{H} D{D}", "kernel": name, "ms": ms, "launch": str(chunk.LAUNCH[name]),
-                     "tried": ", ".join(f"{c['num_warps']} warps {t:.3g}" for t, c in timed) if sweep else None})
+        tried = None
+        if name in chunk.STATE_LAUNCH:  # settings per V block, picked by shape
+            bv, config = chunk.state_pass_config(name, B * H, D, D, dtype, sm_count(q.device))
+            ms, setting = do_bench(fn), f"BV={bv}, {config}"
+        else:
+            # wy_fwd is the one kernel on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
+            configs = [chunk.LAUNCH[name]] + ([dict(num_warps=w, num_stages=1) for w in (1, 2, 8)]
+                                              if sweep and name == "wy_fwd" else [])
+            timed = []
+            for config in configs:
+                chunk.LAUNCH[name] = config
+                timed.append((do_bench(fn), config))
+            ms, chunk.LAUNCH[name] = min(timed, key=lambda x: x[0])
+            setting = str(chunk.LAUNCH[name])
+            if sweep and name == "wy_fwd":
+                tried = ", ".join(f"{c['num_warps']} warps {t:.3g}" for t, c in timed)
+        rows.append({"shape": f"B{B} T{T} H{H} D{D}", "kernel": name, "ms": ms, "launch": setting, "tried": tried})
     return rows
 
 

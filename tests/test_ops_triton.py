@@ -107,6 +107,21 @@ def test_decode_launch_override_gives_the_default_result(monkeypatch, launch):
     torch.testing.assert_close(override_state, default_state, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name, num_states, D, dtype, expected", [
+    ("state_output_fwd", 128, 128, torch.bfloat16, (64, 1, True)),  # B8 H16: 256 programs of 64 columns
+    ("state_bwd", 128, 128, torch.bfloat16, (64, 1, True)),
+    ("state_fwd", 64, 128, torch.bfloat16, (32, 2, True)),          # B4 H16: 64 columns give only 128 programs
+    ("state_fwd", 16, 128, torch.bfloat16, (16, 3, True)),          # B1 H16: even 16 columns give only 128
+    ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2, True)),    # V = 16 caps the block
+    ("state_fwd", 32, 256, torch.bfloat16, (32, 1, False)),         # K = 256: tf32 in blocks of 32
+    ("state_bwd", 16, 128, torch.float32, (32, 1, False)),          # float32 keeps its own settings
+])
+def test_state_pass_config_fills_the_gpu(name, num_states, D, dtype, expected):
+    from gdn_exp.ops.chunk import state_pass_config
+    BV, launch = state_pass_config(name, num_states, D, D, dtype, sms=132)
+    assert (BV, launch["num_stages"], launch["SPLIT_STATE"]) == expected
+
+
 def test_decode_launch_rejects_a_block_that_is_not_a_power_of_two(monkeypatch):
     monkeypatch.setattr(recurrent, "DECODE_LAUNCH", dict(BV=24, num_warps=4))
     x = torch.zeros(1, 1, 1, 16)
@@ -151,5 +166,5 @@ def test_chunk_kernels_compile_for_hopper(dtype, shape):
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     compiled = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("chunk_")}
-    assert compiled == {"chunk_wy_fwd_kernel", "chunk_state_fwd_kernel", "chunk_output_fwd_kernel",
+    assert compiled == {"chunk_wy_fwd_kernel", "chunk_state_fwd_kernel",
                         "chunk_state_bwd_kernel", "chunk_dqk_bwd_kernel", "chunk_wy_bwd_kernel"}

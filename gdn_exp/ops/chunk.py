@@ -6,44 +6,56 @@ gate cumsum G, Q, K [BT, K], V [BT, V] and chunk-start state S [K, V]:
     A[t, j] = beta_t exp(G_t - G_j) k_t.k_j (j < t),   Ainv = (I + A)^-1      (UT/WY transform)
     W = Ainv (beta exp(G) K),   U~ = Ainv (beta V)                            (chunk_wy_fwd_kernel)
     U = U~ - W S;   S <- exp(G_last) S + (exp(G_last - G) K)^T U               (chunk_state_fwd_kernel)
-    O = scale (exp(G) Q) S + (scale Q K^T * D) U,  D[t, j] = exp(G_t - G_j) (j <= t)  (chunk_output_fwd_kernel)
+    O = scale (exp(G) Q) S + (scale Q K^T * D) U,  D[t, j] = exp(G_t - G_j) (j <= t)   (the same pass)
 
-Only the state pass is sequential over chunks; the other kernels run one program per chunk. Forward keeps no
-intermediates for backward (only the inputs): backward recomputes G, Ainv, W, U~ and the per-chunk states, runs
-the state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel
-for the output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
+Only the state pass is sequential over chunks; the other kernels run one program per chunk. The forward's state
+pass writes O directly, so per-chunk states never reach HBM in the forward, and forward keeps no intermediates
+for backward (only the inputs): backward recomputes G, Ainv, W, U~, the per-chunk states and U, runs the
+state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel for the
+output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
 
 Precision follows the inputs (`triton_utils.mma`): for bf16/fp16 inputs the dots take 16-bit operands with
-float32 accumulation, except the products with the running float32 state in the sequential passes (tf32,
-`state_mma`). W, U~, U and the gradients dh, dU, dW are stored in the input dtype; gate cumsums, Ainv and
-partial gradient sums in float32. The per-chunk states h are stored in the input dtype plus, for the forward's
-output, a second 16-bit plane with the rounding remainder (S = hi + lo, ~16 mantissa bits: the inter-chunk
-term Q S is most of o when the gates barely decay, and a single bf16 h missed the error bound); backward's
-products with h take the hi plane. Float32 inputs keep everything float32 (tf32x3 dots). Tensors live as
-[tokens, H, D] with sequences packed along tokens (see triton_utils).
+float32 accumulation; the products with the running float32 state (and the float32 [BT, BV] operands) in the
+sequential passes split that operand into two 16-bit planes (`state_mma`, ~16 mantissa bits). W, U~, U, the
+recomputed states h and the gradients dh, dU, dW are stored in the input dtype; gate cumsums, Ainv and partial
+gradient sums in float32. Float32 inputs keep everything float32 (tf32x3 dots). Tensors live as [tokens, H, D]
+with sequences packed along tokens (see triton_utils).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_state_stored, load_tokens,
-                           mma, sequence_layout, start_state, state_mma, state_pass_program, store_state,
-                           store_tokens)
+from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_tokens,
+                           mma, sequence_layout, sm_count, start_state, state_mma, state_pass_program,
+                           store_state, store_tokens)
 
 CHUNK_SIZE = 64
 # num_warps / num_stages per kernel for 16-bit inputs; float32 inputs use FP32_LAUNCH everywhere. Settings are
-# the ones the full GPU check passes with (docs/perf.md, v2): Triton 3.6-3.7 can miscompile Hopper wgmma with
+# the ones the full GPU check passes with (docs/perf.md): Triton 3.6-3.7 can miscompile Hopper wgmma with
 # N = 16/32 blocks into illegal shared-memory reads or wrong results (triton-lang/triton#11366), seen here
-# with 4 warps in 16-bit output_fwd and state_bwd (bf16 operands), and with 8 warps or BV = 16 in the
-# float32 state kernels. The state passes' products run in tf32 (state_mma), which passed at 4 warps.
+# with 4 warps in the old 16-bit output kernel and state_bwd (bf16 operands), with 8 warps or BV = 16 in the
+# float32 state kernels, and with 2 stages in the output-writing state pass at BV = 32.
 LAUNCH = {
     "wy_fwd": dict(num_warps=1, num_stages=1),  # 16-row dots (mma.sync, not wgmma); 1 warp: 2.2x faster than 4
-    "state_fwd": dict(num_warps=4, num_stages=1),
-    "output_fwd": dict(num_warps=8, num_stages=2),
-    "state_bwd": dict(num_warps=4, num_stages=1),
     "dqk_bwd": dict(num_warps=8, num_stages=2),
     "wy_bwd": dict(num_warps=8, num_stages=2),
 }
+# The sequential state passes for 16-bit inputs and K <= 128, per V block (see state_pass_config): each program
+# holds a [K, BV] float32 state and walks one sequence, so the V block trades work per program against programs
+# per SM. Their products with the state take two bf16 planes (state_mma, SPLIT); with Triton 3.6 that needs
+# >= 2 stages below V blocks of 64 (1 stage gave illegal memory accesses or wrong results), and K > 128 keeps
+# tf32 products in V blocks of 32 at 1 stage (WIDE_STATE_LAUNCH; the split failed there at every setting that
+# fits). Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4; scripts/sweep_launch.py).
+# state_output_fwd is the forward's pass (writes O), state_fwd backward's recomputation (writes h and U).
+STATE_LAUNCH = {
+    "state_output_fwd": {64: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_stages=2),
+                         16: dict(num_warps=4, num_stages=2)},
+    "state_fwd": {64: dict(num_warps=4, num_stages=2), 32: dict(num_warps=4, num_stages=2),
+                  16: dict(num_warps=4, num_stages=3)},
+    "state_bwd": {64: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_stages=2),
+                  16: dict(num_warps=4, num_stages=2)},
+}
+WIDE_STATE_LAUNCH = dict(num_warps=4, num_stages=1)
 FP32_LAUNCH = dict(num_warps=4, num_stages=1)
 
 
@@ -228,64 +240,47 @@ def chunk_gates(g_cum, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
-def chunk_state_fwd_kernel(k, w, u, g_cum, h, h_lo, v_new, h0, ht, cu_seqlens, chunk_offsets,
+def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, v_new, o, h0, ht, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr, STORE_H_LO: tl.constexpr):
-    """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): stores the state at
-    each chunk start in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo) and U = U~ - W S in
-    v_new. BK covers all of K."""
+                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, SPLIT_STATE: tl.constexpr):
+    """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
+    S <- exp(G_last) S + (exp(G_last - G) K)^T U. With OUTPUT (the forward) it also writes the chunk's output
+    O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without (backward's
+    recomputation) it stores the chunk-start states in h (rounded to h's dtype) and U in v_new for the gradient
+    kernels. BK covers all of K."""
     DTYPE: tl.constexpr = k.dtype.element_ty
     i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
     b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
     for i_c in range(tl.cdiv(seq_len, BT)):
-        store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
-        if STORE_H_LO:
-            b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
-            store_state(h_lo, b_S - b_hi, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
         b_G, m_t, _, b_G_last = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
         b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
-        b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
-        b_u -= state_mma(b_w, b_S, DTYPE)
-        store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+        b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
+        if OUTPUT:
+            b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+            b_o = state_mma(b_q, b_S, DTYPE, SPLIT_STATE)
+        else:
+            store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
+        b_u -= state_mma(b_w, b_S, DTYPE, SPLIT_STATE)
+        if OUTPUT:
+            b_P = mma(b_q, tl.trans(b_k), DTYPE) * decay_matrix(b_G, BT, True)
+            b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
+            store_tokens(o, b_o, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
+        else:
+            store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
-        b_S = b_S * tl.exp(b_G_last) + state_mma(tl.trans(b_k), b_ud, DTYPE)
+        b_S = b_S * tl.exp(b_G_last) + state_mma(tl.trans(b_k), b_ud, DTYPE, SPLIT_STATE)
     if STORE_FINAL_STATE:
         store_state(ht, b_S, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
-
-
-@triton.jit
-def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, h_lo, o, scale, cu_seqlens, chunk_indices,
-                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr, HAS_H_LO: tl.constexpr):
-    """Per chunk and V block: O = scale (exp(G) Q) S + (scale Q K^T * D) U, with S = h (+ h_lo)."""
-    DTYPE: tl.constexpr = q.dtype.element_ty
-    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
-    b_G, _, _, _ = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_qk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
-        b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
-        # two 16-bit products (hi, lo) cost less than one tf32 product with a float32 S, and are more exact
-        b_o += mma(b_q, load_state_stored(h, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
-        if HAS_H_LO:
-            b_o += mma(b_q, load_state_stored(h_lo, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
-        b_qk += mma(b_q, tl.trans(b_k), DTYPE)
-    b_P = b_qk * decay_matrix(b_G, BT, True)
-    b_u = load_tokens(v_new, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-    b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
-    store_tokens(o, b_o, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
 
 
 @triton.jit
 def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           USE_FINAL_STATE_GRADIENT: tl.constexpr):
+                           USE_FINAL_STATE_GRADIENT: tl.constexpr, SPLIT_STATE: tl.constexpr):
     """Reverse over the chunks of one sequence: dS (gradient of the chunk-end state) into dh, and
     dU = P^T dO + (exp(G_last - G) K) dS into du, where P = scale Q K^T * D. BK covers all of K."""
     DTYPE: tl.constexpr = q.dtype.element_ty
@@ -304,10 +299,11 @@ def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqle
         b_P = b_P * decay_matrix(b_G, BT, True) * scale
         # row scales go on the [BT, BV] operands and results, not on the [BT, K] ones
         b_kdecay = tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)
-        b_du = mma(tl.trans(b_P), b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE) * b_kdecay[:, None]
+        b_du = mma(tl.trans(b_P), b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE, SPLIT_STATE) * b_kdecay[:, None]
         store_tokens(du, b_du, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(tl.trans(b_q), b_do * (scale * tl.exp(b_G))[:, None], DTYPE)
-                - state_mma(tl.trans(b_w), b_du, DTYPE))
+        b_dos = b_do * (scale * tl.exp(b_G))[:, None]
+        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(tl.trans(b_q), b_dos, DTYPE, SPLIT_STATE)
+                - state_mma(tl.trans(b_w), b_du, DTYPE, SPLIT_STATE))
     if USE_INITIAL_STATE:
         store_state(dh0, b_dS, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 
@@ -437,42 +433,53 @@ def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool):
     return g_cum, a_inv, w, u
 
 
-def state_pass_block_v(K: int, V: int) -> int:
-    """V block of the sequential state kernels, which hold a whole [K, BV] float32 state in registers; not
-    below 32 unless V is (see LAUNCH)."""
-    return block_size(V, 64 if K <= 64 else 32)
+def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.dtype, sms: int):
+    """(V block, launch settings and SPLIT_STATE) of state kernel `name` for num_states = sequences x heads on a
+    GPU with `sms` SMs. 16-bit inputs with K <= 128: the largest block of STATE_LAUNCH that still gives every SM
+    a program, else the smallest, with two-plane state products. K > 128: blocks of 32, tf32 products
+    (WIDE_STATE_LAUNCH). float32 inputs: blocks of at least 32 (16 miscompiled there, see LAUNCH), FP32_LAUNCH."""
+    if dtype == torch.float32:
+        return block_size(V, 64 if K <= 64 else 32), dict(FP32_LAUNCH, SPLIT_STATE=False)
+    if K > 128:
+        return block_size(V, 32), dict(WIDE_STATE_LAUNCH, SPLIT_STATE=False)
+    blocks = [b for b in sorted(STATE_LAUNCH[name], reverse=True) if b <= block_size(V, 64)]
+    BV = next((b for b in blocks if num_states * triton.cdiv(V, b) >= sms), blocks[-1])
+    return BV, dict(STATE_LAUNCH[name][BV], SPLIT_STATE=True)
 
 
-def chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, store_h_lo: bool):
-    """Returns the per-chunk start states h [NT, H, K, V] in k's dtype and, for 16-bit k with store_h_lo,
-    their rounding remainders h_lo (same shape and dtype; else None), U [tokens, H, V] in k's dtype, and the
-    final state (float32, or None)."""
+def run_state_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, out_dtype):
+    """Launches chunk_state_fwd_kernel; returns (o, None, None, final state) if out_dtype is given, else
+    (None, h, U, final state): o [tokens, H, V] in out_dtype, h [NT, H, K, V] and U [tokens, H, V] in k's dtype,
+    the final state float32 or None."""
+    output = out_dtype is not None
     B, T, H, K = k.shape
     V = u.shape[-1]
     N = len(layout.cu_seqlens) - 1
-    h = torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
-    h_lo = torch.empty_like(h) if store_h_lo and k.dtype != torch.float32 else None
-    v_new = torch.empty_like(u)
+    o = torch.empty_like(u, dtype=out_dtype) if output else None
+    h = None if output else torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
+    v_new = None if output else torch.empty_like(u)
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
-    BV = state_pass_block_v(K, V)
+    BV, config = state_pass_config("state_output_fwd" if output else "state_fwd", N * H, K, V, k.dtype,
+                                   sm_count(k.device))
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        k, w, u, g_cum, h, h_lo, v_new, initial_state, final_state, layout.cu_seqlens, layout.chunk_offsets,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
-        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        STORE_H_LO=h_lo is not None, **launch("state_fwd", k.dtype))
-    return h, h_lo, v_new, final_state
+        q, k, w, u, g_cum, h, v_new, o, initial_state, final_state, scale, layout.cu_seqlens, layout.chunk_offsets,
+        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV, USE_INITIAL_STATE=initial_state is not None,
+        STORE_FINAL_STATE=output_final_state, OUTPUT=output, **config)
+    return o, h, v_new, final_state
 
 
-def chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype):
-    B, T, H, K = q.shape
-    V = v_new.shape[-1]
-    o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
-    BV = block_size(V, 64)
-    chunk_output_fwd_kernel[(triton.cdiv(V, BV), layout.num_chunks, H)](
-        q, k, v_new, g_cum, h, h_lo, o, scale, layout.cu_seqlens, layout.chunk_indices,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 64), BV=BV, HAS_H_LO=h_lo is not None,
-        **launch("output_fwd", q.dtype))
-    return o
+def chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, out_dtype):
+    """The forward's state pass: returns o [tokens, H, V] in out_dtype and the final state (float32, or None)."""
+    o, _, _, final_state = run_state_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout,
+                                         out_dtype)
+    return o, final_state
+
+
+def chunk_state_fwd(k, w, u, g_cum, initial_state, layout):
+    """Backward's recomputation of the state pass: returns the chunk-start states h [NT, H, K, V] and U
+    [tokens, H, V], both in k's dtype."""
+    _, h, v_new, _ = run_state_fwd(None, k, w, u, g_cum, 1.0, initial_state, False, layout, None)
+    return h, v_new
 
 
 def chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout):
@@ -484,11 +491,11 @@ def chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout):
     dh = torch.empty(layout.num_chunks, H, K, V, device=q.device, dtype=q.dtype)
     du = torch.empty(B, T, H, V, device=q.device, dtype=q.dtype)
     dh0 = torch.empty(N, H, K, V, device=q.device, dtype=torch.float32) if has_initial_state else None
-    BV = state_pass_block_v(K, V)
+    BV, config = state_pass_config("state_bwd", N * H, K, V, q.dtype, sm_count(q.device))
     chunk_state_bwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, w, g_cum, do, dht, dh, du, dh0, scale, layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV, USE_INITIAL_STATE=has_initial_state,
-        USE_FINAL_STATE_GRADIENT=dht is not None, **launch("state_bwd", q.dtype))
+        USE_FINAL_STATE_GRADIENT=dht is not None, **config)
     return dh, du, dh0
 
 
@@ -526,16 +533,12 @@ def chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout):
 # step needs, not everything at once (the caching allocator reuses the blocks in stream order).
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout):
     g_cum, _, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False)
-    h, h_lo, v_new, final_state = chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
-                                                  store_h_lo=True)
-    del w, u
-    o = chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype)
-    return o, final_state
+    return chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, v.dtype)
 
 
 def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, do, dht, layout):
     g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    h, _, v_new, _ = chunk_state_fwd(k, w, u, g_cum, initial_state, False, layout, store_h_lo=False)
+    h, v_new = chunk_state_fwd(k, w, u, g_cum, initial_state, layout)
     del u
     dh, du, dh0 = chunk_state_bwd(q, k, w, g_cum, do, dht, scale, initial_state is not None, layout)
     del w

@@ -59,13 +59,24 @@ def mma(a, b, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def state_mma(a, b, DTYPE: tl.constexpr):
-    """a @ b for the products with the running float32 state in the sequential passes: tf32 operands for 16-bit
-    inputs (rounding the state to 16 bits every chunk adds up over a long sequence), tf32x3 for float32."""
+def state_mma(a, b, DTYPE: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for the products with the running float32 state (or a float32 [BT, BV] operand) b in the sequential
+    passes, a in DTYPE. For 16-bit inputs either b split into two 16-bit planes, b = hi + lo (SPLIT; ~16 mantissa
+    bits, two full-rate dots: more exact than tf32 and faster on Hopper), or one tf32 dot (where Triton 3.6
+    miscompiles the split, see chunk.STATE_LAUNCH); rounding b to 16 bits once per chunk would add up over a
+    long sequence. float32 inputs: tf32x3."""
     if DTYPE == tl.float32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    elif SPLIT:
+        hi = b.to(DTYPE)
+        return tl.dot(a.to(DTYPE), (b - hi.to(tl.float32)).to(DTYPE), tl.dot(a.to(DTYPE), hi))
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs one program at a time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def block_size(dim: int, cap: int) -> int:
@@ -128,18 +139,11 @@ def state_offsets(i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, r
 
 
 @triton.jit
-def load_state_stored(base, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col,
-                      BK: tl.constexpr, BV: tl.constexpr):
-    """[BK, BV] block of a state (see state_offsets) in the stored dtype: a 16-bit dot operand as it is."""
-    o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
-    return tl.load(base + o_x, mask=m_x, other=0)
-
-
-@triton.jit
 def load_state(base, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col, BK: tl.constexpr,
                BV: tl.constexpr):
     """[BK, BV] block of a state (see state_offsets) in float32."""
-    return load_state_stored(base, i_s, i_h, H, K, V, row, col, BK, BV).to(tl.float32)
+    o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
+    return tl.load(base + o_x, mask=m_x, other=0).to(tl.float32)
 
 
 @triton.jit

@@ -1,0 +1,153 @@
+"""Launch-setting sweep for the sequential state kernels (V block x num_stages x split or tf32 state products;
+how chunk.STATE_LAUNCH was chosen), each setting checked against the default one.
+
+    python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8]
+
+Triton 3.6 can miscompile Hopper wgmma for some settings (wrong numbers or illegal memory accesses, see
+chunk.LAUNCH), so every trial runs in a worker process: phase 1 compiles and checks every trial in --jobs
+workers (a crashed worker is restarted without the trial it died on), phase 2 times the trials that matched
+the default setting's outputs, one process, one at a time. Prints one table; writes JSON lines.
+"""
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import time
+
+SHAPES = {"B8T4096D128": (8, 4096, 16, 128), "B1T32768D128": (1, 32768, 16, 128), "B4T4096D256": (4, 4096, 8, 256)}
+
+
+def trials():
+    out = []
+    for kernel in ("state_output_fwd", "state_fwd", "state_bwd"):
+        for shape in SHAPES:
+            d256 = shape.endswith("D256")
+            for bv, stages, split in itertools.product((16, 32, 64), (1, 2, 3), (True, False)):
+                if d256 and (bv == 64 or stages == 3):
+                    continue
+                out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=4, num_stages=stages, split=split))
+    return out
+
+
+def setup(shape):
+    import torch
+    from gdn_exp.bench import op_inputs
+    from gdn_exp.ops import chunk
+    from gdn_exp.ops.triton_utils import sequence_layout
+    B, T, H, D = SHAPES[shape]
+    q, k, v, g, beta = op_inputs(B, T, H, D)
+    do, scale = torch.randn_like(v), D**-0.5
+    layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
+    g_cum, _, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False)
+    return {
+        "state_output_fwd": lambda: chunk.chunk_state_output_fwd(q, k, w, u, g_cum, scale, None, True, layout,
+                                                                 v.dtype),
+        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, layout),
+        "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
+    }
+
+
+def run_trial(trial, fns, time_it):
+    import torch
+    from gdn_exp.bench import do_bench
+    from gdn_exp.ops import chunk
+    fn = fns[trial["shape"]][trial["kernel"]]
+    default = chunk.state_pass_config
+    ref = [x.float() for x in fn() if x is not None]
+    chunk.state_pass_config = lambda *args: (trial["BV"], dict(num_warps=trial["num_warps"],
+                                                               num_stages=trial["num_stages"],
+                                                               SPLIT_STATE=trial["split"]))
+    try:
+        out = [x.float() for x in fn() if x is not None]
+        torch.cuda.synchronize()
+        err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(out, ref))
+        nan = any(bool(a.isnan().any()) for a in out)
+        res = dict(trial, err=err, nan=nan)
+        if time_it:
+            res["ms"] = do_bench(fn)
+        return res
+    finally:
+        chunk.state_pass_config = default
+
+
+def child(indices, time_it):
+    all_trials = trials()
+    fns = {}
+    for i in indices:
+        t = all_trials[i]
+        if t["shape"] not in fns:
+            fns[t["shape"]] = setup(t["shape"])
+        print(json.dumps({"start": i}), flush=True)
+        print(json.dumps({"done": i, **run_trial(t, fns, time_it)}), flush=True)
+
+
+def run_workers(indices, jobs, time_it):
+    """Runs the trials in `jobs` worker processes; returns {index: result}, crashed trials as errors."""
+    import tempfile
+    results, pending = {}, list(indices)
+    while pending:
+        before = len(results)
+        slices = [pending[j::jobs] for j in range(min(jobs, len(pending)))]
+        procs = []
+        for s in slices:
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            cmd = [sys.executable, __file__, "--child", ",".join(map(str, s))] + (["--time"] if time_it else [])
+            procs.append((subprocess.Popen(cmd, stdout=out, stderr=err, text=True), out, err))
+        for p, out, err in procs:
+            try:
+                p.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            out.seek(0)
+            err.seek(0)
+            started = None
+            for line in out.read().splitlines():
+                if not line.startswith("{"):
+                    continue
+                rec = json.loads(line)
+                if "start" in rec:
+                    started = rec["start"]
+                else:
+                    results[rec.pop("done")] = rec
+                    started = None
+            if started is not None:
+                results[started] = dict(trials()[started], crash=(err.read().strip().splitlines() or ["?"])[-1][:160])
+        if len(results) == before:  # the workers died before any trial: report that, do not retry forever
+            err.seek(0)
+            why = (err.read().strip().splitlines() or ["?"])[-1][:160]
+            results.update({i: dict(trials()[i], crash=why) for i in pending})
+        pending = [i for i in pending if i not in results]
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--child")
+    parser.add_argument("--time", action="store_true")
+    parser.add_argument("--out", default="sweep.jsonl")
+    parser.add_argument("--jobs", type=int, default=8)
+    args = parser.parse_args()
+    if args.child is not None:
+        child([int(i) for i in args.child.split(",") if i], args.time)
+        return
+    all_trials = trials()
+    t0 = time.time()
+    checked = run_workers(range(len(all_trials)), args.jobs, time_it=False)
+    print(f"phase 1 (compile + check, {len(all_trials)} trials): {time.time() - t0:.0f} s", flush=True)
+    good = [i for i, r in checked.items() if "crash" not in r and not r["nan"] and r["err"] < 1e-3]
+    timed = run_workers(sorted(good), 1, time_it=True)
+    with open(args.out, "w") as f:
+        for i in range(len(all_trials)):
+            rec = timed.get(i, checked.get(i))
+            f.write(json.dumps(rec) + "\n")
+            ms = f"{rec['ms']:.3f}" if "ms" in rec else "-"
+            status = rec.get("crash") or (f"err {rec['err']:.1e}" + (" NaN" if rec["nan"] else ""))
+            print(f"{rec['kernel']:16s} {rec['shape']:13s} BV{rec['BV']:<3d} {rec['num_warps']}w {rec['num_stages']}s "
+                  f"{'split' if rec['split'] else 'tf32 '} "
+                  f"{ms:>7s} ms  {status}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
