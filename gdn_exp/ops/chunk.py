@@ -42,20 +42,23 @@ LAUNCH = {
 }
 # The sequential state passes for 16-bit inputs and K <= 128, per V block (see state_pass_config): each program
 # holds a [K, BV] float32 state and walks one sequence, so the V block trades work per program against programs
-# per SM. Their products with the state take two bf16 planes (state_mma, SPLIT); with Triton 3.6 that needs
-# >= 2 stages below V blocks of 64 (1 stage gave illegal memory accesses or wrong results), and K > 128 keeps
-# tf32 products in V blocks of 32 at 1 stage (WIDE_STATE_LAUNCH; the split failed there at every setting that
-# fits). Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4; scripts/sweep_launch.py).
-# state_output_fwd is the forward's pass (writes O), state_fwd backward's recomputation (writes h and U).
+# per SM. SPLIT_STATE: products with the state as two bf16 planes (state_mma), else tf32. Triton 3.6 crashed
+# or computed garbage with the split in V blocks of 16-32 at 1 stage, and somewhere in the check at 2-3 stages;
+# it passed the full check in blocks of 64 at 1 stage, so the split is used there only. K > 128 keeps tf32
+# in V blocks of 32 at 1 stage (WIDE_STATE_LAUNCH). Measured on the H100 at B8 T4096 and B1 T32768, H16 D128
+# (docs/perf.md, v4; scripts/sweep_launch.py). state_output_fwd is the forward's pass (writes O), state_fwd
+# backward's recomputation (writes h and U).
 STATE_LAUNCH = {
-    "state_output_fwd": {64: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_stages=2),
-                         16: dict(num_warps=4, num_stages=2)},
-    "state_fwd": {64: dict(num_warps=4, num_stages=2), 32: dict(num_warps=4, num_stages=2),
-                  16: dict(num_warps=4, num_stages=3)},
-    "state_bwd": {64: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_stages=2),
-                  16: dict(num_warps=4, num_stages=2)},
+    "state_output_fwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
+                         32: dict(num_warps=4, num_stages=1, SPLIT_STATE=False),
+                         16: dict(num_warps=4, num_stages=2, SPLIT_STATE=False)},
+    "state_fwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
+                  32: dict(num_warps=4, num_stages=1, SPLIT_STATE=False),
+                  16: dict(num_warps=4, num_stages=2, SPLIT_STATE=False)},
+    "state_bwd": {32: dict(num_warps=4, num_stages=2, SPLIT_STATE=False),
+                  16: dict(num_warps=4, num_stages=2, SPLIT_STATE=False)},
 }
-WIDE_STATE_LAUNCH = dict(num_warps=4, num_stages=1)
+WIDE_STATE_LAUNCH = dict(num_warps=4, num_stages=1, SPLIT_STATE=False)
 FP32_LAUNCH = dict(num_warps=4, num_stages=1)
 
 
@@ -434,17 +437,17 @@ def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool):
 
 
 def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.dtype, sms: int):
-    """(V block, launch settings and SPLIT_STATE) of state kernel `name` for num_states = sequences x heads on a
-    GPU with `sms` SMs. 16-bit inputs with K <= 128: the largest block of STATE_LAUNCH that still gives every SM
-    a program, else the smallest, with two-plane state products. K > 128: blocks of 32, tf32 products
-    (WIDE_STATE_LAUNCH). float32 inputs: blocks of at least 32 (16 miscompiled there, see LAUNCH), FP32_LAUNCH."""
+    """(V block, launch settings with SPLIT_STATE) of state kernel `name` for num_states = sequences x heads on
+    a GPU with `sms` SMs. 16-bit inputs with K <= 128: the largest block of STATE_LAUNCH that still gives every
+    SM a program, else the smallest. K > 128: blocks of 32 (WIDE_STATE_LAUNCH). float32 inputs: blocks of at
+    least 32 (16 miscompiled there, see LAUNCH) and FP32_LAUNCH."""
     if dtype == torch.float32:
         return block_size(V, 64 if K <= 64 else 32), dict(FP32_LAUNCH, SPLIT_STATE=False)
     if K > 128:
-        return block_size(V, 32), dict(WIDE_STATE_LAUNCH, SPLIT_STATE=False)
+        return block_size(V, 32), WIDE_STATE_LAUNCH
     blocks = [b for b in sorted(STATE_LAUNCH[name], reverse=True) if b <= block_size(V, 64)]
     BV = next((b for b in blocks if num_states * triton.cdiv(V, b) >= sms), blocks[-1])
-    return BV, dict(STATE_LAUNCH[name][BV], SPLIT_STATE=True)
+    return BV, STATE_LAUNCH[name][BV]
 
 
 def run_state_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, out_dtype):
