@@ -220,10 +220,11 @@ def check_item(item) -> tuple:
             failed = check_decode(64, 16, 128, 128, dtype, device, verbose=False)
         else:
             failed, _ = check_case(case, mode, dtype, device, verbose=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # a kernel's asynchronous error belongs to this case
+            torch.cuda.empty_cache()  # workers share the GPU: keep each one's cached memory small
     except Exception as e:  # e.g. an illegal memory access from a miscompiled kernel: a failed case, not a stop
         failed = [f"raised {type(e).__name__}: {str(e).splitlines()[0][:100]}"]
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # workers share the GPU: keep each one's cached memory small
     row = (mode, str(dtype)[6:], name, failed, time.time() - start)
     print(f"  {row[0]:9s} {row[1]:8s} {row[2]:44s} {'FAIL' if failed else 'pass'}  {row[4]:5.1f} s", flush=True)
     return row
