@@ -134,6 +134,19 @@ def test_state_pass_config_fills_the_gpu(name, num_states, D, dtype, expected):
     assert (BV, launch["num_stages"], launch["SPLIT_STATE"]) == expected
 
 
+def test_gpu_check_covers_every_state_pass_setting():
+    """The GPU check (kernel_check's full matrix, bf16) runs each state kernel at every V block STATE_LAUNCH
+    holds on an H100 (132 SMs): a setting the check never runs would never be verified against the oracle."""
+    from gdn_exp.ops.chunk import STATE_LAUNCH, state_pass_config
+    covered = set()
+    for case in kernel_check.full_matrix():
+        num_states = (len(case.seqlens) if case.seqlens else case.B) * case.H
+        for name in STATE_LAUNCH:
+            if case.K <= 128:
+                covered.add((name, state_pass_config(name, num_states, case.K, case.V, torch.bfloat16, 132)[0]))
+    assert covered == {(name, bv) for name, table in STATE_LAUNCH.items() for bv in table}
+
+
 def test_decode_launch_rejects_a_block_that_is_not_a_power_of_two(monkeypatch):
     monkeypatch.setattr(recurrent, "DECODE_LAUNCH", dict(BV=24, num_warps=4))
     x = torch.zeros(1, 1, 1, 16)
