@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_tokens,
+from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_tokens, load_tokens_t,
                            mma, sequence_layout, sm_count, start_state, state_mma, state_pass_program,
                            store_state, store_tokens)
 
@@ -258,7 +258,7 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, v_new, o, h0, ht, scale, cu_seq
     for i_c in range(tl.cdiv(seq_len, BT)):
         b_G, m_t, _, b_G_last = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
         b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
-        b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+        b_kt = load_tokens_t(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)          # K^T [BK, BT]
         b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
         if OUTPUT:
             b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
@@ -267,14 +267,14 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, v_new, o, h0, ht, scale, cu_seq
             store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
         b_u -= state_mma(b_w, b_S, DTYPE, SPLIT_STATE)
         if OUTPUT:
-            b_P = mma(b_q, tl.trans(b_k), DTYPE) * decay_matrix(b_G, BT, True)
+            b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
             b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
             store_tokens(o, b_o, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         else:
             store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
-        b_S = b_S * tl.exp(b_G_last) + state_mma(tl.trans(b_k), b_ud, DTYPE, SPLIT_STATE)
+        b_S = b_S * tl.exp(b_G_last) + state_mma(b_kt, b_ud, DTYPE, SPLIT_STATE)
     if STORE_FINAL_STATE:
         store_state(ht, b_S, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 
@@ -294,19 +294,21 @@ def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqle
         i_c = num_chunks - 1 - i_r
         store_state(dh, b_dS, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
         b_G, m_t, _, b_G_last = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
-        b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+        b_qt = load_tokens_t(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)         # Q^T [BK, BT]
         b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
-        b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+        b_wt = load_tokens_t(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)         # W^T [BK, BT]
         b_do = load_tokens(do, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        b_P = mma(b_q, tl.trans(b_k), DTYPE)
-        b_P = b_P * decay_matrix(b_G, BT, True) * scale
+        # P^T = (scale Q K^T * D)^T, formed as K Q^T: no transposes in registers
+        o_i = tl.arange(0, BT)
+        b_Pt = mma(b_k, b_qt, DTYPE) * scale * tl.exp(
+            tl.where(o_i[:, None] <= o_i[None, :], b_G[None, :] - b_G[:, None], float("-inf")))
         # row scales go on the [BT, BV] operands and results, not on the [BT, K] ones
         b_kdecay = tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)
-        b_du = mma(tl.trans(b_P), b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE, SPLIT_STATE) * b_kdecay[:, None]
+        b_du = mma(b_Pt, b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE, SPLIT_STATE) * b_kdecay[:, None]
         store_tokens(du, b_du, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         b_dos = b_do * (scale * tl.exp(b_G))[:, None]
-        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(tl.trans(b_q), b_dos, DTYPE, SPLIT_STATE)
-                - state_mma(tl.trans(b_w), b_du, DTYPE, SPLIT_STATE))
+        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(b_qt, b_dos, DTYPE, SPLIT_STATE)
+                - state_mma(b_wt, b_du, DTYPE, SPLIT_STATE))
     if USE_INITIAL_STATE:
         store_state(dh0, b_dS, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 

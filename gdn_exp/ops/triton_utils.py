@@ -120,6 +120,17 @@ def load_tokens(base, bos, i_h, seq_len, H: tl.constexpr, D: tl.constexpr, row, 
 
 
 @triton.jit
+def load_tokens_t(base, bos, i_h, seq_len, H: tl.constexpr, D: tl.constexpr, row, col, BR: tl.constexpr,
+                  BC: tl.constexpr):
+    """[BC, BR]: the transpose of load_tokens' block, loaded that way, so that it feeds a dot without a
+    transpose in registers (how fla's state passes take K^T)."""
+    o_r = row + tl.arange(0, BR)
+    o_c = col + tl.arange(0, BC)
+    o_x = (bos + o_r[None, :]) * (H * D) + i_h * D + o_c[:, None]
+    return tl.load(base + o_x, mask=(o_r < seq_len)[None, :] & (o_c < D)[:, None], other=0)
+
+
+@triton.jit
 def store_tokens(base, b_x, bos, i_h, seq_len, H: tl.constexpr, D: tl.constexpr, row, col, BR: tl.constexpr,
                  BC: tl.constexpr):
     """Stores b_x [BR, BC] into a [tokens, H, D] tensor (see token_offsets), cast to its dtype."""
