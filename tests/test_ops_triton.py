@@ -121,10 +121,10 @@ def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
 
 @pytest.mark.parametrize("name, num_states, D, dtype, expected", [
     ("state_output_fwd", 128, 128, torch.bfloat16, (64, 1, True)),  # B8 H16: 256 programs of 64 columns
-    ("state_bwd", 128, 128, torch.bfloat16, (32, 2, False)),        # backward: at most 32 columns
-    ("state_fwd", 64, 128, torch.bfloat16, (32, 1, False)),         # B4 H16: 64 columns give only 128 programs
-    ("state_fwd", 16, 128, torch.bfloat16, (16, 2, False)),         # B1 H16: even 16 columns give only 128
-    ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2, False)),   # V = 16 caps the block
+    ("state_bwd", 128, 128, torch.bfloat16, (64, 1, True)),
+    ("state_fwd", 64, 128, torch.bfloat16, (32, 2, True)),          # B4 H16: 64 columns give only 128 programs
+    ("state_fwd", 16, 128, torch.bfloat16, (16, 3, True)),          # B1 H16: even 16 columns give only 128
+    ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2, True)),    # V = 16 caps the block
     ("state_fwd", 32, 256, torch.bfloat16, (32, 1, False)),         # K = 256: tf32 in blocks of 32
     ("state_bwd", 16, 128, torch.float32, (32, 1, False)),          # float32 keeps its own settings
 ])

@@ -48,15 +48,16 @@ LAUNCH = {
 # in V blocks of 32 at 1 stage (WIDE_STATE_LAUNCH). Measured on the H100 at B8 T4096 and B1 T32768, H16 D128
 # (docs/perf.md, v4; scripts/sweep_launch.py). state_output_fwd is the forward's pass (writes O), state_fwd
 # backward's recomputation (writes h and U).
-STATE_LAUNCH = {
+STATE_LAUNCH = {  # hypothesis under test (see the commit message): the split everywhere, as the v4 sweep ranked it
     "state_output_fwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
-                         32: dict(num_warps=4, num_stages=1, SPLIT_STATE=False),
-                         16: dict(num_warps=4, num_stages=2, SPLIT_STATE=False)},
-    "state_fwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
-                  32: dict(num_warps=4, num_stages=1, SPLIT_STATE=False),
-                  16: dict(num_warps=4, num_stages=2, SPLIT_STATE=False)},
-    "state_bwd": {32: dict(num_warps=4, num_stages=2, SPLIT_STATE=False),
-                  16: dict(num_warps=4, num_stages=2, SPLIT_STATE=False)},
+                         32: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
+                         16: dict(num_warps=4, num_stages=2, SPLIT_STATE=True)},
+    "state_fwd": {64: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
+                  32: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
+                  16: dict(num_warps=4, num_stages=3, SPLIT_STATE=True)},
+    "state_bwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
+                  32: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
+                  16: dict(num_warps=4, num_stages=2, SPLIT_STATE=True)},
 }
 WIDE_STATE_LAUNCH = dict(num_warps=4, num_stages=1, SPLIT_STATE=False)
 FP32_LAUNCH = dict(num_warps=4, num_stages=1)
