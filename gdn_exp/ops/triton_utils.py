@@ -150,11 +150,18 @@ def state_offsets(i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, r
 
 
 @triton.jit
+def load_state_stored(base, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col,
+                      BK: tl.constexpr, BV: tl.constexpr):
+    """[BK, BV] block of a state (see state_offsets) in the stored dtype: a 16-bit dot operand as it is."""
+    o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
+    return tl.load(base + o_x, mask=m_x, other=0)
+
+
+@triton.jit
 def load_state(base, i_s, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, row, col, BK: tl.constexpr,
                BV: tl.constexpr):
     """[BK, BV] block of a state (see state_offsets) in float32."""
-    o_x, m_x = state_offsets(i_s, i_h, H, K, V, row, col, BK, BV)
-    return tl.load(base + o_x, mask=m_x, other=0).to(tl.float32)
+    return load_state_stored(base, i_s, i_h, H, K, V, row, col, BK, BV).to(tl.float32)
 
 
 @triton.jit
