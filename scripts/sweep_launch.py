@@ -1,7 +1,8 @@
-"""Launch-setting sweep for the sequential state kernels (V block x num_stages x split or tf32 state products;
-how chunk.STATE_LAUNCH was chosen), each setting checked against the default one.
+"""Launch-setting sweep for the chunk kernels, each setting checked against the default one: the sequential
+state passes (V block x num_stages x split or tf32 state products; how chunk.STATE_LAUNCH was chosen) and the
+per-chunk wgmma kernels (num_warps x num_stages; chunk.LAUNCH).
 
-    python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8]
+    python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8] [--kernels state_bwd,wy_bwd]
 
 Triton 3.6 can miscompile Hopper wgmma for some settings (wrong numbers or illegal memory accesses, see
 chunk.LAUNCH), so every trial runs in a worker process: phase 1 compiles and checks every trial in --jobs
@@ -16,11 +17,17 @@ import sys
 import time
 
 SHAPES = {"B8T4096D128": (8, 4096, 16, 128), "B1T32768D128": (1, 32768, 16, 128), "B4T4096D256": (4, 4096, 8, 256)}
+STATE_KERNELS = ("state_output_fwd", "state_fwd", "state_bwd")
+CHUNK_KERNELS = ("output_fwd", "dqk_bwd", "wy_bwd")  # one program per chunk: the shape only sets the work
 
 
 def trials():
     out = []
-    for kernel in ("state_output_fwd", "state_fwd", "state_bwd"):
+    for kernel in CHUNK_KERNELS:
+        for shape in ("B8T4096D128", "B4T4096D256"):
+            for warps, stages in itertools.product((4, 8), (1, 2, 3)):
+                out.append(dict(kernel=kernel, shape=shape, BV=0, num_warps=warps, num_stages=stages, split=None))
+    for kernel in STATE_KERNELS:
         for shape in SHAPES:
             d256 = shape.endswith("D256")
             for bv, stages, split in itertools.product((16, 32, 64), (1, 2, 3), (True, False)):
@@ -41,12 +48,18 @@ def setup(shape):
     q, k, v, g, beta = op_inputs(B, T, H, D)
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
-    g_cum, _, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False)
+    g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
+    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
+    dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
+    dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
     return {
         "state_output_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, True, layout, q=q, scale=scale,
                                                         out_dtype=v.dtype),  # the pass that writes O
         "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, layout),
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
+        "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
+        "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
+        "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
     }
 
 
@@ -54,12 +67,15 @@ def run_trial(trial, fns, time_it):
     import torch
     from gdn_exp.bench import do_bench
     from gdn_exp.ops import chunk
-    fn = fns[trial["shape"]][trial["kernel"]]
-    default = chunk.state_pass_config
+    name = trial["kernel"]
+    fn = fns[trial["shape"]][name]
+    default, default_launch = chunk.state_pass_config, dict(chunk.LAUNCH)
     ref = [x.float() for x in fn() if x is not None]
-    chunk.state_pass_config = lambda *args: (trial["BV"], dict(num_warps=trial["num_warps"],
-                                                               num_stages=trial["num_stages"],
-                                                               SPLIT_STATE=trial["split"]))
+    setting = dict(num_warps=trial["num_warps"], num_stages=trial["num_stages"])
+    if name in STATE_KERNELS:
+        chunk.state_pass_config = lambda *args: (trial["BV"], dict(setting, SPLIT_STATE=trial["split"]))
+    else:
+        chunk.LAUNCH[name] = setting
     try:
         out = [x.float() for x in fn() if x is not None]
         torch.cuda.synchronize()
@@ -71,6 +87,7 @@ def run_trial(trial, fns, time_it):
         return res
     finally:
         chunk.state_pass_config = default
+        chunk.LAUNCH.update(default_launch)
 
 
 def child(indices, time_it):
@@ -130,24 +147,27 @@ def main():
     parser.add_argument("--time", action="store_true")
     parser.add_argument("--out", default="sweep.jsonl")
     parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--kernels", default="", help="comma-separated kernel names; default: all")
     args = parser.parse_args()
     if args.child is not None:
         child([int(i) for i in args.child.split(",") if i], args.time)
         return
     all_trials = trials()
+    kernels = set(filter(None, args.kernels.split(",")))
+    selected = [i for i, t in enumerate(all_trials) if not kernels or t["kernel"] in kernels]
     t0 = time.time()
-    checked = run_workers(range(len(all_trials)), args.jobs, time_it=False)
-    print(f"phase 1 (compile + check, {len(all_trials)} trials): {time.time() - t0:.0f} s", flush=True)
+    checked = run_workers(selected, args.jobs, time_it=False)
+    print(f"phase 1 (compile + check, {len(selected)} trials): {time.time() - t0:.0f} s", flush=True)
     good = [i for i, r in checked.items() if "crash" not in r and not r["nan"] and r["err"] < 1e-3]
     timed = run_workers(sorted(good), 1, time_it=True)
     with open(args.out, "w") as f:
-        for i in range(len(all_trials)):
-            rec = timed.get(i, checked.get(i))
+        for i in selected:
+            rec = timed.get(i, checked[i])
             f.write(json.dumps(rec) + "\n")
             ms = f"{rec['ms']:.3f}" if "ms" in rec else "-"
             status = rec.get("crash") or (f"err {rec['err']:.1e}" + (" NaN" if rec["nan"] else ""))
             print(f"{rec['kernel']:16s} {rec['shape']:13s} BV{rec['BV']:<3d} {rec['num_warps']}w {rec['num_stages']}s "
-                  f"{'split' if rec['split'] else 'tf32 '} "
+                  f"{ {True: 'split', False: 'tf32 ', None: '     '}[rec['split']]} "
                   f"{ms:>7s} ms  {status}", flush=True)
 
 

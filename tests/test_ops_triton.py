@@ -125,7 +125,7 @@ def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
     ("state_fwd", 64, 128, torch.bfloat16, (32, 2, True)),          # B4 H16: 64 columns give only 128 programs
     ("state_fwd", 16, 128, torch.bfloat16, (16, 3, True)),          # B1 H16: even 16 columns give only 128
     ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2, True)),    # V = 16 caps the block
-    ("state_fwd", 32, 256, torch.bfloat16, (64, 1, True)),          # K = 256: WIDE_STATE_LAUNCH
+    ("state_fwd", 32, 256, torch.bfloat16, (32, 2, True)),          # K = 256: WIDE_STATE_LAUNCH
     ("state_bwd", 32, 256, torch.bfloat16, (16, 2, True)),
     ("state_bwd", 16, 128, torch.float32, (32, 1, False)),          # float32 keeps its own settings
 ])
