@@ -34,14 +34,15 @@ CHUNK_SIZE = 64
 # num_warps / num_stages per kernel for 16-bit inputs; float32 inputs use FP32_LAUNCH everywhere. Settings are
 # the ones the full GPU check passes with (docs/perf.md): Triton 3.6-3.7 can miscompile Hopper wgmma with
 # N = 16/32 blocks into illegal shared-memory reads or wrong results (triton-lang/triton#11366), seen here
-# with 4 warps in the old 16-bit output kernel and state_bwd (bf16 operands), with 8 warps or BV = 16 in the
-# float32 state kernels, and with 2 stages in the output-writing state pass at BV = 32.
+# with 8 warps or BV = 16 in the float32 state kernels, and with 2 stages in the output-writing state pass at
+# BV = 32. The per-chunk kernels: fastest of 4-8 warps x 1-3 stages at B8 T4096 H16 D128 on the H100
+# (scripts/sweep_launch.py, v5: dqk_bwd 1.14 -> 0.89 ms, wy_bwd 0.96 -> 0.55, output_fwd 0.52 -> 0.40).
 LAUNCH = {
     "wy_fwd": dict(num_warps=1, num_stages=1),  # 16-row dots (mma.sync, not wgmma); 1 warp: 2.2x faster than 4
-    "wy_recompute": dict(num_warps=1, num_stages=1),  # the same kernel loading Ainv (backward)
-    "output_fwd": dict(num_warps=8, num_stages=2),
-    "dqk_bwd": dict(num_warps=8, num_stages=2),
-    "wy_bwd": dict(num_warps=8, num_stages=2),
+    "wy_recompute": dict(num_warps=4, num_stages=1),  # the same kernel loading Ainv (backward): 0.38 -> 0.29 ms
+    "output_fwd": dict(num_warps=4, num_stages=2),
+    "dqk_bwd": dict(num_warps=4, num_stages=2),
+    "wy_bwd": dict(num_warps=4, num_stages=3),
 }
 # The sequential state passes for 16-bit inputs and K <= 128, per V block (see state_pass_config): each program
 # holds a [K, BV] float32 state and walks one sequence, so the V block trades work per program against programs
