@@ -21,7 +21,7 @@ STATE_KERNELS = ("state_output_fwd", "state_fwd", "state_bwd")
 CHUNK_KERNELS = ("output_fwd", "dqk_bwd", "wy_bwd")  # one program per chunk: the shape only sets the work
 
 
-def trials():
+def trials(state_warps=(4,)):
     out = []
     for kernel in CHUNK_KERNELS:
         for shape in ("B8T4096D128", "B4T4096D256"):
@@ -30,12 +30,12 @@ def trials():
     for kernel in STATE_KERNELS:
         for shape in SHAPES:
             d256 = shape.endswith("D256")
-            for bv, stages, split in itertools.product((16, 32, 64), (1, 2, 3), (True, False)):
+            for warps, bv, stages, split in itertools.product(state_warps, (16, 32, 64), (1, 2, 3), (True, False)):
                 if d256 and (stages == 3 or (bv == 64 and stages > 1)):
                     continue  # K = 256: shared memory
                 if not split and not d256:
                     continue  # K = 128: tf32 lost to the split in every setting (v4-v5)
-                out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=4, num_stages=stages, split=split))
+                out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=warps, num_stages=stages, split=split))
     return out
 
 
@@ -90,8 +90,7 @@ def run_trial(trial, fns, time_it):
         chunk.LAUNCH.update(default_launch)
 
 
-def child(indices, time_it):
-    all_trials = trials()
+def child(indices, time_it, all_trials):
     fns = {}
     for i in indices:
         t = all_trials[i]
@@ -101,7 +100,7 @@ def child(indices, time_it):
         print(json.dumps({"done": i, **run_trial(t, fns, time_it)}), flush=True)
 
 
-def run_workers(indices, jobs, time_it):
+def run_workers(indices, jobs, time_it, all_trials, worker_args):
     """Runs the trials in `jobs` worker processes; returns {index: result}, crashed trials as errors."""
     import tempfile
     results, pending = {}, list(indices)
@@ -111,7 +110,8 @@ def run_workers(indices, jobs, time_it):
         procs = []
         for s in slices:
             out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            cmd = [sys.executable, __file__, "--child", ",".join(map(str, s))] + (["--time"] if time_it else [])
+            cmd = ([sys.executable, __file__, "--child", ",".join(map(str, s))] + worker_args
+                   + (["--time"] if time_it else []))
             procs.append((subprocess.Popen(cmd, stdout=out, stderr=err, text=True), out, err))
         for p, out, err in procs:
             try:
@@ -132,11 +132,12 @@ def run_workers(indices, jobs, time_it):
                     results[rec.pop("done")] = rec
                     started = None
             if started is not None:
-                results[started] = dict(trials()[started], crash=(err.read().strip().splitlines() or ["?"])[-1][:160])
+                results[started] = dict(all_trials[started],
+                                        crash=(err.read().strip().splitlines() or ["?"])[-1][:160])
         if len(results) == before:  # the workers died before any trial: report that, do not retry forever
             err.seek(0)
             why = (err.read().strip().splitlines() or ["?"])[-1][:160]
-            results.update({i: dict(trials()[i], crash=why) for i in pending})
+            results.update({i: dict(all_trials[i], crash=why) for i in pending})
         pending = [i for i in pending if i not in results]
     return results
 
@@ -148,18 +149,20 @@ def main():
     parser.add_argument("--out", default="sweep.jsonl")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--kernels", default="", help="comma-separated kernel names; default: all")
+    parser.add_argument("--state-warps", default="4", help="num_warps of the state passes, e.g. 4,8")
     args = parser.parse_args()
+    all_trials = trials(tuple(int(w) for w in args.state_warps.split(",")))
     if args.child is not None:
-        child([int(i) for i in args.child.split(",") if i], args.time)
+        child([int(i) for i in args.child.split(",") if i], args.time, all_trials)
         return
-    all_trials = trials()
+    worker_args = ["--state-warps", args.state_warps]
     kernels = set(filter(None, args.kernels.split(",")))
     selected = [i for i, t in enumerate(all_trials) if not kernels or t["kernel"] in kernels]
     t0 = time.time()
-    checked = run_workers(selected, args.jobs, time_it=False)
+    checked = run_workers(selected, args.jobs, False, all_trials, worker_args)
     print(f"phase 1 (compile + check, {len(selected)} trials): {time.time() - t0:.0f} s", flush=True)
     good = [i for i, r in checked.items() if "crash" not in r and not r["nan"] and r["err"] < 1e-3]
-    timed = run_workers(sorted(good), 1, time_it=True)
+    timed = run_workers(sorted(good), 1, True, all_trials, worker_args)
     with open(args.out, "w") as f:
         for i in selected:
             rec = timed.get(i, checked[i])
