@@ -8,7 +8,7 @@
     gdn-bench generate                 generation tokens/s of our GDN model, eager vs CUDA-graph decode loop
     gdn-bench profile [--seq-lens T]   the GDN model's training step: CUDA kernel time table (torch.profiler)
     gdn-bench kernels [--sweep]        time of each chunk kernel at --shape (default B8 T4096 H16 D128);
-                                       --sweep also tries wy_fwd at other num_warps and keeps the fastest
+                                       --sweep also tries the wy kernels at other num_warps and keeps the fastest
     gdn-bench check [--quick]          the kernels' correctness matrix (python -m gdn_exp.kernel_check)
     gdn-bench all --out DIR            check, op, model and generate; writes DIR/bench.json and DIR/bench.md
     gdn-bench check kernels op model   any several, in this order, in one process (files rewritten per table)
@@ -232,8 +232,8 @@ def bench_generate(d_model=1024, n_layers=8, num_heads=8, head_dim=128, vocab_si
 
 
 def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
-    """ms of each chunk kernel (through its Python launcher) at one shape; with sweep, wy_fwd is also timed
-    at other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run."""
+    """ms of each chunk kernel (through its Python launcher) at one shape; with sweep, wy_fwd and wy_recompute
+    are also timed at other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.triton_utils import sequence_layout, sm_count
 
@@ -241,13 +241,15 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
     g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    h, h_lo, v_new, _ = chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
+    h, v_new = chunk.chunk_state_fwd(k, w, u, g_cum, None, layout)
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
-    launches = {
-        "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),
-        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True),
-        "output_fwd": lambda: chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),
+    launches = {  # forward (training): wy_fwd, state_output_fwd; backward: the others
+        "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True),
+        "wy_recompute": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv),
+        "state_output_fwd": lambda: chunk.chunk_state_output_fwd(q, k, w, u, g_cum, scale, None, False, layout,
+                                                                 v.dtype),
+        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, layout),
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
         "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
         "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
@@ -256,19 +258,22 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     for name, fn in launches.items():
         tried = None
         if name in chunk.STATE_LAUNCH:  # settings per V block, picked by shape
-            bv, config = chunk.state_pass_config(name, B * H, D, D, dtype, sm_count(q.device))
-            ms, setting = do_bench(fn), f"BV={bv}, {config}"
+            fused = name != "state_output_fwd" or chunk.forward_writes_output(B * H, D, D, dtype, sm_count(q.device))
+            bv, config = chunk.state_pass_config(name if fused else "state_fwd", B * H, D, D, dtype,
+                                                 sm_count(q.device))
+            ms, setting = do_bench(fn), f"BV={bv}, {config}" + ("" if fused else " + output kernel")
         else:
-            # wy_fwd is the one kernel on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
-            configs = [chunk.LAUNCH[name]] + ([dict(num_warps=w, num_stages=1) for w in (1, 2, 8)]
-                                              if sweep and name == "wy_fwd" else [])
+            # the wy kernel is the one on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
+            wy = name in ("wy_fwd", "wy_recompute")
+            configs = [chunk.LAUNCH[name]] + ([dict(num_warps=w, num_stages=1) for w in (1, 2, 4, 8)
+                                               if w != chunk.LAUNCH[name]["num_warps"]] if sweep and wy else [])
             timed = []
             for config in configs:
                 chunk.LAUNCH[name] = config
                 timed.append((do_bench(fn), config))
             ms, chunk.LAUNCH[name] = min(timed, key=lambda x: x[0])
             setting = str(chunk.LAUNCH[name])
-            if sweep and name == "wy_fwd":
+            if sweep and wy:
                 tried = ", ".join(f"{c['num_warps']} warps {t:.3g}" for t, c in timed)
         rows.append({"shape": f"B{B} T{T} H{H} D{D}", "kernel": name, "ms": ms, "launch": setting, "tried": tried})
     return rows
@@ -403,7 +408,7 @@ def main(argv=None):
                         default=["op"], help="one or more, run in one process")
     parser.add_argument("--shape", action="append", default=[], help="B,T,H,D (repeatable); default: the standard set")
     parser.add_argument("--sweep", action="store_true",
-                        help="kernels: also try wy_fwd at other num_warps; op, decode: V block x num_warps")
+                        help="kernels: also try the wy kernels at other num_warps; op, decode: V block x num_warps")
     parser.add_argument("--seq-lens", default="2048,4096,8192,16384",
                         help="model: sequence lengths T (profile: the first)")
     parser.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even if importable")

@@ -1,7 +1,8 @@
-"""Launch-setting sweep for the sequential state kernels (V block x num_warps x num_stages; how
-chunk.STATE_LAUNCH was chosen), each setting checked against the default one.
+"""Launch-setting sweep for the chunk kernels, each setting checked against the default one: the sequential
+state passes (V block x num_stages x split or tf32 state products; how chunk.STATE_LAUNCH was chosen) and the
+per-chunk wgmma kernels (num_warps x num_stages; chunk.LAUNCH).
 
-    python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8]
+    python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8] [--kernels state_bwd,wy_bwd]
 
 Triton 3.6 can miscompile Hopper wgmma for some settings (wrong numbers or illegal memory accesses, see
 chunk.LAUNCH), so every trial runs in a worker process: phase 1 compiles and checks every trial in --jobs
@@ -16,17 +17,25 @@ import sys
 import time
 
 SHAPES = {"B8T4096D128": (8, 4096, 16, 128), "B1T32768D128": (1, 32768, 16, 128), "B4T4096D256": (4, 4096, 8, 256)}
+STATE_KERNELS = ("state_output_fwd", "state_fwd", "state_bwd")
+CHUNK_KERNELS = ("output_fwd", "dqk_bwd", "wy_bwd")  # one program per chunk: the shape only sets the work
 
 
-def trials():
+def trials(state_warps=(4,)):
     out = []
-    for kernel in ("state_fwd", "state_bwd"):
+    for kernel in CHUNK_KERNELS:
+        for shape in ("B8T4096D128", "B4T4096D256"):
+            for warps, stages in itertools.product((4, 8), (1, 2, 3)):
+                out.append(dict(kernel=kernel, shape=shape, BV=0, num_warps=warps, num_stages=stages, split=None))
+    for kernel in STATE_KERNELS:
         for shape in SHAPES:
             d256 = shape.endswith("D256")
-            for bv, warps, stages in itertools.product((16, 32, 64), (2, 4), (1, 2, 3)):
-                if d256 and (bv == 64 or stages == 3):
-                    continue
-                out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=warps, num_stages=stages))
+            for warps, bv, stages, split in itertools.product(state_warps, (16, 32, 64), (1, 2, 3), (True, False)):
+                if d256 and (stages == 3 or (bv == 64 and stages > 1)):
+                    continue  # K = 256: shared memory
+                if not split and not d256:
+                    continue  # K = 128: tf32 lost to the split in every setting (v4-v5)
+                out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=warps, num_stages=stages, split=split))
     return out
 
 
@@ -39,10 +48,18 @@ def setup(shape):
     q, k, v, g, beta = op_inputs(B, T, H, D)
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
-    g_cum, _, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False)
+    g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
+    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
+    dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
+    dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
     return {
-        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, True, layout, store_h_lo=True),
+        "state_output_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, True, layout, q=q, scale=scale,
+                                                        out_dtype=v.dtype),  # the pass that writes O
+        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, layout),
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
+        "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
+        "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
+        "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
     }
 
 
@@ -50,11 +67,15 @@ def run_trial(trial, fns, time_it):
     import torch
     from gdn_exp.bench import do_bench
     from gdn_exp.ops import chunk
-    fn = fns[trial["shape"]][trial["kernel"]]
-    default = chunk.state_pass_config
+    name = trial["kernel"]
+    fn = fns[trial["shape"]][name]
+    default, default_launch = chunk.state_pass_config, dict(chunk.LAUNCH)
     ref = [x.float() for x in fn() if x is not None]
-    chunk.state_pass_config = lambda *args: (trial["BV"], dict(num_warps=trial["num_warps"],
-                                                               num_stages=trial["num_stages"]))
+    setting = dict(num_warps=trial["num_warps"], num_stages=trial["num_stages"])
+    if name in STATE_KERNELS:
+        chunk.state_pass_config = lambda *args: (trial["BV"], dict(setting, SPLIT_STATE=trial["split"]))
+    else:
+        chunk.LAUNCH[name] = setting
     try:
         out = [x.float() for x in fn() if x is not None]
         torch.cuda.synchronize()
@@ -66,10 +87,10 @@ def run_trial(trial, fns, time_it):
         return res
     finally:
         chunk.state_pass_config = default
+        chunk.LAUNCH.update(default_launch)
 
 
-def child(indices, time_it):
-    all_trials = trials()
+def child(indices, time_it, all_trials):
     fns = {}
     for i in indices:
         t = all_trials[i]
@@ -79,7 +100,7 @@ def child(indices, time_it):
         print(json.dumps({"done": i, **run_trial(t, fns, time_it)}), flush=True)
 
 
-def run_workers(indices, jobs, time_it):
+def run_workers(indices, jobs, time_it, all_trials, worker_args):
     """Runs the trials in `jobs` worker processes; returns {index: result}, crashed trials as errors."""
     import tempfile
     results, pending = {}, list(indices)
@@ -89,7 +110,8 @@ def run_workers(indices, jobs, time_it):
         procs = []
         for s in slices:
             out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-            cmd = [sys.executable, __file__, "--child", ",".join(map(str, s))] + (["--time"] if time_it else [])
+            cmd = ([sys.executable, __file__, "--child", ",".join(map(str, s))] + worker_args
+                   + (["--time"] if time_it else []))
             procs.append((subprocess.Popen(cmd, stdout=out, stderr=err, text=True), out, err))
         for p, out, err in procs:
             try:
@@ -110,11 +132,12 @@ def run_workers(indices, jobs, time_it):
                     results[rec.pop("done")] = rec
                     started = None
             if started is not None:
-                results[started] = dict(trials()[started], crash=(err.read().strip().splitlines() or ["?"])[-1][:160])
+                results[started] = dict(all_trials[started],
+                                        crash=(err.read().strip().splitlines() or ["?"])[-1][:160])
         if len(results) == before:  # the workers died before any trial: report that, do not retry forever
             err.seek(0)
             why = (err.read().strip().splitlines() or ["?"])[-1][:160]
-            results.update({i: dict(trials()[i], crash=why) for i in pending})
+            results.update({i: dict(all_trials[i], crash=why) for i in pending})
         pending = [i for i in pending if i not in results]
     return results
 
@@ -125,23 +148,29 @@ def main():
     parser.add_argument("--time", action="store_true")
     parser.add_argument("--out", default="sweep.jsonl")
     parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--kernels", default="", help="comma-separated kernel names; default: all")
+    parser.add_argument("--state-warps", default="4", help="num_warps of the state passes, e.g. 4,8")
     args = parser.parse_args()
+    all_trials = trials(tuple(int(w) for w in args.state_warps.split(",")))
     if args.child is not None:
-        child([int(i) for i in args.child.split(",") if i], args.time)
+        child([int(i) for i in args.child.split(",") if i], args.time, all_trials)
         return
-    all_trials = trials()
+    worker_args = ["--state-warps", args.state_warps]
+    kernels = set(filter(None, args.kernels.split(",")))
+    selected = [i for i, t in enumerate(all_trials) if not kernels or t["kernel"] in kernels]
     t0 = time.time()
-    checked = run_workers(range(len(all_trials)), args.jobs, time_it=False)
-    print(f"phase 1 (compile + check, {len(all_trials)} trials): {time.time() - t0:.0f} s", flush=True)
+    checked = run_workers(selected, args.jobs, False, all_trials, worker_args)
+    print(f"phase 1 (compile + check, {len(selected)} trials): {time.time() - t0:.0f} s", flush=True)
     good = [i for i, r in checked.items() if "crash" not in r and not r["nan"] and r["err"] < 1e-3]
-    timed = run_workers(sorted(good), 1, time_it=True)
+    timed = run_workers(sorted(good), 1, True, all_trials, worker_args)
     with open(args.out, "w") as f:
-        for i in range(len(all_trials)):
-            rec = timed.get(i, checked.get(i))
+        for i in selected:
+            rec = timed.get(i, checked[i])
             f.write(json.dumps(rec) + "\n")
             ms = f"{rec['ms']:.3f}" if "ms" in rec else "-"
             status = rec.get("crash") or (f"err {rec['err']:.1e}" + (" NaN" if rec["nan"] else ""))
-            print(f"{rec['kernel']:9s} {rec['shape']:13s} BV{rec['BV']:<3d} {rec['num_warps']}w {rec['num_stages']}s "
+            print(f"{rec['kernel']:16s} {rec['shape']:13s} BV{rec['BV']:<3d} {rec['num_warps']}w {rec['num_stages']}s "
+                  f"{ {True: 'split', False: 'tf32 ', None: '     '}[rec['split']]} "
                   f"{ms:>7s} ms  {status}", flush=True)
 
 

@@ -47,6 +47,15 @@ def test_decode_sweep_keeps_the_fastest_launch(wall_clock_bench, monkeypatch):
     assert recurrent.DECODE_LAUNCH["BV"] in (None, 16, 32, 64, 128)
 
 
+def test_kernel_rows_on_cpu(wall_clock_bench):
+    """One row per chunk kernel launcher, each timed and labelled with its launch settings."""
+    rows = bench.bench_kernels(1, 70, 2, 16, dtype=torch.float32, device="cpu")
+    assert [r["kernel"] for r in rows] == ["wy_fwd", "wy_recompute", "state_output_fwd", "state_fwd", "state_bwd",
+                                           "dqk_bwd", "wy_bwd"]
+    for row in rows:
+        assert row["ms"] > 0 and row["launch"].count("num_warps") == 1, row
+
+
 def test_generate_rows_on_cpu(wall_clock_bench):
     rows = bench.bench_generate(d_model=32, n_layers=1, num_heads=2, head_dim=16, vocab_size=40, batch_size=2,
                                 prompt_len=5, new_tokens=3, cuda_graph_options=(False, None), dtype=torch.float32,

@@ -120,32 +120,67 @@ def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
 
 
 @pytest.mark.parametrize("name, num_states, D, dtype, expected", [
-    ("state_fwd", 128, 128, torch.bfloat16, (64, 1)),   # B8 H16: 256 programs of 64 columns fill 132 SMs
-    ("state_bwd", 128, 128, torch.bfloat16, (32, 2)),   # backward holds more per program: at most 32
-    ("state_fwd", 64, 128, torch.bfloat16, (32, 1)),    # B4 H16: 64 columns would give only 128 programs
-    ("state_fwd", 16, 128, torch.bfloat16, (16, 2)),    # B1 H16: even 16 columns give only 128 programs
-    ("state_fwd", 32, 256, torch.bfloat16, (32, 1)),    # K = 256: at most 32 columns, one stage
-    ("state_bwd", 32, 256, torch.bfloat16, (32, 1)),
-    ("state_fwd", 16, 16, torch.bfloat16, (16, 2)),     # V = 16 caps the block
-    ("state_bwd", 16, 128, torch.float32, (32, 1)),     # float32 keeps its own settings
+    ("state_output_fwd", 128, 128, torch.bfloat16, (64, 1, True)),  # B8 H16: 256 programs of 64 columns
+    ("state_bwd", 128, 128, torch.bfloat16, (64, 1, True)),
+    ("state_fwd", 64, 128, torch.bfloat16, (32, 2, True)),          # B4 H16: 64 columns give only 128 programs
+    ("state_fwd", 16, 128, torch.bfloat16, (16, 3, True)),          # B1 H16: even 16 columns give only 128
+    ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2, True)),    # V = 16 caps the block
+    ("state_fwd", 32, 256, torch.bfloat16, (32, 2, True)),          # K = 256: WIDE_STATE_LAUNCH
+    ("state_bwd", 32, 256, torch.bfloat16, (16, 2, True)),
+    ("state_bwd", 16, 128, torch.float32, (32, 1, False)),          # float32 keeps its own settings
 ])
 def test_state_pass_config_fills_the_gpu(name, num_states, D, dtype, expected):
     from gdn_exp.ops.chunk import state_pass_config
     BV, launch = state_pass_config(name, num_states, D, D, dtype, sms=132)
-    assert (BV, launch["num_stages"]) == expected
+    assert (BV, launch["num_stages"], launch["SPLIT_STATE"]) == expected
+
+
+@pytest.mark.parametrize("num_states, K, V, dtype, expected", [
+    (128, 128, 128, torch.bfloat16, True),    # B8 H16: blocks of 64 fill the GPU
+    (64, 128, 128, torch.bfloat16, False),    # B4 H16: they would leave SMs idle; narrow blocks + output kernel
+    (16, 128, 128, torch.bfloat16, False),    # B1 H16 (T32768)
+    (2, 16, 16, torch.bfloat16, True),        # V = 16: one block covers V, nothing is recomputed
+    (16, 256, 256, torch.bfloat16, True),     # K = 256: blocks of 64 always (WIDE_STATE_LAUNCH)
+    (128, 64, 64, torch.float32, True),
+    (128, 128, 128, torch.float32, False),    # float32 K = 128 runs blocks of 32
+])
+def test_forward_writes_output_only_in_wide_blocks(num_states, K, V, dtype, expected):
+    from gdn_exp.ops.chunk import forward_writes_output
+    assert forward_writes_output(num_states, K, V, dtype, sms=132) == expected
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype, K, V", [(torch.float16, 16, 32), (torch.float32, 128, 64)])
+def test_chunk_forward_with_the_output_kernel_cpu(monkeypatch, dtype, K, V):
+    """On a GPU with many SMs and few sequences x heads the forward stores the chunk states (16-bit: two
+    planes) and runs chunk_output_fwd_kernel instead of writing O in the state pass; on CPU (one "SM") only
+    K = 128 float32 takes that path by itself, so this test pretends to be an H100."""
+    from gdn_exp.ops import chunk
+    monkeypatch.setattr(chunk, "sm_count", lambda device: 132)
+    assert not chunk.forward_writes_output(1, K, V, dtype, 132)
+    assert_matches_oracle(Case(B=1, T=65, H=1, K=K, V=V), "chunk", dtype, torch.device("cpu"))
 
 
 def test_gpu_check_covers_every_state_pass_setting():
-    """The GPU check (kernel_check's full matrix, bf16) runs each state kernel at every V block STATE_LAUNCH
-    holds on an H100 (132 SMs): a setting the check never runs would never be verified against the oracle."""
-    from gdn_exp.ops.chunk import STATE_LAUNCH, state_pass_config
+    """The GPU check (kernel_check's full matrix, bf16) runs every state-pass setting that an H100 (132 SMs)
+    can pick: each V block of STATE_LAUNCH and WIDE_STATE_LAUNCH, and the forward's state pass that stores h
+    and h_lo for the output kernel at each block it can run in. A setting the check never runs would never be
+    verified against the oracle."""
+    from gdn_exp.ops.chunk import STATE_LAUNCH, WIDE_STATE_LAUNCH, forward_writes_output, state_pass_config
     covered = set()
     for case in kernel_check.full_matrix():
-        num_states = (len(case.seqlens) if case.seqlens else case.B) * case.H
-        for name in STATE_LAUNCH:
-            if case.K <= 128:
-                covered.add((name, state_pass_config(name, num_states, case.K, case.V, torch.bfloat16, 132)[0]))
-    assert covered == {(name, bv) for name, table in STATE_LAUNCH.items() for bv in table}
+        num_states, K, V = (len(case.seqlens) if case.seqlens else case.B) * case.H, case.K, case.V
+        def block(name):
+            return state_pass_config(name, num_states, K, V, torch.bfloat16, 132)[0]
+        covered |= {("state_fwd", block("state_fwd"), K > 128), ("state_bwd", block("state_bwd"), K > 128)}
+        if forward_writes_output(num_states, K, V, torch.bfloat16, 132):
+            covered.add(("state_output_fwd", block("state_output_fwd"), K > 128))
+        else:
+            covered.add(("state_fwd+h_lo", block("state_fwd"), K > 128))
+    expected = {(name, bv, False) for name, table in STATE_LAUNCH.items() for bv in table}
+    expected |= {("state_fwd+h_lo", bv, False) for bv in STATE_LAUNCH["state_fwd"] if bv < 64}
+    expected |= {(name, bv, True) for name, (bv, _) in WIDE_STATE_LAUNCH.items()}
+    assert covered == expected
 
 
 def test_decode_launch_rejects_a_block_that_is_not_a_power_of_two(monkeypatch):
@@ -183,8 +218,12 @@ def test_decode_step_gpu(dtype):
     assert not kernel_check.check_decode(64, 16, 128, 128, dtype, torch.device("cuda"))
 
 
-@pytest.mark.parametrize("dtype, shape", [("bfloat16", "2,256,4,128,128"), ("float32", "1,128,2,64,64")])
-def test_chunk_kernels_compile_for_hopper(dtype, shape):
+@pytest.mark.parametrize("dtype, shape, output_kernel", [
+    ("bfloat16", "2,256,4,128,128", True),    # 8 states: narrow state-pass blocks, separate output kernel
+    ("bfloat16", "8,128,16,128,128", False),  # 128 states: the state pass writes O
+    ("float32", "1,128,2,64,64", False),
+])
+def test_chunk_kernels_compile_for_hopper(dtype, shape, output_kernel):
     """Every chunk kernel compiles for sm_90 with the launch settings it would get on an H100, within its
     shared memory: the interpreter runs the kernels' logic but never compiles them (compile_check)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -192,5 +231,6 @@ def test_chunk_kernels_compile_for_hopper(dtype, shape):
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     compiled = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("chunk_")}
-    assert compiled == {"chunk_wy_fwd_kernel", "chunk_state_fwd_kernel", "chunk_output_fwd_kernel",
-                        "chunk_state_bwd_kernel", "chunk_dqk_bwd_kernel", "chunk_wy_bwd_kernel"}
+    assert compiled == {"chunk_wy_fwd_kernel", "chunk_state_fwd_kernel", "chunk_state_bwd_kernel",
+                        "chunk_dqk_bwd_kernel", "chunk_wy_bwd_kernel"} | ({"chunk_output_fwd_kernel"}
+                                                                         if output_kernel else set())

@@ -6,51 +6,69 @@ gate cumsum G, Q, K [BT, K], V [BT, V] and chunk-start state S [K, V]:
     A[t, j] = beta_t exp(G_t - G_j) k_t.k_j (j < t),   Ainv = (I + A)^-1      (UT/WY transform)
     W = Ainv (beta exp(G) K),   U~ = Ainv (beta V)                            (chunk_wy_fwd_kernel)
     U = U~ - W S;   S <- exp(G_last) S + (exp(G_last - G) K)^T U               (chunk_state_fwd_kernel)
-    O = scale (exp(G) Q) S + (scale Q K^T * D) U,  D[t, j] = exp(G_t - G_j) (j <= t)  (chunk_output_fwd_kernel)
+    O = scale (exp(G) Q) S + (scale Q K^T * D) U,  D[t, j] = exp(G_t - G_j) (j <= t)
+                                            (the same pass, or chunk_output_fwd_kernel: forward_writes_output)
 
-Only the state pass is sequential over chunks; the other kernels run one program per chunk. Forward keeps no
-intermediates for backward (only the inputs): backward recomputes G, Ainv, W, U~ and the per-chunk states, runs
-the state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel
-for the output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
+Only the state pass is sequential over chunks; the other kernels run one program per chunk. Where the forward's
+state pass writes O, per-chunk states never reach HBM in the forward. The forward keeps only the inputs and,
+when a gradient is needed, Ainv: backward recomputes G, W, U~ from it, the per-chunk states and U, runs the
+state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel for the
+output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
 
 Precision follows the inputs (`triton_utils.mma`): for bf16/fp16 inputs the dots take 16-bit operands with
-float32 accumulation, except the products with the running float32 state in the sequential passes (tf32,
-`state_mma`). W, U~, U and the gradients dh, dU, dW are stored in the input dtype; gate cumsums, Ainv and
-partial gradient sums in float32. The per-chunk states h are stored in the input dtype plus, for the forward's
-output, a second 16-bit plane with the rounding remainder (S = hi + lo, ~16 mantissa bits: the inter-chunk
-term Q S is most of o when the gates barely decay, and a single bf16 h missed the error bound); backward's
-products with h take the hi plane. Float32 inputs keep everything float32 (tf32x3 dots). Tensors live as
-[tokens, H, D] with sequences packed along tokens (see triton_utils).
+float32 accumulation; the products with the running float32 state (and the float32 [BT, BV] operands) in the
+sequential passes split that operand into two 16-bit planes (`state_mma`, ~16 mantissa bits). W, U~, U, the
+states h (plus their rounding remainders h_lo for the output kernel) and the gradients dh, dU, dW are stored in
+the input dtype; gate cumsums, Ainv and partial gradient sums in float32. Float32 inputs keep everything float32 (tf32x3 dots). Tensors live as [tokens, H, D]
+with sequences packed along tokens (see triton_utils).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_state_stored, load_tokens,
-                           mma, sequence_layout, sm_count, start_state, state_mma, state_pass_program,
+                           load_tokens_t, mma, sequence_layout, sm_count, start_state, state_mma, state_pass_program,
                            store_state, store_tokens)
 
 CHUNK_SIZE = 64
 # num_warps / num_stages per kernel for 16-bit inputs; float32 inputs use FP32_LAUNCH everywhere. Settings are
-# the ones the full GPU check passes with (docs/perf.md, v2): Triton 3.6-3.7 can miscompile Hopper wgmma with
+# the ones the full GPU check passes with (docs/perf.md): Triton 3.6-3.7 can miscompile Hopper wgmma with
 # N = 16/32 blocks into illegal shared-memory reads or wrong results (triton-lang/triton#11366), seen here
-# with 4 warps in 16-bit output_fwd and state_bwd (bf16 operands), and with 8 warps or BV = 16 in the
-# float32 state kernels. The state passes' products run in tf32 (state_mma), which passed at 4 warps.
+# with 8 warps or BV = 16 in the float32 state kernels, and with 2 stages in the output-writing state pass at
+# BV = 32. The per-chunk kernels: fastest of 4-8 warps x 1-3 stages at B8 T4096 H16 D128 on the H100
+# (scripts/sweep_launch.py, v5: dqk_bwd 1.14 -> 0.89 ms, wy_bwd 0.96 -> 0.55, output_fwd 0.52 -> 0.40).
 LAUNCH = {
     "wy_fwd": dict(num_warps=1, num_stages=1),  # 16-row dots (mma.sync, not wgmma); 1 warp: 2.2x faster than 4
-    "output_fwd": dict(num_warps=8, num_stages=2),
-    "dqk_bwd": dict(num_warps=8, num_stages=2),
-    "wy_bwd": dict(num_warps=8, num_stages=2),
+    "wy_recompute": dict(num_warps=4, num_stages=1),  # the same kernel loading Ainv (backward): 0.38 -> 0.29 ms
+    "output_fwd": dict(num_warps=4, num_stages=2),
+    "dqk_bwd": dict(num_warps=4, num_stages=2),
+    "wy_bwd": dict(num_warps=4, num_stages=3),
 }
-# The sequential state passes for 16-bit inputs, per V block (see state_pass_config): each program holds a
-# [K, BV] float32 state and walks one sequence, so the V block trades work per program against programs per
-# SM. Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4; scripts/sweep_launch.py);
-# at K > 128 one stage (shared memory).
+# The sequential state passes for 16-bit inputs and K <= 128, per V block (see state_pass_config): each program
+# holds a [K, BV] float32 state and walks one sequence, so the V block trades work per program against programs
+# per SM. SPLIT_STATE: products with the state as two bf16 planes (state_mma; faster and more exact than
+# tf32). Triton 3.6 miscompiled those products at 1 stage in blocks of 16-32 and crashed in others until the
+# passes took K^T, Q^T, W^T as loaded (load_tokens_t); every setting here passed the full GPU check (v5).
+# state_output_fwd is the forward's pass when it writes O (forward_writes_output: blocks of 64, or V <= 16),
+# state_fwd the pass that stores h and U (backward's recomputation; the forward's with narrow blocks).
+# Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4-v5; scripts/sweep_launch.py).
 STATE_LAUNCH = {
-    "state_fwd": {64: dict(num_warps=4, num_stages=1), 32: dict(num_warps=4, num_stages=1),
-                  16: dict(num_warps=4, num_stages=2)},
-    "state_bwd": {32: dict(num_warps=4, num_stages=2), 16: dict(num_warps=4, num_stages=2)},
+    "state_output_fwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
+                         16: dict(num_warps=4, num_stages=2, SPLIT_STATE=True)},
+    "state_fwd": {64: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
+                  32: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
+                  16: dict(num_warps=4, num_stages=3, SPLIT_STATE=True)},
+    "state_bwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
+                  32: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
+                  16: dict(num_warps=4, num_stages=2, SPLIT_STATE=True)},
 }
+# K > 128 (a [256, BV] state), one (V block, setting) per pass: the fastest of the settings that passed the
+# check at K = 256 on the H100 (v5, B4 T4096 H8 D256: the O-writing pass 0.81-0.94 ms, against 0.93 + 0.61 for
+# the state pass with h_lo and the output kernel; state_fwd 0.57 ms, state_bwd 1.49 ms; tf32 or the split at 1
+# stage in blocks of 16-32 crashed or went wrong, 2 stages at 64 exceed shared memory).
+WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1, SPLIT_STATE=True)),
+                     "state_fwd": (32, dict(num_warps=4, num_stages=2, SPLIT_STATE=True)),
+                     "state_bwd": (16, dict(num_warps=4, num_stages=2, SPLIT_STATE=True))}
 FP32_LAUNCH = dict(num_warps=4, num_stages=1)
 
 
@@ -149,14 +167,15 @@ def lower_blocks_apply(X00, X10, X11, X20, X21, X22, X30, X31, X32, X33, base, b
 @triton.jit
 def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_indices,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, STORE_AINV: tl.constexpr):
+                        BK: tl.constexpr, BV: tl.constexpr, STORE_AINV: tl.constexpr, LOAD_AINV: tl.constexpr):
     """Per chunk: G = cumsum(g), Ainv = (I + A)^-1, W = Ainv (beta exp(G) K), U~ = Ainv (beta V).
 
     The chunk is four row blocks of BS = BT / 4, and every [BT, BT] matrix lives as its [BS, BS] blocks in
     registers: the blocks of K K^T, the four diagonal blocks of Ainv by one forward substitution over all four
     (BS - 1 serial steps instead of BT - 1), then X_ij = -X_ii sum_{j <= m < i} A_im X_mj by dots. The row
     scales (beta exp(G), beta) go onto the columns of Ainv's blocks, so K and V feed the dots as loaded.
-    Ainv (float32, lower blocks only) is stored when backward needs it."""
+    Ainv (float32, lower blocks only) is stored when backward needs it (STORE_AINV); backward loads it
+    (LOAD_AINV) and recomputes only G, W and U~."""
     tl.static_assert(BT == 4 * BS)
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
@@ -168,45 +187,54 @@ def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_ind
     b_G2, b_beta2, G_carry = wy_gates(g, beta, g_cum, bos, i_h, seq_len, t0 + 2 * BS, G_carry, H, BS)
     b_G3, b_beta3, _ = wy_gates(g, beta, g_cum, bos, i_h, seq_len, t0 + 3 * BS, G_carry, H, BS)
 
-    A00 = tl.zeros([BS, BS], dtype=tl.float32)
-    A11, A22, A33, A10, A20, A21, A30, A31, A32 = A00, A00, A00, A00, A00, A00, A00, A00, A00
-    for i_k in range(tl.cdiv(K, BK)):
-        b_k0, b_k1, b_k2, b_k3 = load_row_blocks(k, bos, i_h, seq_len, H, K, t0, i_k * BK, BS, BK)
-        A00 += mma(b_k0, tl.trans(b_k0), DTYPE)
-        A11 += mma(b_k1, tl.trans(b_k1), DTYPE)
-        A22 += mma(b_k2, tl.trans(b_k2), DTYPE)
-        A33 += mma(b_k3, tl.trans(b_k3), DTYPE)
-        A10 += mma(b_k1, tl.trans(b_k0), DTYPE)
-        A20 += mma(b_k2, tl.trans(b_k0), DTYPE)
-        A21 += mma(b_k2, tl.trans(b_k1), DTYPE)
-        A30 += mma(b_k3, tl.trans(b_k0), DTYPE)
-        A31 += mma(b_k3, tl.trans(b_k1), DTYPE)
-        A32 += mma(b_k3, tl.trans(b_k2), DTYPE)
-    X00, X11, X22, X33 = unit_lower_inverses(decay_block(A00, b_G0, b_G0, b_beta0, BS, True),
-                                             decay_block(A11, b_G1, b_G1, b_beta1, BS, True),
-                                             decay_block(A22, b_G2, b_G2, b_beta2, BS, True),
-                                             decay_block(A33, b_G3, b_G3, b_beta3, BS, True), BS)
-    A10 = decay_block(A10, b_G1, b_G0, b_beta1, BS, False)
-    A20 = decay_block(A20, b_G2, b_G0, b_beta2, BS, False)
-    A21 = decay_block(A21, b_G2, b_G1, b_beta2, BS, False)
-    A30 = decay_block(A30, b_G3, b_G0, b_beta3, BS, False)
-    A31 = decay_block(A31, b_G3, b_G1, b_beta3, BS, False)
-    A32 = decay_block(A32, b_G3, b_G2, b_beta3, BS, False)
-    # (I + A) X = I, block row i, column j < i: X_ij = -X_ii sum_{j <= m < i} A_im X_mj (float32 products)
-    X10 = -mma(X11, mma(A10, X00, F32), F32)
-    X21 = -mma(X22, mma(A21, X11, F32), F32)
-    X20 = -mma(X22, mma(A20, X00, F32) + mma(A21, X10, F32), F32)
-    X32 = -mma(X33, mma(A32, X22, F32), F32)
-    X31 = -mma(X33, mma(A31, X11, F32) + mma(A32, X21, F32), F32)
-    X30 = -mma(X33, mma(A30, X00, F32) + mma(A31, X10, F32) + mma(A32, X20, F32), F32)
-    if STORE_AINV:  # column blocks of the lower triangle; backward masks the rest
-        store_row_blocks(a_inv, X00, X10, X20, X30, bos, i_h, seq_len, H, BT, t0, 0, BS, BS)
-        store_tokens(a_inv, X11, bos, i_h, seq_len, H, BT, t0 + BS, BS, BS, BS)
-        store_tokens(a_inv, X21, bos, i_h, seq_len, H, BT, t0 + 2 * BS, BS, BS, BS)
-        store_tokens(a_inv, X31, bos, i_h, seq_len, H, BT, t0 + 3 * BS, BS, BS, BS)
-        store_tokens(a_inv, X22, bos, i_h, seq_len, H, BT, t0 + 2 * BS, 2 * BS, BS, BS)
-        store_tokens(a_inv, X32, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 2 * BS, BS, BS)
-        store_tokens(a_inv, X33, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 3 * BS, BS, BS)
+    if LOAD_AINV:
+        X00, X10, X20, X30 = load_row_blocks(a_inv, bos, i_h, seq_len, H, BT, t0, 0, BS, BS)
+        X11 = load_tokens(a_inv, bos, i_h, seq_len, H, BT, t0 + BS, BS, BS, BS)
+        X21 = load_tokens(a_inv, bos, i_h, seq_len, H, BT, t0 + 2 * BS, BS, BS, BS)
+        X31 = load_tokens(a_inv, bos, i_h, seq_len, H, BT, t0 + 3 * BS, BS, BS, BS)
+        X22 = load_tokens(a_inv, bos, i_h, seq_len, H, BT, t0 + 2 * BS, 2 * BS, BS, BS)
+        X32 = load_tokens(a_inv, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 2 * BS, BS, BS)
+        X33 = load_tokens(a_inv, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 3 * BS, BS, BS)
+    else:
+        A00 = tl.zeros([BS, BS], dtype=tl.float32)
+        A11, A22, A33, A10, A20, A21, A30, A31, A32 = A00, A00, A00, A00, A00, A00, A00, A00, A00
+        for i_k in range(tl.cdiv(K, BK)):
+            b_k0, b_k1, b_k2, b_k3 = load_row_blocks(k, bos, i_h, seq_len, H, K, t0, i_k * BK, BS, BK)
+            A00 += mma(b_k0, tl.trans(b_k0), DTYPE)
+            A11 += mma(b_k1, tl.trans(b_k1), DTYPE)
+            A22 += mma(b_k2, tl.trans(b_k2), DTYPE)
+            A33 += mma(b_k3, tl.trans(b_k3), DTYPE)
+            A10 += mma(b_k1, tl.trans(b_k0), DTYPE)
+            A20 += mma(b_k2, tl.trans(b_k0), DTYPE)
+            A21 += mma(b_k2, tl.trans(b_k1), DTYPE)
+            A30 += mma(b_k3, tl.trans(b_k0), DTYPE)
+            A31 += mma(b_k3, tl.trans(b_k1), DTYPE)
+            A32 += mma(b_k3, tl.trans(b_k2), DTYPE)
+        X00, X11, X22, X33 = unit_lower_inverses(decay_block(A00, b_G0, b_G0, b_beta0, BS, True),
+                                                 decay_block(A11, b_G1, b_G1, b_beta1, BS, True),
+                                                 decay_block(A22, b_G2, b_G2, b_beta2, BS, True),
+                                                 decay_block(A33, b_G3, b_G3, b_beta3, BS, True), BS)
+        A10 = decay_block(A10, b_G1, b_G0, b_beta1, BS, False)
+        A20 = decay_block(A20, b_G2, b_G0, b_beta2, BS, False)
+        A21 = decay_block(A21, b_G2, b_G1, b_beta2, BS, False)
+        A30 = decay_block(A30, b_G3, b_G0, b_beta3, BS, False)
+        A31 = decay_block(A31, b_G3, b_G1, b_beta3, BS, False)
+        A32 = decay_block(A32, b_G3, b_G2, b_beta3, BS, False)
+        # (I + A) X = I, block row i, column j < i: X_ij = -X_ii sum_{j <= m < i} A_im X_mj (float32 products)
+        X10 = -mma(X11, mma(A10, X00, F32), F32)
+        X21 = -mma(X22, mma(A21, X11, F32), F32)
+        X20 = -mma(X22, mma(A20, X00, F32) + mma(A21, X10, F32), F32)
+        X32 = -mma(X33, mma(A32, X22, F32), F32)
+        X31 = -mma(X33, mma(A31, X11, F32) + mma(A32, X21, F32), F32)
+        X30 = -mma(X33, mma(A30, X00, F32) + mma(A31, X10, F32) + mma(A32, X20, F32), F32)
+        if STORE_AINV:  # column blocks of the lower triangle; backward masks the rest
+            store_row_blocks(a_inv, X00, X10, X20, X30, bos, i_h, seq_len, H, BT, t0, 0, BS, BS)
+            store_tokens(a_inv, X11, bos, i_h, seq_len, H, BT, t0 + BS, BS, BS, BS)
+            store_tokens(a_inv, X21, bos, i_h, seq_len, H, BT, t0 + 2 * BS, BS, BS, BS)
+            store_tokens(a_inv, X31, bos, i_h, seq_len, H, BT, t0 + 3 * BS, BS, BS, BS)
+            store_tokens(a_inv, X22, bos, i_h, seq_len, H, BT, t0 + 2 * BS, 2 * BS, BS, BS)
+            store_tokens(a_inv, X32, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 2 * BS, BS, BS)
+            store_tokens(a_inv, X33, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 3 * BS, BS, BS)
 
     for i_v in range(tl.cdiv(V, BV)):  # U~ = (Ainv diag(beta)) V
         lower_blocks_apply(X00 * b_beta0[None, :], X10 * b_beta0[None, :], X11 * b_beta1[None, :],
@@ -235,30 +263,42 @@ def chunk_gates(g_cum, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
-def chunk_state_fwd_kernel(k, w, u, g_cum, h, h_lo, v_new, h0, ht, cu_seqlens, chunk_offsets,
+def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr, STORE_H_LO: tl.constexpr):
-    """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): stores the state at
-    each chunk start in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo) and U = U~ - W S in
-    v_new. BK covers all of K."""
+                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_H_LO: tl.constexpr,
+                           SPLIT_STATE: tl.constexpr):
+    """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
+    S <- exp(G_last) S + (exp(G_last - G) K)^T U. With OUTPUT it also writes the chunk's output
+    O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores the
+    chunk-start states in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo, for
+    chunk_output_fwd_kernel) and U in v_new. BK covers all of K."""
     DTYPE: tl.constexpr = k.dtype.element_ty
     i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
     b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
     for i_c in range(tl.cdiv(seq_len, BT)):
-        store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
-        if STORE_H_LO:
-            b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
-            store_state(h_lo, b_S - b_hi, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
         b_G, m_t, _, b_G_last = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
         b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+        b_kt = load_tokens_t(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)          # K^T [BK, BT]
         b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
-        b_u -= state_mma(b_w, b_S, DTYPE)
-        store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+        if OUTPUT:
+            b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+            b_o = state_mma(b_q, b_S, DTYPE, SPLIT_STATE)
+        else:
+            store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
+            if STORE_H_LO:
+                b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
+                store_state(h_lo, b_S - b_hi, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
+        b_u -= state_mma(b_w, b_S, DTYPE, SPLIT_STATE)
+        if OUTPUT:
+            b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
+            b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
+            store_tokens(o, b_o, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
+        else:
+            store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
-        b_S = b_S * tl.exp(b_G_last) + state_mma(tl.trans(b_k), b_ud, DTYPE)
+        b_S = b_S * tl.exp(b_G_last) + state_mma(b_kt, b_ud, DTYPE, SPLIT_STATE)
     if STORE_FINAL_STATE:
         store_state(ht, b_S, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 
@@ -267,7 +307,8 @@ def chunk_state_fwd_kernel(k, w, u, g_cum, h, h_lo, v_new, h0, ht, cu_seqlens, c
 def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, h_lo, o, scale, cu_seqlens, chunk_indices,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, HAS_H_LO: tl.constexpr):
-    """Per chunk and V block: O = scale (exp(G) Q) S + (scale Q K^T * D) U, with S = h (+ h_lo)."""
+    """Per chunk and V block: O = scale (exp(G) Q) S + (scale Q K^T * D) U, with S = h (+ h_lo): the forward's
+    output when the state pass runs in narrow V blocks (see forward_writes_output)."""
     DTYPE: tl.constexpr = q.dtype.element_ty
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
@@ -277,7 +318,6 @@ def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, h_lo, o, scale, cu_seqlens, c
     for i_k in range(tl.cdiv(K, BK)):
         b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
         b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
-        # two 16-bit products (hi, lo) cost less than one tf32 product with a float32 S, and are more exact
         b_o += mma(b_q, load_state_stored(h, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
         if HAS_H_LO:
             b_o += mma(b_q, load_state_stored(h_lo, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
@@ -292,7 +332,7 @@ def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, h_lo, o, scale, cu_seqlens, c
 def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           USE_FINAL_STATE_GRADIENT: tl.constexpr):
+                           USE_FINAL_STATE_GRADIENT: tl.constexpr, SPLIT_STATE: tl.constexpr):
     """Reverse over the chunks of one sequence: dS (gradient of the chunk-end state) into dh, and
     dU = P^T dO + (exp(G_last - G) K) dS into du, where P = scale Q K^T * D. BK covers all of K."""
     DTYPE: tl.constexpr = q.dtype.element_ty
@@ -303,18 +343,21 @@ def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqle
         i_c = num_chunks - 1 - i_r
         store_state(dh, b_dS, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
         b_G, m_t, _, b_G_last = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
-        b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+        b_qt = load_tokens_t(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)         # Q^T [BK, BT]
         b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
-        b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+        b_wt = load_tokens_t(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)         # W^T [BK, BT]
         b_do = load_tokens(do, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        b_P = mma(b_q, tl.trans(b_k), DTYPE)
-        b_P = b_P * decay_matrix(b_G, BT, True) * scale
+        # P^T = (scale Q K^T * D)^T, formed as K Q^T: no transposes in registers
+        o_i = tl.arange(0, BT)
+        b_Pt = mma(b_k, b_qt, DTYPE) * scale * tl.exp(
+            tl.where(o_i[:, None] <= o_i[None, :], b_G[None, :] - b_G[:, None], float("-inf")))
         # row scales go on the [BT, BV] operands and results, not on the [BT, K] ones
         b_kdecay = tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)
-        b_du = mma(tl.trans(b_P), b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE) * b_kdecay[:, None]
+        b_du = mma(b_Pt, b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE, SPLIT_STATE) * b_kdecay[:, None]
         store_tokens(du, b_du, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(tl.trans(b_q), b_do * (scale * tl.exp(b_G))[:, None], DTYPE)
-                - state_mma(tl.trans(b_w), b_du, DTYPE))
+        b_dos = b_do * (scale * tl.exp(b_G))[:, None]
+        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(b_qt, b_dos, DTYPE, SPLIT_STATE)
+                - state_mma(b_wt, b_du, DTYPE, SPLIT_STATE))
     if USE_INITIAL_STATE:
         store_state(dh0, b_dS, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 
@@ -428,52 +471,72 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
     tl.store(dbeta + o_gate, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
 
-def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool):
+def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None):
     """Returns G [tokens, H] (cumsum of g within chunks), Ainv [tokens, H, BT] float32 (lower blocks; None
-    unless store_a_inv), W [tokens, H, K] and U~ [tokens, H, V] in k's dtype."""
+    unless store_a_inv or given), W [tokens, H, K] and U~ [tokens, H, V] in k's dtype. A given a_inv (the
+    forward's, in backward) is used instead of solving again."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     g_cum = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
-    a_inv = torch.empty(B, T, H, CHUNK_SIZE, device=k.device, dtype=torch.float32) if store_a_inv else None
+    load_a_inv = a_inv is not None
+    if store_a_inv and not load_a_inv:  # float32: in bf16 dh0 missed its bound (8.1e-3 > 8e-3, B2 T300 gnone)
+        a_inv = torch.empty(B, T, H, CHUNK_SIZE, device=k.device, dtype=torch.float32)
     w = torch.empty(B, T, H, K, device=k.device, dtype=k.dtype)
     u = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype)
     chunk_wy_fwd_kernel[(layout.num_chunks, H)](
         k, v, g, beta, g_cum, a_inv, w, u, layout.cu_seqlens, layout.chunk_indices,
         H=H, K=K, V=V, BT=CHUNK_SIZE, BS=CHUNK_SIZE // 4, BK=block_size(K, 64), BV=block_size(V, 64),
-        STORE_AINV=store_a_inv, **launch("wy_fwd", k.dtype))
+        STORE_AINV=store_a_inv and not load_a_inv, LOAD_AINV=load_a_inv,
+        **launch("wy_recompute" if load_a_inv else "wy_fwd", k.dtype))
     return g_cum, a_inv, w, u
 
 
 def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.dtype, sms: int):
-    """(V block, launch settings) of state kernel `name` for num_states = sequences x heads on a GPU with `sms`
-    SMs: the largest block of STATE_LAUNCH (at most 32 for K > 128: the state lives in registers) that still
-    gives every SM a program, else the smallest. float32 inputs: blocks of at least 32 (16 miscompiled there,
-    see LAUNCH) and FP32_LAUNCH."""
+    """(V block, launch settings with SPLIT_STATE) of state kernel `name` for num_states = sequences x heads on
+    a GPU with `sms` SMs. 16-bit inputs with K <= 128: the largest block of STATE_LAUNCH that still gives every
+    SM a program, else the smallest. K > 128: WIDE_STATE_LAUNCH. float32 inputs: blocks of at least 32 (16
+    miscompiled there, see LAUNCH) and FP32_LAUNCH."""
     if dtype == torch.float32:
-        return block_size(V, 64 if K <= 64 else 32), FP32_LAUNCH
-    blocks = [b for b in sorted(STATE_LAUNCH[name], reverse=True) if b <= block_size(V, 32 if K > 128 else 64)]
+        return block_size(V, 64 if K <= 64 else 32), dict(FP32_LAUNCH, SPLIT_STATE=False)
+    if K > 128:
+        BV, config = WIDE_STATE_LAUNCH[name]
+        return block_size(V, BV), config
+    blocks = [b for b in sorted(STATE_LAUNCH[name], reverse=True) if b <= block_size(V, 64)]
     BV = next((b for b in blocks if num_states * triton.cdiv(V, b) >= sms), blocks[-1])
-    return BV, dict(STATE_LAUNCH[name][BV], num_stages=1) if K > 128 else STATE_LAUNCH[name][BV]
+    return BV, STATE_LAUNCH[name][BV]
 
 
-def chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, store_h_lo: bool):
-    """Returns the per-chunk start states h [NT, H, K, V] in k's dtype and, for 16-bit k with store_h_lo,
-    their rounding remainders h_lo (same shape and dtype; else None), U [tokens, H, V] in k's dtype, and the
-    final state (float32, or None)."""
+def forward_writes_output(num_states: int, K: int, V: int, dtype: torch.dtype, sms: int) -> bool:
+    """Whether the forward's state pass writes O itself, rather than storing the chunk states for
+    chunk_output_fwd_kernel. It recomputes Q K^T in every V block, which pays only in blocks as wide as they
+    go (64 columns, or all of V): with few sequences x heads the blocks are narrow (B1 T32768 H16: 16 columns),
+    and the state pass plus the parallel output kernel are faster (docs/perf.md, v5)."""
+    return state_pass_config("state_output_fwd", num_states, K, V, dtype, sms)[0] == block_size(V, 64)
+
+
+def run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=None, scale=1.0, out_dtype=None,
+                  store_h_lo=False):
+    """Launches chunk_state_fwd_kernel; returns (o, h, h_lo, U, final state), the ones not asked for None.
+    With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; else the chunk-start states h
+    [NT, H, K, V] and U [tokens, H, V] in k's dtype, and with store_h_lo (16-bit k) the states' rounding
+    remainders h_lo like h. The final state is float32 (output_final_state) or None."""
+    output = out_dtype is not None
     B, T, H, K = k.shape
     V = u.shape[-1]
     N = len(layout.cu_seqlens) - 1
-    h = torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
-    h_lo = torch.empty_like(h) if store_h_lo and k.dtype != torch.float32 else None
-    v_new = torch.empty_like(u)
+    o = torch.empty_like(u, dtype=out_dtype) if output else None
+    h = None if output else torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
+    h_lo = torch.empty_like(h) if store_h_lo and not output and k.dtype != torch.float32 else None
+    v_new = None if output else torch.empty_like(u)
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
-    BV, config = state_pass_config("state_fwd", N * H, K, V, k.dtype, sm_count(k.device))
+    BV, config = state_pass_config("state_output_fwd" if output else "state_fwd", N * H, K, V, k.dtype,
+                                   sm_count(k.device))
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        k, w, u, g_cum, h, h_lo, v_new, initial_state, final_state, layout.cu_seqlens, layout.chunk_offsets,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
-        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        q, k, w, u, g_cum, h, h_lo, v_new, o, initial_state, final_state, scale, layout.cu_seqlens,
+        layout.chunk_offsets, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, OUTPUT=output,
         STORE_H_LO=h_lo is not None, **config)
-    return h, h_lo, v_new, final_state
+    return o, h, h_lo, v_new, final_state
 
 
 def chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype):
@@ -486,6 +549,26 @@ def chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype):
         H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 64), BV=BV, HAS_H_LO=h_lo is not None,
         **launch("output_fwd", q.dtype))
     return o
+
+
+def chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, out_dtype):
+    """The forward's state pass and output (see forward_writes_output): returns o [tokens, H, V] in out_dtype
+    and the final state (float32, or None)."""
+    H, K, V = k.shape[2], k.shape[3], u.shape[3]
+    if forward_writes_output((len(layout.cu_seqlens) - 1) * H, K, V, k.dtype, sm_count(k.device)):
+        o, _, _, _, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=q,
+                                                scale=scale, out_dtype=out_dtype)
+        return o, final_state
+    _, h, h_lo, v_new, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
+                                                   store_h_lo=True)
+    return chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype), final_state
+
+
+def chunk_state_fwd(k, w, u, g_cum, initial_state, layout):
+    """Backward's recomputation of the state pass: returns the chunk-start states h [NT, H, K, V] and U
+    [tokens, H, V], both in k's dtype."""
+    _, h, _, v_new, _ = run_state_fwd(k, w, u, g_cum, initial_state, False, layout)
+    return h, v_new
 
 
 def chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout):
@@ -537,18 +620,17 @@ def chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout):
 
 # Each intermediate is dropped right after the last kernel that reads it, so that the peak memory is what one
 # step needs, not everything at once (the caching allocator reuses the blocks in stream order).
-def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout):
-    g_cum, _, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False)
-    h, h_lo, v_new, final_state = chunk_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
-                                                  store_h_lo=True)
-    del w, u
-    o = chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype)
-    return o, final_state
+def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout, keep_a_inv):
+    """Returns o, the final state (or None) and, with keep_a_inv (for backward), Ainv (else None)."""
+    g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=keep_a_inv)
+    o, final_state = chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout,
+                                            v.dtype)
+    return o, final_state, a_inv
 
 
-def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, do, dht, layout):
-    g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    h, _, v_new, _ = chunk_state_fwd(k, w, u, g_cum, initial_state, False, layout, store_h_lo=False)
+def chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, scale, initial_state, do, dht, layout):
+    g_cum, _, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv)
+    h, v_new = chunk_state_fwd(k, w, u, g_cum, initial_state, layout)
     del u
     dh, du, dh0 = chunk_state_bwd(q, k, w, g_cum, do, dht, scale, initial_state is not None, layout)
     del w
@@ -559,26 +641,27 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, scale, initial_state, do, dht, 
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Saves only the inputs; backward recomputes the chunk intermediates and states."""
+    """Saves the inputs and Ainv (float32 [tokens, H, 64]); backward recomputes the other chunk intermediates
+    and the states."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
         initial_state = None if initial_state is None else initial_state.float().contiguous()
         layout = sequence_layout(q.shape[0], q.shape[1], cu_seqlens, CHUNK_SIZE, q.device)
-        o, final_state = chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state,
-                                                    output_final_state, layout)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, *layout[:3])
+        o, final_state, a_inv = chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state,
+                                                           output_final_state, layout, any(ctx.needs_input_grad))
+        ctx.save_for_backward(q, k, v, g, beta, a_inv, initial_state, *layout[:3])
         ctx.num_chunks, ctx.scale = layout.num_chunks, scale
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state, *layout = ctx.saved_tensors
+        q, k, v, g, beta, a_inv, initial_state, *layout = ctx.saved_tensors
         layout = SequenceLayout(*layout, ctx.num_chunks)
         dht = None if dht is None else dht.float().contiguous()
         dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
-            q, k, v, g, beta, ctx.scale, initial_state, do.contiguous(), dht, layout)
+            q, k, v, g, beta, a_inv, ctx.scale, initial_state, do.contiguous(), dht, layout)
         return dq, dk, dv, dg, dbeta, None, dh0, None, None
 
 

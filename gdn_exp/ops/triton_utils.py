@@ -59,11 +59,17 @@ def mma(a, b, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def state_mma(a, b, DTYPE: tl.constexpr):
-    """a @ b for the products with the running float32 state in the sequential passes: tf32 operands for 16-bit
-    inputs (rounding the state to 16 bits every chunk adds up over a long sequence), tf32x3 for float32."""
+def state_mma(a, b, DTYPE: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b for the products with the running float32 state (or a float32 [BT, BV] operand) b in the sequential
+    passes, a in DTYPE. For 16-bit inputs either b split into two 16-bit planes, b = hi + lo (SPLIT; ~16 mantissa
+    bits, two full-rate dots: more exact than tf32 and faster on Hopper), or one tf32 dot (where Triton 3.6
+    miscompiles the split, see chunk.STATE_LAUNCH); rounding b to 16 bits once per chunk would add up over a
+    long sequence. float32 inputs: tf32x3."""
     if DTYPE == tl.float32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    elif SPLIT:
+        hi = b.to(DTYPE)
+        return tl.dot(a.to(DTYPE), (b - hi.to(tl.float32)).to(DTYPE), tl.dot(a.to(DTYPE), hi))
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
@@ -111,6 +117,17 @@ def load_tokens(base, bos, i_h, seq_len, H: tl.constexpr, D: tl.constexpr, row, 
     """[BR, BC] block of a [tokens, H, D] tensor (see token_offsets); zero outside the sequence."""
     o_x, m_x = token_offsets(bos, i_h, seq_len, H, D, row, col, BR, BC)
     return tl.load(base + o_x, mask=m_x, other=0)
+
+
+@triton.jit
+def load_tokens_t(base, bos, i_h, seq_len, H: tl.constexpr, D: tl.constexpr, row, col, BR: tl.constexpr,
+                  BC: tl.constexpr):
+    """[BC, BR]: the transpose of load_tokens' block, loaded that way, so that it feeds a dot without a
+    transpose in registers (how fla's state passes take K^T)."""
+    o_r = row + tl.arange(0, BR)
+    o_c = col + tl.arange(0, BC)
+    o_x = (bos + o_r[None, :]) * (H * D) + i_h * D + o_c[:, None]
+    return tl.load(base + o_x, mask=(o_r < seq_len)[None, :] & (o_c < D)[:, None], other=0)
 
 
 @triton.jit
