@@ -428,7 +428,8 @@ def main(argv=None):
     fla, fla_reason = (None, "--no-fla") if args.no_fla else load_fla()
     env = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "torch": torch.__version__, "triton": triton.__version__,
-           "fla": "unavailable: " + fla_reason if fla is None else "fla 0.6 (Hopper chunk-backward guard bypassed for timing)"}
+           "fla": ("unavailable: " + fla_reason if fla is None
+                   else "fla 0.6 (Hopper chunk-backward guard bypassed for timing)")}
     bandwidth, matmul = measure_copy_bandwidth(), measure_matmul_flops()
     env.update(copy_tb_s=bandwidth / 1e12, bf16_matmul_tflops=matmul / 1e12)
     report = {"env": env}

@@ -19,8 +19,8 @@ Precision follows the inputs (`triton_utils.mma`): for bf16/fp16 inputs the dots
 float32 accumulation; the products with the running float32 state (and the float32 [BT, BV] operands) in the
 sequential passes split that operand into two 16-bit planes (`state_mma`, ~16 mantissa bits). W, U~, U, the
 states h (plus their rounding remainders h_lo for the output kernel) and the gradients dh, dU, dW are stored in
-the input dtype; gate cumsums, Ainv and partial gradient sums in float32. Float32 inputs keep everything float32 (tf32x3 dots). Tensors live as [tokens, H, D]
-with sequences packed along tokens (see triton_utils).
+the input dtype; gate cumsums, Ainv and partial gradient sums in float32. Float32 inputs keep everything
+float32 (tf32x3 dots). Tensors live as [tokens, H, D] with sequences packed along tokens (see triton_utils).
 """
 import torch
 import triton
