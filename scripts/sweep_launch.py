@@ -1,6 +1,6 @@
 """Launch-setting sweep for the chunk kernels, each setting checked against the default one: the sequential
-state passes (V block x num_stages x split or tf32 state products; how chunk.STATE_LAUNCH was chosen) and the
-per-chunk wgmma kernels (num_warps x num_stages; chunk.LAUNCH).
+state passes (V block x num_warps x num_stages; how chunk.STATE_LAUNCH was chosen) and the per-chunk wgmma
+kernels (num_warps x num_stages; chunk.LAUNCH).
 
     python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8] [--kernels state_bwd,wy_bwd]
 
@@ -26,16 +26,14 @@ def trials(state_warps=(4,)):
     for kernel in CHUNK_KERNELS:
         for shape in ("B8T4096D128", "B4T4096D256"):
             for warps, stages in itertools.product((4, 8), (1, 2, 3)):
-                out.append(dict(kernel=kernel, shape=shape, BV=0, num_warps=warps, num_stages=stages, split=None))
+                out.append(dict(kernel=kernel, shape=shape, BV=0, num_warps=warps, num_stages=stages))
     for kernel in STATE_KERNELS:
         for shape in SHAPES:
             d256 = shape.endswith("D256")
-            for warps, bv, stages, split in itertools.product(state_warps, (16, 32, 64), (1, 2, 3), (True, False)):
+            for warps, bv, stages in itertools.product(state_warps, (16, 32, 64), (1, 2, 3)):
                 if d256 and (stages == 3 or (bv == 64 and stages > 1)):
                     continue  # K = 256: shared memory
-                if not split and not d256:
-                    continue  # K = 128: tf32 lost to the split in every setting (v4-v5)
-                out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=warps, num_stages=stages, split=split))
+                out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=warps, num_stages=stages))
     return out
 
 
@@ -73,7 +71,7 @@ def run_trial(trial, fns, time_it):
     ref = [x.float() for x in fn() if x is not None]
     setting = dict(num_warps=trial["num_warps"], num_stages=trial["num_stages"])
     if name in STATE_KERNELS:
-        chunk.state_pass_config = lambda *args: (trial["BV"], dict(setting, SPLIT_STATE=trial["split"]))
+        chunk.state_pass_config = lambda *args: (trial["BV"], setting)
     else:
         chunk.LAUNCH[name] = setting
     try:
@@ -170,7 +168,6 @@ def main():
             ms = f"{rec['ms']:.3f}" if "ms" in rec else "-"
             status = rec.get("crash") or (f"err {rec['err']:.1e}" + (" NaN" if rec["nan"] else ""))
             print(f"{rec['kernel']:16s} {rec['shape']:13s} BV{rec['BV']:<3d} {rec['num_warps']}w {rec['num_stages']}s "
-                  f"{ {True: 'split', False: 'tf32 ', None: '     '}[rec['split']]} "
                   f"{ms:>7s} ms  {status}", flush=True)
 
 

@@ -46,29 +46,30 @@ LAUNCH = {
 }
 # The sequential state passes for 16-bit inputs and K <= 128, per V block (see state_pass_config): each program
 # holds a [K, BV] float32 state and walks one sequence, so the V block trades work per program against programs
-# per SM. SPLIT_STATE: products with the state as two bf16 planes (state_mma; faster and more exact than
-# tf32). Triton 3.6 miscompiled those products at 1 stage in blocks of 16-32 and crashed in others until the
-# passes took K^T, Q^T, W^T as loaded (load_tokens_t); every setting here passed the full GPU check (v5).
+# per SM. Triton 3.6 miscompiled the two-plane state products (state_mma) at 1 stage in blocks of 16-32, and
+# crashed in others until the passes took K^T, Q^T, W^T as loaded (load_tokens_t); every setting here passed
+# the full GPU check (v5).
 # state_output_fwd is the forward's pass when it writes O (forward_writes_output: blocks of 64, or V <= 16),
 # state_fwd the pass that stores h and U (backward's recomputation; the forward's with narrow blocks).
 # Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4-v5; scripts/sweep_launch.py).
 STATE_LAUNCH = {
-    "state_output_fwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
-                         16: dict(num_warps=4, num_stages=2, SPLIT_STATE=True)},
-    "state_fwd": {64: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
-                  32: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
-                  16: dict(num_warps=4, num_stages=3, SPLIT_STATE=True)},
-    "state_bwd": {64: dict(num_warps=4, num_stages=1, SPLIT_STATE=True),
-                  32: dict(num_warps=4, num_stages=2, SPLIT_STATE=True),
-                  16: dict(num_warps=4, num_stages=2, SPLIT_STATE=True)},
+    "state_output_fwd": {64: dict(num_warps=4, num_stages=1),
+                         16: dict(num_warps=4, num_stages=2)},
+    "state_fwd": {64: dict(num_warps=4, num_stages=2),
+                  32: dict(num_warps=4, num_stages=2),
+                  16: dict(num_warps=4, num_stages=3)},
+    "state_bwd": {64: dict(num_warps=4, num_stages=1),
+                  32: dict(num_warps=4, num_stages=2),
+                  16: dict(num_warps=4, num_stages=2)},
 }
 # K > 128 (a [256, BV] state), one (V block, setting) per pass: the fastest of the settings that passed the
 # check at K = 256 on the H100 (v5, B4 T4096 H8 D256: the O-writing pass 0.81-0.94 ms, against 0.93 + 0.61 for
-# the state pass with h_lo and the output kernel; state_fwd 0.57 ms, state_bwd 1.49 ms; tf32 or the split at 1
-# stage in blocks of 16-32 crashed or went wrong, 2 stages at 64 exceed shared memory).
-WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1, SPLIT_STATE=True)),
-                     "state_fwd": (32, dict(num_warps=4, num_stages=2, SPLIT_STATE=True)),
-                     "state_bwd": (16, dict(num_warps=4, num_stages=2, SPLIT_STATE=True))}
+# the state pass with h_lo and the output kernel; state_fwd 0.57 ms, state_bwd 1.49 ms; 1 stage in blocks of
+# 16-32 crashed or went wrong, 2 stages at 64 exceed shared memory; tf32 state products, since removed, were
+# slower or wrong).
+WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1)),
+                     "state_fwd": (32, dict(num_warps=4, num_stages=2)),
+                     "state_bwd": (16, dict(num_warps=4, num_stages=2))}
 FP32_LAUNCH = dict(num_warps=4, num_stages=1)
 
 
@@ -266,8 +267,7 @@ def chunk_gates(g_cum, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr
 def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_H_LO: tl.constexpr,
-                           SPLIT_STATE: tl.constexpr):
+                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_H_LO: tl.constexpr):
     """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
     S <- exp(G_last) S + (exp(G_last - G) K)^T U. With OUTPUT it also writes the chunk's output
     O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores the
@@ -283,13 +283,13 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, 
         b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
         if OUTPUT:
             b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
-            b_o = state_mma(b_q, b_S, DTYPE, SPLIT_STATE)
+            b_o = state_mma(b_q, b_S, DTYPE)
         else:
             store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
             if STORE_H_LO:
                 b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
                 store_state(h_lo, b_S - b_hi, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
-        b_u -= state_mma(b_w, b_S, DTYPE, SPLIT_STATE)
+        b_u -= state_mma(b_w, b_S, DTYPE)
         if OUTPUT:
             b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
             b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
@@ -298,7 +298,7 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, 
             store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
-        b_S = b_S * tl.exp(b_G_last) + state_mma(b_kt, b_ud, DTYPE, SPLIT_STATE)
+        b_S = b_S * tl.exp(b_G_last) + state_mma(b_kt, b_ud, DTYPE)
     if STORE_FINAL_STATE:
         store_state(ht, b_S, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 
@@ -332,7 +332,7 @@ def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, h_lo, o, scale, cu_seqlens, c
 def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           USE_FINAL_STATE_GRADIENT: tl.constexpr, SPLIT_STATE: tl.constexpr):
+                           USE_FINAL_STATE_GRADIENT: tl.constexpr):
     """Reverse over the chunks of one sequence: dS (gradient of the chunk-end state) into dh, and
     dU = P^T dO + (exp(G_last - G) K) dS into du, where P = scale Q K^T * D. BK covers all of K."""
     DTYPE: tl.constexpr = q.dtype.element_ty
@@ -353,11 +353,11 @@ def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqle
             tl.where(o_i[:, None] <= o_i[None, :], b_G[None, :] - b_G[:, None], float("-inf")))
         # row scales go on the [BT, BV] operands and results, not on the [BT, K] ones
         b_kdecay = tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)
-        b_du = mma(b_Pt, b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE, SPLIT_STATE) * b_kdecay[:, None]
+        b_du = mma(b_Pt, b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE) * b_kdecay[:, None]
         store_tokens(du, b_du, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         b_dos = b_do * (scale * tl.exp(b_G))[:, None]
-        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(b_qt, b_dos, DTYPE, SPLIT_STATE)
-                - state_mma(b_wt, b_du, DTYPE, SPLIT_STATE))
+        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(b_qt, b_dos, DTYPE)
+                - state_mma(b_wt, b_du, DTYPE))
     if USE_INITIAL_STATE:
         store_state(dh0, b_dS, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 
@@ -492,12 +492,12 @@ def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None):
 
 
 def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.dtype, sms: int):
-    """(V block, launch settings with SPLIT_STATE) of state kernel `name` for num_states = sequences x heads on
-    a GPU with `sms` SMs. 16-bit inputs with K <= 128: the largest block of STATE_LAUNCH that still gives every
-    SM a program, else the smallest. K > 128: WIDE_STATE_LAUNCH. float32 inputs: blocks of at least 32 (16
-    miscompiled there, see LAUNCH) and FP32_LAUNCH."""
+    """(V block, launch settings) of state kernel `name` for num_states = sequences x heads on a GPU with `sms`
+    SMs. 16-bit inputs with K <= 128: the largest block of STATE_LAUNCH that still gives every SM a program,
+    else the smallest. K > 128: WIDE_STATE_LAUNCH. float32 inputs: blocks of at least 32 (16 miscompiled there,
+    see LAUNCH) and FP32_LAUNCH."""
     if dtype == torch.float32:
-        return block_size(V, 64 if K <= 64 else 32), dict(FP32_LAUNCH, SPLIT_STATE=False)
+        return block_size(V, 64 if K <= 64 else 32), FP32_LAUNCH
     if K > 128:
         BV, config = WIDE_STATE_LAUNCH[name]
         return block_size(V, BV), config

@@ -59,19 +59,16 @@ def mma(a, b, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def state_mma(a, b, DTYPE: tl.constexpr, SPLIT: tl.constexpr):
+def state_mma(a, b, DTYPE: tl.constexpr):
     """a @ b for the products with the running float32 state (or a float32 [BT, BV] operand) b in the sequential
-    passes, a in DTYPE. For 16-bit inputs either b split into two 16-bit planes, b = hi + lo (SPLIT; ~16 mantissa
-    bits, two full-rate dots: more exact than tf32 and faster on Hopper), or one tf32 dot (where Triton 3.6
-    miscompiles the split, see chunk.STATE_LAUNCH); rounding b to 16 bits once per chunk would add up over a
-    long sequence. float32 inputs: tf32x3."""
+    passes, a in DTYPE. For 16-bit inputs b is split into two 16-bit planes, b = hi + lo (~16 mantissa bits, two
+    full-rate dots: more exact than one tf32 dot and faster on Hopper); rounding b to 16 bits once per chunk would
+    add up over a long sequence. float32 inputs: tf32x3."""
     if DTYPE == tl.float32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
-    elif SPLIT:
+    else:
         hi = b.to(DTYPE)
         return tl.dot(a.to(DTYPE), (b - hi.to(tl.float32)).to(DTYPE), tl.dot(a.to(DTYPE), hi))
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
 
 
 def sm_count(device: torch.device) -> int:
