@@ -125,8 +125,8 @@ def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
     ("state_fwd", 64, 128, torch.bfloat16, (32, 2)),            # B4 H16: 64 columns give only 128 programs
     ("state_fwd", 16, 128, torch.bfloat16, (16, 3)),            # B1 H16: even 16 columns give only 128
     ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2)),      # V = 16 caps the block
-    ("state_fwd", 32, 256, torch.bfloat16, (32, 2)),            # K = 256: WIDE_STATE_LAUNCH
-    ("state_bwd", 32, 256, torch.bfloat16, (16, 2)),
+    ("state_fwd", 32, 256, torch.bfloat16, (64, 1)),            # K = 256: WIDE_STATE_LAUNCH
+    ("state_bwd", 32, 256, torch.bfloat16, (64, 1)),
     ("state_bwd", 16, 128, torch.float32, (32, 1)),             # float32 keeps its own settings
 ])
 def test_state_pass_config_fills_the_gpu(name, num_states, D, dtype, expected):
