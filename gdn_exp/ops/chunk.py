@@ -64,9 +64,9 @@ STATE_LAUNCH = {
 }
 # K > 128 (a [256, BV] state), one (V block, setting) per pass: the fastest of the settings that passed the
 # check at K = 256 on the H100 (v5, B4 T4096 H8 D256: the O-writing pass 0.81-0.94 ms, against 0.93 + 0.61 for
-# the state pass with h_lo and the output kernel; state_fwd 0.53 ms at 8 warps (0.57 at 4, blocks of 32),
-# state_bwd 1.32 at 8 warps (1.49 at 4, blocks of 16); 1 stage in blocks of 16-32 crashed or went wrong, 2
-# stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong).
+# the state pass with h_lo and the output kernel; state_bwd 1.34 ms at 8 warps (1.49 at 4, blocks of 16),
+# state_fwd 0.53-0.57 at 8 warps (0.57 at 4, blocks of 32); 1 stage in blocks of 16-32 crashed or went wrong,
+# 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong).
 WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1)),
                      "state_fwd": (64, dict(num_warps=8, num_stages=1)),
                      "state_bwd": (64, dict(num_warps=8, num_stages=1))}
