@@ -231,20 +231,21 @@ def bench_generate(d_model=1024, n_layers=8, num_heads=8, head_dim=128, vocab_si
     return rows
 
 
-def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
-    """ms of each chunk kernel (through its Python launcher) at one shape; with sweep, wy_fwd and wy_recompute
-    are also timed at other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run."""
+def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> dict:
+    """Each chunk kernel's Python launcher at one shape, as a closure over random inputs and the intermediates
+    it reads: the forward's state pass and output as the op picks them (state_output_fwd), and, for launch
+    sweeps, the O-writing state pass (o_writing_pass) and the output kernel (output_fwd) on their own."""
     from gdn_exp.ops import chunk
-    from gdn_exp.ops.triton_utils import sequence_layout, sm_count
+    from gdn_exp.ops.triton_utils import sequence_layout
 
     q, k, v, g, beta = op_inputs(B, T, H, D, dtype, device)
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
     g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    h, v_new = chunk.chunk_state_fwd(k, w, u, g_cum, None, layout)
+    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
-    launches = {  # forward (training): wy_fwd, state_output_fwd; backward: the others
+    return {  # forward (training): wy_fwd, state_output_fwd; backward: wy_recompute to wy_bwd
         "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True),
         "wy_recompute": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv),
         "state_output_fwd": lambda: chunk.chunk_state_output_fwd(q, k, w, u, g_cum, scale, None, False, layout,
@@ -253,14 +254,30 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
         "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
         "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
+        "o_writing_pass": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, q=q, scale=scale,
+                                                      out_dtype=v.dtype),
+        "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
     }
+
+
+def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
+    """ms of each chunk kernel (through its Python launcher) at one shape, as the op runs them; with sweep,
+    wy_fwd and wy_recompute are also timed at other num_warps and the fastest is kept in chunk.LAUNCH for the
+    rest of the run."""
+    from gdn_exp.ops import chunk
+    from gdn_exp.ops.triton_utils import sm_count
+
+    launches = chunk_kernel_launches(B, T, H, D, dtype, device)
+    for name in ("o_writing_pass", "output_fwd"):  # parts of state_output_fwd where the op runs them
+        del launches[name]
+    device = torch.device(device)
     rows = []
     for name, fn in launches.items():
         tried = None
         if name in chunk.STATE_LAUNCH:  # settings per V block, picked by shape
-            fused = name != "state_output_fwd" or chunk.forward_writes_output(B * H, D, D, dtype, sm_count(q.device))
+            fused = name != "state_output_fwd" or chunk.forward_writes_output(B * H, D, D, dtype, sm_count(device))
             bv, config = chunk.state_pass_config(name if fused else "state_fwd", B * H, D, D, dtype,
-                                                 sm_count(q.device))
+                                                 sm_count(device))
             ms, setting = do_bench(fn), f"BV={bv}, {config}" + ("" if fused else " + output kernel")
         else:
             # the wy kernel is the one on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)

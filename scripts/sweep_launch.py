@@ -38,27 +38,10 @@ def trials(state_warps=(4,)):
 
 
 def setup(shape):
-    import torch
-    from gdn_exp.bench import op_inputs
-    from gdn_exp.ops import chunk
-    from gdn_exp.ops.triton_utils import sequence_layout
-    B, T, H, D = SHAPES[shape]
-    q, k, v, g, beta = op_inputs(B, T, H, D)
-    do, scale = torch.randn_like(v), D**-0.5
-    layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
-    g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
-    dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
-    dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
-    return {
-        "state_output_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, True, layout, q=q, scale=scale,
-                                                        out_dtype=v.dtype),  # the pass that writes O
-        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, layout),
-        "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
-        "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
-        "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
-        "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
-    }
+    from gdn_exp.bench import chunk_kernel_launches
+    launches = chunk_kernel_launches(*SHAPES[shape])
+    launches["state_output_fwd"] = launches["o_writing_pass"]  # STATE_LAUNCH's name for the O-writing pass
+    return launches
 
 
 def run_trial(trial, fns, time_it):

@@ -56,6 +56,13 @@ def test_kernel_rows_on_cpu(wall_clock_bench):
         assert row["ms"] > 0 and row["launch"].count("num_warps") == 1, row
 
 
+def test_every_chunk_kernel_launcher_runs_on_cpu():
+    """scripts/sweep_launch.py times these launchers one by one; each must run and give finite outputs."""
+    for name, launch in bench.chunk_kernel_launches(1, 70, 2, 16, dtype=torch.float32, device="cpu").items():
+        outputs = [x for x in launch() if x is not None]
+        assert outputs and all(bool(x.isfinite().all()) for x in outputs), name
+
+
 def test_generate_rows_on_cpu(wall_clock_bench):
     rows = bench.bench_generate(d_model=32, n_layers=1, num_heads=2, head_dim=16, vocab_size=40, batch_size=2,
                                 prompt_len=5, new_tokens=3, cuda_graph_options=(False, None), dtype=torch.float32,
