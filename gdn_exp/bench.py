@@ -245,8 +245,9 @@ def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> di
     _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
-    return {  # forward (training): wy_fwd, state_output_fwd; backward: wy_recompute to wy_bwd
-        "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True),
+    return {  # forward (training): wy_solve (with its apply), state_output_fwd; backward: wy_recompute to wy_bwd
+        "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),  # inference forward
+        "wy_solve": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True),
         "wy_recompute": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv),
         "state_output_fwd": lambda: chunk.chunk_state_output_fwd(q, k, w, u, g_cum, scale, None, False, layout,
                                                                  v.dtype),
@@ -262,8 +263,9 @@ def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> di
 
 def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
     """ms of each chunk kernel (through its Python launcher) at one shape, as the op runs them; with sweep,
-    wy_fwd and wy_recompute are also timed at other num_warps and the fastest is kept in chunk.LAUNCH for the
-    rest of the run."""
+    the wy kernels (wy_fwd, wy_solve, wy_recompute) are also timed at other num_warps and the fastest is kept in
+    chunk.LAUNCH for the rest of the run. wy_solve is the training forward's pair of launches (solve for Ainv,
+    then apply it); its setting is the solve's."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.triton_utils import sm_count
 
@@ -281,7 +283,7 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
             ms, setting = do_bench(fn), f"BV={bv}, {config}" + ("" if fused else " + output kernel")
         else:
             # the wy kernel is the one on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
-            wy = name in ("wy_fwd", "wy_recompute")
+            wy = name in ("wy_fwd", "wy_solve", "wy_recompute")
             configs = [chunk.LAUNCH[name]] + ([dict(num_warps=w, num_stages=1) for w in (1, 2, 4, 8)
                                                if w != chunk.LAUNCH[name]["num_warps"]] if sweep and wy else [])
             timed = []

@@ -1,6 +1,6 @@
-"""Compiles the chunk kernels (and the fused short conv) for Hopper (sm_90) without a GPU and reports each kernel's
-registers, stack (spills) and shared memory: catches compile errors and shared-memory or register blow-ups before
-GPU time.
+"""Compiles the chunk kernels (and the layer's fused short conv and output norm) for Hopper (sm_90) without a GPU
+and reports each kernel's registers, stack (spills) and shared memory: catches compile errors and shared-memory or
+register blow-ups before GPU time.
 
     python -m gdn_exp.compile_check [--dtype bfloat16] [--shape B,T,H,K,V] [--launch wy_fwd=1,1 ...]
 
@@ -67,9 +67,10 @@ def registers_and_stack(cubin: bytes):
 
 
 def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
-    """Compiles every kernel the chunk op (and the layer's fused short conv) launches at this shape; returns one
-    dict per distinct compile."""
+    """Compiles every kernel the chunk op (and the layer's fused short conv and output norm) launches at this
+    shape; returns one dict per distinct compile."""
     from gdn_exp.ops import chunk
+    from gdn_exp.ops.gated_norm import triton_gated_rms_norm
     from gdn_exp.ops.short_conv import triton_short_conv_silu
     from gdn_exp.ops.triton_utils import sequence_layout
 
@@ -107,6 +108,8 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
         x = torch.randn(B, T, H * (2 * K + V), dtype=dtype, requires_grad=True)
         outs = triton_short_conv_silu(x, torch.randn(x.shape[-1], 4), ((H, K, True), (H, K, True), (H, V, False)))
         torch.autograd.backward(outs, [torch.zeros_like(o) for o in outs])
+        o, gate = (torch.randn(B, T, H, V, dtype=dtype, requires_grad=True) for _ in range(2))
+        triton_gated_rms_norm(o, torch.ones(V), gate).backward(do)
     finally:
         JITFunction.run, chunk.sm_count = run, sms
     return results

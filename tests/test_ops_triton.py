@@ -10,21 +10,15 @@ import subprocess
 import sys
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+import pytest
+from triton_markers import gpu_only, interpreter_only  # first: sets TRITON_INTERPRET
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from gdn_exp import kernel_check  # noqa: E402
-from gdn_exp.kernel_check import Case, varlen_case  # noqa: E402
-from gdn_exp.ops import gated_delta_rule  # noqa: E402
-from gdn_exp.ops import recurrent  # noqa: E402
-from gdn_exp.ops.recurrent import triton_decode_step  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="CPU tests need TRITON_INTERPRET=1")
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
-                              reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0)")
+from gdn_exp import kernel_check
+from gdn_exp.kernel_check import Case, varlen_case
+from gdn_exp.ops import gated_delta_rule
+from gdn_exp.ops import recurrent
+from gdn_exp.ops.recurrent import triton_decode_step
 
 CPU_CASES = [
     Case(B=1, T=1, H=1, K=16, V=16),

@@ -3,23 +3,15 @@
 
 On CPU the kernels run under the Triton interpreter in float32; the `gpu` tests run compiled, bf16 and float32.
 """
-import os
+import pytest
+from triton_markers import assert_close_to_reference, gpu_only, interpreter_only  # first: sets TRITON_INTERPRET
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from gdn_exp.kernel_check import nan_poisoned_allocations  # noqa: E402
-from gdn_exp.nn import GatedDeltaNet  # noqa: E402
-from gdn_exp.nn.conv import positions_in_sequence  # noqa: E402
-from gdn_exp.nn.gated_deltanet import qkv_pointwise  # noqa: E402
-from gdn_exp.ops.short_conv import triton_short_conv_silu  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreter_only = pytest.mark.skipif(not INTERPRETED, reason="CPU tests need TRITON_INTERPRET=1")
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
-                              reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0)")
+from gdn_exp.kernel_check import nan_poisoned_allocations
+from gdn_exp.nn import GatedDeltaNet
+from gdn_exp.nn.conv import positions_in_sequence
+from gdn_exp.nn.gated_deltanet import qkv_pointwise
+from gdn_exp.ops.short_conv import triton_short_conv_silu
 
 # (B, T, H, K, V, W, normalise q and k, packed sequence lengths or None)
 CASES = {
@@ -48,17 +40,14 @@ def check(case, dtype, device, tolerance):
         x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
         outs = fn(x, weight)
         sum((o * d.to(o)).sum() for o, d in zip(outs, douts)).backward()
-        return [o.detach() for o in outs] + [x.grad, weight.grad]
+        return dict(zip(["q", "k", "v", "dx", "dweight"], [o.detach() for o in outs] + [x.grad, weight.grad]))
 
     ref = run(lambda x, w: qkv_pointwise(x, w, None, position, H, K, V, norm)[:3], x, weight)
     with nan_poisoned_allocations():
         got = run(lambda x, w: triton_short_conv_silu(x, w, ((H, K, norm), (H, K, norm), (H, V, False)),
                                                       None if position is None else position.to(device)),
                   x.to(device, dtype), weight.to(device, torch.float32))
-    for name, a, b in zip(["q", "k", "v", "dx", "dweight"], got, ref):
-        assert a.shape == b.shape and torch.isfinite(a).all(), f"{name}: not finite (an element not written?)"
-        ratio = ((a.double().cpu() - b).norm() / b.norm()).item()
-        assert ratio < tolerance, f"{name}: ||got - ref|| / ||ref|| = {ratio:.2e} >= {tolerance:.0e}"
+    assert_close_to_reference(got, ref, tolerance)
 
 
 @interpreter_only
@@ -73,17 +62,20 @@ def test_parts_must_cover_the_channels():
 
 
 @interpreter_only
-def test_layer_uses_the_fused_kernel_on_the_triton_backend():
-    """backend=triton (the interpreter here) runs the fused kernel and equals the PyTorch backend's layer."""
+@pytest.mark.parametrize("use_output_gate", [True, False], ids=["gated", "no gate"])
+def test_layer_on_the_triton_backend_equals_the_torch_backend(use_output_gate):
+    """backend=triton (the interpreter here) runs the fused short conv and the fused output norm
+    (ops/gated_norm.py); output and every parameter's gradient equal the PyTorch backend's layer."""
     torch.manual_seed(0)
-    layers = [GatedDeltaNet(32, 2, 16, backend=b) for b in ("torch", "triton")]
+    layers = [GatedDeltaNet(32, 2, 16, use_output_gate=use_output_gate, backend=b) for b in ("torch", "triton")]
     layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(2, 40, 32)
     ys = [layer(x)[0] for layer in layers]
     for y in ys:
         y.square().sum().backward()
-    torch.testing.assert_close(ys[1], ys[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(layers[1].conv.weight.grad, layers[0].conv.weight.grad, rtol=1e-4, atol=1e-5)
+    got = {"y": ys[1], **{name: p.grad for name, p in layers[1].named_parameters()}}
+    ref = {"y": ys[0], **{name: p.grad for name, p in layers[0].named_parameters()}}
+    assert_close_to_reference(got, {name: t.double() for name, t in ref.items()}, tolerance=1e-5)  # float32 rounding
 
 
 @pytest.mark.gpu

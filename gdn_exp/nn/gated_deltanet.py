@@ -39,6 +39,14 @@ def qkv_pointwise(qkv, conv_weight, past, position, H: int, K: int, V: int, use_
     return q, k, v, padded
 
 
+def output_norm(o, weight, gate, eps: float):
+    """RMSNorm(o) * weight over the last dim, times silu(gate) if gate is not None: the PyTorch path and the
+    reference of `ops.gated_norm`, its Triton form. o, gate: [..., V]; weight: [V]. Returns o's shape and dtype."""
+    # the weight in o's dtype: torch's fused RMSNorm kernel needs matching dtypes (bf16 o under autocast)
+    o = F.rms_norm(o, o.shape[-1:], weight.to(o.dtype), eps)
+    return o if gate is None else o * F.silu(gate)
+
+
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet layer: x [B, T, d_model] -> y [B, T, d_model].
 
@@ -78,7 +86,8 @@ class GatedDeltaNet(nn.Module):
             which is the same computation as a one-token chunk without padding it to the chunk size.
         backend: the op's backend ("auto", "triton", "torch"); use_delta=False always runs PyTorch. With
             Triton, training and uncached forward passes also run the short conv, SiLU and q/k norms as one
-            fused kernel (`ops.short_conv`); `qkv_pointwise` is the PyTorch path.
+            fused kernel (`ops.short_conv`); `qkv_pointwise` is the PyTorch path. The output's RMSNorm and gate
+            run as one fused kernel too (`ops.gated_norm`; PyTorch path: `output_norm`).
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, expand_v: float = 1.0, conv_size: int = 4,
@@ -181,9 +190,12 @@ class GatedDeltaNet(nn.Module):
         else:
             o, recurrent_state = gated_linear_attention(q, k, v, g, beta, **op_args)
 
-        # the weight in o's dtype: torch's fused RMSNorm kernel needs matching dtypes (bf16 o under autocast)
-        o = F.rms_norm(o, (V,), self.o_norm.weight.to(o.dtype), self.o_norm.eps)  # [B, T, H, V]
-        if self.use_output_gate:
-            o = o * F.silu(self.g_proj(x)).view(B, T, H, V)
+        gate = self.g_proj(x).view(B, T, H, V) if self.use_output_gate else None
+        if resolve_backend(self.backend, x.device) == "triton":
+            from gdn_exp.ops.gated_norm import triton_gated_rms_norm  # imports Triton, which is Linux-only
+
+            o = triton_gated_rms_norm(o, self.o_norm.weight, gate, self.o_norm.eps)
+        else:
+            o = output_norm(o, self.o_norm.weight, gate, self.o_norm.eps)      # [B, T, H, V]
         y = self.o_proj(o.reshape(B, T, H * V))
         return y, ({"conv": conv_cache, "recurrent": recurrent_state} if use_cache else None)

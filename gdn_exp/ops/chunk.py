@@ -39,7 +39,8 @@ CHUNK_SIZE = 64
 # (scripts/sweep_launch.py, v5: dqk_bwd 1.14 -> 0.89 ms, wy_bwd 0.96 -> 0.55, output_fwd 0.52 -> 0.40).
 LAUNCH = {
     "wy_fwd": dict(num_warps=1, num_stages=1),  # 16-row dots (mma.sync, not wgmma); 1 warp: 2.2x faster than 4
-    "wy_recompute": dict(num_warps=4, num_stages=1),  # the same kernel loading Ainv (backward): 0.38 -> 0.29 ms
+    "wy_solve": dict(num_warps=1, num_stages=1),  # the same kernel, only solving for Ainv (training forward)
+    "wy_recompute": dict(num_warps=4, num_stages=1),  # the same kernel applying a stored Ainv: 0.38 -> 0.29 ms
     "output_fwd": dict(num_warps=4, num_stages=2),
     "dqk_bwd": dict(num_warps=4, num_stages=2),
     "wy_bwd": dict(num_warps=4, num_stages=3),
@@ -168,15 +169,16 @@ def lower_blocks_apply(X00, X10, X11, X20, X21, X22, X30, X31, X32, X33, base, b
 @triton.jit
 def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_indices,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-                        BK: tl.constexpr, BV: tl.constexpr, STORE_AINV: tl.constexpr, LOAD_AINV: tl.constexpr):
+                        BK: tl.constexpr, BV: tl.constexpr, STORE_AINV: tl.constexpr, LOAD_AINV: tl.constexpr,
+                        WRITE_WU: tl.constexpr):
     """Per chunk: G = cumsum(g), Ainv = (I + A)^-1, W = Ainv (beta exp(G) K), U~ = Ainv (beta V).
 
     The chunk is four row blocks of BS = BT / 4, and every [BT, BT] matrix lives as its [BS, BS] blocks in
     registers: the blocks of K K^T, the four diagonal blocks of Ainv by one forward substitution over all four
     (BS - 1 serial steps instead of BT - 1), then X_ij = -X_ii sum_{j <= m < i} A_im X_mj by dots. The row
     scales (beta exp(G), beta) go onto the columns of Ainv's blocks, so K and V feed the dots as loaded.
-    Ainv (float32, lower blocks only) is stored when backward needs it (STORE_AINV); backward loads it
-    (LOAD_AINV) and recomputes only G, W and U~."""
+    Ainv (float32, lower blocks only) is stored when backward needs it (STORE_AINV); a launch that loads it
+    (LOAD_AINV) computes only G, W and U~; WRITE_WU=False stops after Ainv."""
     tl.static_assert(BT == 4 * BS)
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
@@ -237,18 +239,19 @@ def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_ind
             store_tokens(a_inv, X32, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 2 * BS, BS, BS)
             store_tokens(a_inv, X33, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 3 * BS, BS, BS)
 
-    for i_v in range(tl.cdiv(V, BV)):  # U~ = (Ainv diag(beta)) V
-        lower_blocks_apply(X00 * b_beta0[None, :], X10 * b_beta0[None, :], X11 * b_beta1[None, :],
-                           X20 * b_beta0[None, :], X21 * b_beta1[None, :], X22 * b_beta2[None, :],
-                           X30 * b_beta0[None, :], X31 * b_beta1[None, :], X32 * b_beta2[None, :],
-                           X33 * b_beta3[None, :], v, bos, i_h, seq_len, u, t0, i_v * BV, H, V, BS, BV, DTYPE)
-    b_s0, b_s1 = b_beta0 * tl.exp(b_G0), b_beta1 * tl.exp(b_G1)
-    b_s2, b_s3 = b_beta2 * tl.exp(b_G2), b_beta3 * tl.exp(b_G3)
-    for i_k in range(tl.cdiv(K, BK)):  # W = (Ainv diag(beta exp(G))) K
-        lower_blocks_apply(X00 * b_s0[None, :], X10 * b_s0[None, :], X11 * b_s1[None, :],
-                           X20 * b_s0[None, :], X21 * b_s1[None, :], X22 * b_s2[None, :],
-                           X30 * b_s0[None, :], X31 * b_s1[None, :], X32 * b_s2[None, :],
-                           X33 * b_s3[None, :], k, bos, i_h, seq_len, w, t0, i_k * BK, H, K, BS, BK, DTYPE)
+    if WRITE_WU:
+        for i_v in range(tl.cdiv(V, BV)):  # U~ = (Ainv diag(beta)) V
+            lower_blocks_apply(X00 * b_beta0[None, :], X10 * b_beta0[None, :], X11 * b_beta1[None, :],
+                               X20 * b_beta0[None, :], X21 * b_beta1[None, :], X22 * b_beta2[None, :],
+                               X30 * b_beta0[None, :], X31 * b_beta1[None, :], X32 * b_beta2[None, :],
+                               X33 * b_beta3[None, :], v, bos, i_h, seq_len, u, t0, i_v * BV, H, V, BS, BV, DTYPE)
+        b_s0, b_s1 = b_beta0 * tl.exp(b_G0), b_beta1 * tl.exp(b_G1)
+        b_s2, b_s3 = b_beta2 * tl.exp(b_G2), b_beta3 * tl.exp(b_G3)
+        for i_k in range(tl.cdiv(K, BK)):  # W = (Ainv diag(beta exp(G))) K
+            lower_blocks_apply(X00 * b_s0[None, :], X10 * b_s0[None, :], X11 * b_s1[None, :],
+                               X20 * b_s0[None, :], X21 * b_s1[None, :], X22 * b_s2[None, :],
+                               X30 * b_s0[None, :], X31 * b_s1[None, :], X32 * b_s2[None, :],
+                               X33 * b_s3[None, :], k, bos, i_h, seq_len, w, t0, i_k * BK, H, K, BS, BK, DTYPE)
 
 
 @triton.jit
@@ -474,20 +477,29 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
 def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None):
     """Returns G [tokens, H] (cumsum of g within chunks), Ainv [tokens, H, BT] float32 (lower blocks; None
     unless store_a_inv or given), W [tokens, H, K] and U~ [tokens, H, V] in k's dtype. A given a_inv (the
-    forward's, in backward) is used instead of solving again."""
+    forward's, in backward) is used instead of solving again. With store_a_inv, one launch solves for Ainv and
+    stores it and a second applies it, as backward does: the one kernel doing both runs at 1 warp (16-row dots,
+    255 registers), the apply alone at 4."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     g_cum = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
-    load_a_inv = a_inv is not None
-    if store_a_inv and not load_a_inv:  # float32: in bf16 dh0 missed its bound (8.1e-3 > 8e-3, B2 T300 gnone)
-        a_inv = torch.empty(B, T, H, CHUNK_SIZE, device=k.device, dtype=torch.float32)
     w = torch.empty(B, T, H, K, device=k.device, dtype=k.dtype)
     u = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype)
-    chunk_wy_fwd_kernel[(layout.num_chunks, H)](
-        k, v, g, beta, g_cum, a_inv, w, u, layout.cu_seqlens, layout.chunk_indices,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BS=CHUNK_SIZE // 4, BK=block_size(K, 64), BV=block_size(V, 64),
-        STORE_AINV=store_a_inv and not load_a_inv, LOAD_AINV=load_a_inv,
-        **launch("wy_recompute" if load_a_inv else "wy_fwd", k.dtype))
+
+    def run(name, **flags):
+        chunk_wy_fwd_kernel[(layout.num_chunks, H)](
+            k, v, g, beta, g_cum, a_inv, w, u, layout.cu_seqlens, layout.chunk_indices, H=H, K=K, V=V,
+            BT=CHUNK_SIZE, BS=CHUNK_SIZE // 4, BK=block_size(K, 64), BV=block_size(V, 64), **flags,
+            **launch(name, k.dtype))
+
+    if store_a_inv and a_inv is None:  # float32: in bf16 dh0 missed its bound (8.1e-3 > 8e-3, B2 T300 gnone)
+        a_inv = torch.empty(B, T, H, CHUNK_SIZE, device=k.device, dtype=torch.float32)
+        run("wy_solve", STORE_AINV=True, LOAD_AINV=False, WRITE_WU=False)
+        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_WU=True)
+    elif a_inv is not None:
+        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_WU=True)
+    else:
+        run("wy_fwd", STORE_AINV=False, LOAD_AINV=False, WRITE_WU=True)
     return g_cum, a_inv, w, u
 
 
