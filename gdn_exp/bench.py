@@ -9,7 +9,8 @@
     gdn-bench profile [--seq-lens T]   the GDN model's training step: CUDA kernel time table (torch.profiler)
     gdn-bench kernels [--sweep]        time of each chunk kernel at --shape (default B8 T4096 H16 D128);
                                        --sweep also tries the wy kernels at other num_warps and keeps the fastest
-    gdn-bench check [--quick]          the kernels' correctness matrix (python -m gdn_exp.kernel_check)
+    gdn-bench check [--quick]          the kernels' correctness matrix (python -m gdn_exp.kernel_check); --jobs N
+                                       worker processes
     gdn-bench all --out DIR            check, op, model and generate; writes DIR/bench.json and DIR/bench.md
     gdn-bench check kernels op model   any several, in this order, in one process (files rewritten per table)
 
@@ -420,11 +421,15 @@ def add_ratios(rows):
             ours["fla_over_ours_fwd_bwd"] = fla["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
 
 
-def main(argv=None):
+BENCHES = ("op", "decode", "kernels", "model", "generate", "profile", "check", "all")
+
+
+def parse_args(argv=None):
+    """(args, the set of benches to run, the check's own arguments). Options may come between the names
+    (`gdn-bench check --quick op`)."""
     parser = argparse.ArgumentParser(prog="gdn-bench", description=__doc__.split("\n")[0])
-    parser.add_argument("what", nargs="*", choices=["op", "decode", "kernels", "model", "generate", "profile", "check",
-                                                    "all"],
-                        default=["op"], help="one or more, run in one process")
+    # names checked below, not by argparse `choices`: intermixed parsing checks an empty list against them
+    parser.add_argument("what", nargs="*", help=f"one or more of {', '.join(BENCHES)}, run in one process (default: op)")
     parser.add_argument("--shape", action="append", default=[], help="B,T,H,D (repeatable); default: the standard set")
     parser.add_argument("--sweep", action="store_true",
                         help="kernels: also try the wy kernels at other num_warps; op, decode: V block x num_warps")
@@ -432,11 +437,23 @@ def main(argv=None):
                         help="model: sequence lengths T (profile: the first)")
     parser.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even if importable")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
-    args, check_args = parser.parse_known_args(argv)
+    parser.add_argument("--quick", action="store_true", help="check: the short cases only")
+    parser.add_argument("--jobs", type=int, help="check: worker processes (kernel_check's default if not given)")
+    args = parser.parse_intermixed_args(argv)
+    args.what = args.what or ["op"]
+    unknown = [name for name in args.what if name not in BENCHES]
+    if unknown:
+        parser.error(f"unknown bench {unknown[0]!r}; choose from {', '.join(BENCHES)}")
     what = {"check", "op", "model", "generate"} if "all" in args.what else set(args.what)
+    check_args = (["--quick"] if args.quick else []) + ([] if args.jobs is None else ["--jobs", str(args.jobs)])
+    return args, what, check_args
+
+
+def main(argv=None):
+    args, what, check_args = parse_args(argv)
     given_shapes = [tuple(int(x) for x in s.split(",")) for s in args.shape]
     given_seq_lens = [int(t) for t in args.seq_lens.split(",")]
-    if what == {"check"}:  # extra arguments go to the check (--quick, --jobs N)
+    if what == {"check"}:
         from gdn_exp import kernel_check
 
         return kernel_check.main(check_args)

@@ -95,3 +95,16 @@ def test_ratio_columns():
             {"shape": "s", "impl": "fla chunk", "fwd_ms": 2.0, "fwd_bwd_ms": 5.0}]
     bench.add_ratios(rows)
     assert rows[0]["fla_over_ours_fwd"] == 2.0 and rows[0]["fla_over_ours_fwd_bwd"] == 2.5
+
+
+def test_options_may_come_between_the_bench_names():
+    """`gdn-bench check --quick op` runs the quick check and the op table (the check's options are forwarded);
+    an unknown option is an error, not an argument of the check."""
+    args, what, check_args = bench.parse_args(["check", "--quick", "op", "--jobs", "4", "--no-fla"])
+    assert what == {"check", "op"} and args.no_fla
+    assert check_args == ["--quick", "--jobs", "4"]
+    assert bench.parse_args(["all"])[1] == {"check", "op", "model", "generate"}
+    assert bench.parse_args([])[1:] == ({"op"}, [])
+    for wrong in (["check", "--qiuck"], ["chek"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(wrong)
