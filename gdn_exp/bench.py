@@ -3,6 +3,8 @@
     gdn-bench op                       op-level table at the standard shapes (and --shape B,T,H,D ...), then decode
     gdn-bench decode [--sweep]         one decode step at B64 H16 D128: eager, from a CUDA graph, fla; --sweep
                                        tries V block x num_warps and keeps the fastest
+    gdn-bench layer [--seq-lens ...]   the model's GDN layer (d1024, 32 K tokens) and its fused parts beside
+                                       their PyTorch forms, and fla's layer: forward and forward+backward ms
     gdn-bench model [--seq-lens ...]   training tokens/s and MFU: our GDN model vs our SDPA Transformer and vs
                                        our model with fla's GatedDeltaNet layer (when fla.layers imports)
     gdn-bench generate                 generation tokens/s of our GDN model, eager vs CUDA-graph decode loop
@@ -12,7 +14,8 @@
     gdn-bench check [--quick]          the kernels' correctness matrix (python -m gdn_exp.kernel_check); --jobs N
                                        worker processes
     gdn-bench all --out DIR            check, op, model and generate; writes DIR/bench.json and DIR/bench.md
-    gdn-bench check kernels op model   any several, in this order, in one process (files rewritten per table)
+    gdn-bench check op layer model     any several, in this order (check, kernels, op, decode, layer, model,
+                                       profile, generate), in one process; files rewritten after each table
 
 Timings are medians of `triton.testing.do_bench` (CUDA events). Models used for the derived columns:
 
@@ -40,6 +43,7 @@ from gdn_exp.tables import markdown_table
 CHUNK = 64
 OP_SHAPES = [(8, 2048, 16, 128), (8, 4096, 16, 128), (2, 16384, 16, 128), (1, 32768, 16, 128), (4, 4096, 8, 256)]
 DECODE_SHAPE = (64, 16, 128)  # B, H, D
+MODEL_TOKENS = 32768  # tokens per training step of the model-level benches (B = MODEL_TOKENS // T)
 
 
 def do_bench(fn, grad_to_none=None) -> float:
@@ -101,12 +105,13 @@ def load_fla():
 
 
 def time_fwd_bwd(fn, inputs, out_grad):
-    """(forward ms, forward+backward ms, peak extra GiB of forward+backward) of fn(*inputs) -> o."""
+    """(forward ms, forward+backward ms, peak extra GiB of forward+backward) of fn(*inputs) -> o (a tensor, or a
+    tuple of them with a tuple out_grad)."""
     fwd = do_bench(lambda: fn(*inputs))
     leaves = [x for x in inputs if x.requires_grad]
 
     def step():
-        fn(*inputs).backward(out_grad)
+        torch.autograd.backward(fn(*inputs), out_grad)
 
     fwd_bwd = do_bench(step, grad_to_none=leaves)
     peak = None
@@ -310,19 +315,78 @@ class FlaMixer(torch.nn.Module):
         return self.layer(x)[0], None
 
 
+def fla_layer(cfg, layer_idx=0):
+    """fla.layers.GatedDeltaNet of a ModelConfig's GDN layer size, behind our mixer interface."""
+    from fla.layers import GatedDeltaNet as FlaGatedDeltaNet
+
+    return FlaMixer(FlaGatedDeltaNet(hidden_size=cfg.d_model, expand_v=cfg.expand_v, head_dim=cfg.head_dim,
+                                     num_heads=cfg.num_heads, conv_size=cfg.conv_size, layer_idx=layer_idx))
+
+
 def with_fla_mixers(model):
     """Our LanguageModel with every GDN mixer replaced by fla.layers.GatedDeltaNet of the same size: the same
     model around fla's layer (its fused conv, gated norm and chunk op), so the step times compare the layers."""
-    from fla.layers import GatedDeltaNet as FlaGatedDeltaNet
-
-    cfg = model.cfg
     for i, block in enumerate(model.blocks):
-        block.mixer = FlaMixer(FlaGatedDeltaNet(hidden_size=cfg.d_model, expand_v=cfg.expand_v, head_dim=cfg.head_dim,
-                                                num_heads=cfg.num_heads, conv_size=cfg.conv_size, layer_idx=i))
+        block.mixer = fla_layer(model.cfg, i)
     return model
 
 
-def bench_model(seq_lens=(2048, 4096, 8192, 16384), tokens_per_batch=32768, d_model=1024, n_layers=8,
+def bench_layer(B=8, T=4096, d_model=1024, fla=None, dtype=torch.bfloat16, device="cuda") -> list:
+    """ms of the GDN layer of `gdn-bench model` (heads of 128) and of its fused parts beside their PyTorch forms:
+    the short conv + SiLU + L2 norms, the output norm + gate, the op; the whole layer (bf16 autocast; with fla,
+    fla's layer of the same size too)."""
+    from gdn_exp.model import ModelConfig
+    from gdn_exp.nn import GatedDeltaNet
+    from gdn_exp.nn.gated_deltanet import output_norm, qkv_pointwise
+    from gdn_exp.ops import gated_delta_rule
+    from gdn_exp.ops.gated_norm import triton_gated_rms_norm
+    from gdn_exp.ops.short_conv import triton_short_conv_silu
+
+    H, D = max(1, d_model // 128), min(128, d_model)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, dtype=dtype):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+
+    x, conv_w = randn(B, T, 3 * H * D), randn(3 * H * D, 4, dtype=torch.float32)
+    o, gate, norm_w = randn(B, T, H, D), randn(B, T, H, D), randn(D, dtype=torch.float32)
+    qkv_grads = tuple(torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3))
+    parts = [
+        ("short conv + SiLU + L2 norms", "ours fused", lambda x, w: triton_short_conv_silu(
+            x, w, ((H, D, True), (H, D, True), (H, D, False))), (x, conv_w), qkv_grads),
+        ("short conv + SiLU + L2 norms", "PyTorch", lambda x, w: qkv_pointwise(x, w, None, None, H, D, D, True)[:3],
+         (x, conv_w), qkv_grads),
+        ("output norm + gate", "ours fused", lambda o, w, g: triton_gated_rms_norm(o, w, g), (o, norm_w, gate),
+         qkv_grads[0]),
+        ("output norm + gate", "PyTorch", lambda o, w, g: output_norm(o, w, g, 1e-6), (o, norm_w, gate),
+         qkv_grads[0]),
+        ("op (chunk)", "ours", lambda *x: gated_delta_rule(*x, backend="triton")[0],
+         tuple(t.requires_grad_() for t in op_inputs(B, T, H, D, dtype, device)), qkv_grads[0]),
+    ]
+    layers = [("ours", GatedDeltaNet(d_model, H, D, backend="triton"))]
+    if fla:
+        layers.append(("fla layer", fla_layer(ModelConfig(d_model=d_model, num_heads=H, head_dim=D))))
+    hidden = randn(B, T, d_model)
+    for name, layer in layers:
+        layer.to(device)
+
+        def run(x, layer=layer):
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                return layer(x)[0]
+
+        parts.append(("GDN layer (autocast)", name, run, (hidden,), torch.randn_like(hidden)))
+    rows = []
+    for part, impl, fn, inputs, out_grad in parts:
+        try:
+            fwd, fwd_bwd, peak = time_fwd_bwd(fn, inputs, out_grad)
+            rows.append({"shape": f"B{B} T{T} d{d_model} H{H}", "part": part, "impl": impl, "fwd_ms": fwd,
+                         "fwd_bwd_ms": fwd_bwd, "peak_gib": peak})
+        except Exception as e:  # fla's layer may fail on this stack: report, keep going
+            rows.append({"shape": f"B{B} T{T} d{d_model} H{H}", "part": part, "impl": impl, "error": str(e)[:200]})
+    return rows
+
+
+def bench_model(seq_lens=(2048, 4096, 8192, 16384), tokens_per_batch=MODEL_TOKENS, d_model=1024, n_layers=8,
                 peak_flops=989e12, fla=None) -> list:
     """Training step throughput (fwd + bwd + AdamW, bf16 autocast) of equal-size GDN and Transformer models,
     and (with fla) our GDN model with fla's layer in place of ours."""
@@ -383,7 +447,7 @@ def time_train_step(model, B, T) -> tuple:
     return ms, torch.cuda.max_memory_allocated() / 2**30
 
 
-def profile_model(T=4096, tokens_per_batch=32768, d_model=1024, n_layers=8, row_limit=25) -> str:
+def profile_model(T=4096, tokens_per_batch=MODEL_TOKENS, d_model=1024, n_layers=8, row_limit=25) -> str:
     """Where the GDN model's training step spends GPU time: torch.profiler's CUDA kernel table over 2 steps."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -421,7 +485,7 @@ def add_ratios(rows):
             ours["fla_over_ours_fwd_bwd"] = fla["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
 
 
-BENCHES = ("op", "decode", "kernels", "model", "generate", "profile", "check", "all")
+BENCHES = ("op", "decode", "kernels", "layer", "model", "generate", "profile", "check", "all")
 
 
 def parse_args(argv=None):
@@ -429,7 +493,8 @@ def parse_args(argv=None):
     (`gdn-bench check --quick op`)."""
     parser = argparse.ArgumentParser(prog="gdn-bench", description=__doc__.split("\n")[0])
     # names checked below, not by argparse `choices`: intermixed parsing checks an empty list against them
-    parser.add_argument("what", nargs="*", help=f"one or more of {', '.join(BENCHES)}, run in one process (default: op)")
+    parser.add_argument("what", nargs="*",
+                        help=f"one or more of {', '.join(BENCHES)}, run in one process (default: op)")
     parser.add_argument("--shape", action="append", default=[], help="B,T,H,D (repeatable); default: the standard set")
     parser.add_argument("--sweep", action="store_true",
                         help="kernels: also try the wy kernels at other num_warps; op, decode: V block x num_warps")
@@ -504,6 +569,10 @@ def main(argv=None):
     if "op" in what or "decode" in what:
         emit("decode", bench_decode(fla, bandwidth, sweep=args.sweep),
              ["shape", "impl", "us", "state_tb_s", "floor_pct", "launch", "tried"])
+    if "layer" in what:
+        for T in given_seq_lens:
+            emit("layer", bench_layer(B=max(1, MODEL_TOKENS // T), T=T, fla=fla),
+                 ["shape", "part", "impl", "fwd_ms", "fwd_bwd_ms", "peak_gib", "error"])
     if "model" in what:
         for T in given_seq_lens:
             emit("model", bench_model(seq_lens=[T], fla=fla),

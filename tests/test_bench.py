@@ -108,3 +108,15 @@ def test_options_may_come_between_the_bench_names():
     for wrong in (["check", "--qiuck"], ["chek"]):
         with pytest.raises(SystemExit):
             bench.parse_args(wrong)
+
+
+def test_layer_rows_on_cpu(wall_clock_bench):
+    """Each fused part of the layer beside its PyTorch form, then the whole layer, each timed forward and
+    forward+backward (the interpreter here: float32, a tiny shape)."""
+    rows = bench.bench_layer(B=1, T=40, d_model=32, dtype=torch.float32, device="cpu")
+    assert [(r["part"], r["impl"]) for r in rows] == [
+        ("short conv + SiLU + L2 norms", "ours fused"), ("short conv + SiLU + L2 norms", "PyTorch"),
+        ("output norm + gate", "ours fused"), ("output norm + gate", "PyTorch"), ("op (chunk)", "ours"),
+        ("GDN layer (autocast)", "ours")]
+    for r in rows:
+        assert "error" not in r and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0, r
