@@ -287,6 +287,8 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
             bv, config = chunk.state_pass_config(name if fused else "state_fwd", B * H, D, D, dtype,
                                                  sm_count(device))
             ms, setting = do_bench(fn), f"BV={bv}, {config}" + ("" if fused else " + output kernel")
+        elif name == "dqk_bwd":  # blocks and settings by K
+            ms, setting = do_bench(fn), str(chunk.dqk_config(D, D, dtype))
         else:
             # the wy kernel is the one on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
             wy = name in ("wy_fwd", "wy_solve", "wy_recompute")

@@ -1,6 +1,6 @@
 """Launch-setting sweep for the chunk kernels, each setting checked against the default one: the sequential
 state passes (V block x num_warps x num_stages; how chunk.STATE_LAUNCH was chosen) and the per-chunk wgmma
-kernels (num_warps x num_stages; chunk.LAUNCH).
+kernels (num_warps x num_stages; chunk.LAUNCH; for dqk_bwd also its K and V blocks, chunk.dqk_config).
 
     python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8] [--kernels state_bwd,wy_bwd]
 
@@ -19,14 +19,17 @@ import time
 SHAPES = {"B8T4096D128": (8, 4096, 16, 128), "B1T32768D128": (1, 32768, 16, 128), "B4T4096D256": (4, 4096, 8, 256)}
 STATE_KERNELS = ("state_output_fwd", "state_fwd", "state_bwd")
 CHUNK_KERNELS = ("output_fwd", "dqk_bwd", "wy_bwd")  # one program per chunk: the shape only sets the work
+DQK_BLOCKS = ((64, 64), (128, 64), (128, 32), (64, 32))  # (K, V) block caps of dqk_bwd (chunk.dqk_config)
 
 
 def trials(state_warps=(4,)):
     out = []
     for kernel in CHUNK_KERNELS:
         for shape in ("B8T4096D128", "B4T4096D256"):
-            for warps, stages in itertools.product((4, 8), (1, 2, 3)):
-                out.append(dict(kernel=kernel, shape=shape, BV=0, num_warps=warps, num_stages=stages))
+            for warps, stages, blocks in itertools.product((4, 8), (1, 2, 3),
+                                                           DQK_BLOCKS if kernel == "dqk_bwd" else (None,)):
+                out.append(dict(kernel=kernel, shape=shape, BV=0, num_warps=warps, num_stages=stages,
+                                blocks=blocks))
     for kernel in STATE_KERNELS:
         for shape in SHAPES:
             d256 = shape.endswith("D256")
@@ -50,15 +53,24 @@ def run_trial(trial, fns, time_it):
     from gdn_exp.ops import chunk
     name = trial["kernel"]
     fn = fns[trial["shape"]][name]
-    default, default_launch = chunk.state_pass_config, dict(chunk.LAUNCH)
-    ref = [x.float() for x in fn() if x is not None]
+    default, default_launch, default_dqk = chunk.state_pass_config, dict(chunk.LAUNCH), chunk.dqk_config
+
+    def outputs():  # dqk_bwd's dG parts (one per K block) compare as their sum
+        out = [x.float() for x in fn() if x is not None]
+        return out[:-1] + [out[-1].sum(0)] if name == "dqk_bwd" else out
+
+    ref = outputs()
     setting = dict(num_warps=trial["num_warps"], num_stages=trial["num_stages"])
     if name in STATE_KERNELS:
         chunk.state_pass_config = lambda *args: (trial["BV"], setting)
+    elif name == "dqk_bwd":
+        bk, bv = trial["blocks"]
+        chunk.dqk_config = lambda K, V, dtype: dict(BK=chunk.block_size(K, bk), BV=chunk.block_size(V, bv),
+                                                    **setting)
     else:
         chunk.LAUNCH[name] = setting
     try:
-        out = [x.float() for x in fn() if x is not None]
+        out = outputs()
         torch.cuda.synchronize()
         err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(out, ref))
         nan = any(bool(a.isnan().any()) for a in out)
@@ -67,7 +79,7 @@ def run_trial(trial, fns, time_it):
             res["ms"] = do_bench(fn)
         return res
     finally:
-        chunk.state_pass_config = default
+        chunk.state_pass_config, chunk.dqk_config = default, default_dqk
         chunk.LAUNCH.update(default_launch)
 
 
@@ -150,8 +162,9 @@ def main():
             f.write(json.dumps(rec) + "\n")
             ms = f"{rec['ms']:.3f}" if "ms" in rec else "-"
             status = rec.get("crash") or (f"err {rec['err']:.1e}" + (" NaN" if rec["nan"] else ""))
+            blocks = f" blocks {rec['blocks']}" if rec.get("blocks") else ""
             print(f"{rec['kernel']:16s} {rec['shape']:13s} BV{rec['BV']:<3d} {rec['num_warps']}w {rec['num_stages']}s "
-                  f"{ms:>7s} ms  {status}", flush=True)
+                  f"{ms:>7s} ms  {status}{blocks}", flush=True)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,30 @@ def test_chunk_forward_with_the_output_kernel_cpu(monkeypatch, dtype, K, V):
     assert_matches_oracle(Case(B=1, T=65, H=1, K=K, V=V), "chunk", dtype, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("K, dtype, expected", [
+    (128, torch.bfloat16, (128, 8)),    # one program per chunk reads dO, U, dU once
+    (256, torch.bfloat16, (128, 8)),
+    (64, torch.bfloat16, (64, 4)),      # K <= 64: 8 warps would be slower
+    (128, torch.float32, (64, 4)),      # float32 keeps its own settings
+])
+def test_dqk_config(K, dtype, expected):
+    from gdn_exp.ops.chunk import dqk_config
+    config = dqk_config(K, 128, dtype)
+    assert (config["BK"], config["num_warps"]) == expected
+
+
+@interpreter_only
+@pytest.mark.parametrize("K, V", [(128, 64), (256, 32)])
+def test_chunk_backward_in_wide_dqk_blocks_cpu(monkeypatch, K, V):
+    """16-bit inputs with K > 64 run chunk_dqk_bwd_kernel in K blocks of 128: all of K in one program at
+    K = 128, two dG parts at K = 256, while chunk_wy_bwd_kernel walks K in blocks of 64. The interpreter runs
+    float32 only, so this test gives float32 the 16-bit blocks."""
+    from gdn_exp.ops import chunk
+    wide = chunk.dqk_config(K, V, torch.bfloat16)
+    monkeypatch.setattr(chunk, "dqk_config", lambda K, V, dtype: wide)
+    assert_matches_oracle(Case(B=1, T=65, H=1, K=K, V=V), "chunk", torch.float32, torch.device("cpu"))
+
+
 def test_gpu_check_covers_every_state_pass_setting():
     """The GPU check (kernel_check's full matrix, bf16) runs every state-pass setting that an H100 (132 SMs)
     can pick: each V block of STATE_LAUNCH and WIDE_STATE_LAUNCH, and the forward's state pass that stores h
