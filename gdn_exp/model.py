@@ -105,6 +105,14 @@ class ModelConfig:
                                  f"{self.d_model // heads} must be even for RoPE (set model.attention_heads)")
 
 
+def autocast_input(x):
+    """x in the autocast dtype where autocast is on, else x. A block's normed input feeds several Linears (the GDN
+    layer's four projections, the MLP's two); left in float32, autocast would cast it once per Linear, and
+    backward would cast each gradient back and add them in float32."""
+    device_type = x.device.type
+    return x.to(torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else x
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(x)). x: [B, T, d_model]."""
 
@@ -116,9 +124,10 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d_model, mlp_hidden_size)
 
     def forward(self, x, *, cu_seqlens=None, cache=None, use_cache=False):
-        mixed, cache = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)
+        mixed, cache = self.mixer(autocast_input(self.mixer_norm(x)), cu_seqlens=cu_seqlens, cache=cache,
+                                  use_cache=use_cache)
         x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return x + self.mlp(autocast_input(self.mlp_norm(x))), cache
 
 
 def build_mixer(cfg: ModelConfig, kind: str, mode: str, backend: str) -> nn.Module:

@@ -219,3 +219,32 @@ def test_gdn_switches_are_rejected_without_gdn_layers():
     with pytest.raises(ValueError, match="model.use_gate=False has no effect with model.mixer=attention"):
         ModelConfig(mixer="attention", use_gate=False).validate()
     ModelConfig(mixer="gdn", attention_every=2, use_gate=False).validate()  # a hybrid keeps GDN layers
+
+
+@pytest.mark.parametrize("family", ["gdn", "attention"])
+def test_block_inputs_cast_once_under_autocast(family, monkeypatch):
+    """Under bf16 autocast each block's normed input is cast to bf16 once (not once per Linear): the same logits
+    as casting per Linear; the gradients (now added up in bf16) as close to float32 ones as before."""
+    from gdn_exp import model as model_module
+
+    net = tiny_model(torch.float32, mixer=family)
+    tokens = random_tokens(2, 24)
+
+    def run(autocast=True):
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = net(tokens)
+        logits.square().mean().backward()
+        return logits.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+    _, exact = run(autocast=False)
+    once, once_grads = run()
+    monkeypatch.setattr(model_module, "autocast_input", lambda x: x)
+    per_linear, per_linear_grads = run()
+    assert torch.equal(once, per_linear)
+    assert not torch.equal(once_grads, per_linear_grads)  # the cast-once path ran
+
+    def error(grads):
+        return ((grads - exact).norm() / exact.norm()).item()
+
+    assert error(once_grads) < 1.2 * error(per_linear_grads)
