@@ -20,7 +20,8 @@ float32 accumulation; the products with the running float32 state (and the float
 sequential passes split that operand into two 16-bit planes (`state_mma`, ~16 mantissa bits). W, U~, U, the
 states h (plus their rounding remainders h_lo for the output kernel) and the gradients dh, dU, dW and dk's
 output/state part are stored in the input dtype; gate cumsums, Ainv and the dG parts in float32. Float32 inputs
-keep everything float32 (tf32x3 dots). Tensors live as [tokens, H, D] with sequences packed along tokens (see triton_utils).
+keep everything float32 (tf32x3 dots). Tensors live as [tokens, H, D] with sequences packed along tokens (see
+triton_utils).
 """
 import torch
 import triton
