@@ -23,16 +23,15 @@ def cross_entropy_fwd_kernel(x, labels, loss, lse, V, ignore_index, BLOCK: tl.co
     """Row `row` of x [N, V]: lse[row] = logsumexp(x_row) and loss[row] = lse - x_row[label] (0 if ignored)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)  # per lane: running max and sum of exp(x - max)
-    s = tl.zeros([BLOCK], tl.float32)
+    m = float("-inf")  # running max of the row and sum of exp(x - m): one exponential per element
+    s = 0.0
     for start in range(0, V, BLOCK):
         b_x = tl.load(x + row * V + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, b_x)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with only -inf so far keeps s = 0
-        s = s * tl.exp(m - shift) + tl.exp(b_x - shift)
+        m_new = tl.maximum(m, tl.max(b_x, 0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # only -inf so far: s stays 0, no NaN
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(b_x - shift), 0)
         m = m_new
-    m_row = tl.max(m, 0)
-    b_lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), 0))
+    b_lse = m + tl.log(s)
     label = tl.load(labels + row)
     scored = label != ignore_index
     x_label = tl.load(x + row * V + tl.where(scored, label, 0)).to(tl.float32)
