@@ -8,7 +8,8 @@ float32 log-softmax that autograd keeps, a float32 gradient and its bf16 cast: ~
 32 K tokens x 32 K vocabulary on the H100 (docs/perf.md, v7 profile). Here the forward reads each row once in
 its own dtype (online max and sum of exponentials) and keeps only logsumexp per row; backward reads the row
 again and writes the gradient once in the logits' dtype, the math float32 throughout. The PyTorch form (the
-reference, and the path on CPU) is F.cross_entropy on float32 logits (`train.evaluate.lm_loss`).
+reference, and the path on CPU) is F.cross_entropy on float32 logits (`ops.cross_entropy_loss`, backend
+"torch").
 """
 import torch
 import triton
