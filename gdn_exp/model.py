@@ -150,7 +150,7 @@ def sample_next_token(logits, temperature: float, top_k=None, generator=None):
         raise ValueError(f"top_k={top_k} must be >= 1 or None")
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None:
         kth_largest = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -216,7 +216,8 @@ class LanguageModel(nn.Module):
                 (GatedDeltaNet: conv and recurrent state; Attention: keys, values, position); None = start.
             use_cache: also return the cache after input_ids, to continue with the next tokens.
         Returns:
-            logits [B, T, vocab_size] float32, or (logits, cache) when use_cache.
+            logits [B, T, vocab_size] in the lm_head's compute dtype (bfloat16 under bf16 autocast: the loss
+            reads them as they are, never as a float32 copy), or (logits, cache) when use_cache.
         """
         if cu_seqlens is not None and (cache is not None or use_cache):
             raise ValueError("cu_seqlens (packed sequences) cannot be combined with a cache")
@@ -226,7 +227,7 @@ class LanguageModel(nn.Module):
             x, layer_cache = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache[i],
                                    use_cache=use_cache)
             new_cache.append(layer_cache)
-        logits = self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x))
         return (logits, new_cache) if use_cache else logits
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -29,9 +29,12 @@ def random_tokens(B, T, seed=1):
 
 
 def test_logits_shape_and_dtype():
+    """Logits come in the lm_head's compute dtype: the model's, or bf16 under bf16 autocast."""
     model = tiny_model(torch.float32)
     logits = model(random_tokens(3, 11))
     assert logits.shape == (3, 11, VOCAB) and logits.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(random_tokens(3, 11)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("family", FAMILIES)

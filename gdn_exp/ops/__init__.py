@@ -110,3 +110,17 @@ def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, 
     fn = reference.chunk_gated_delta_rule if mode == "chunk" else reference.recurrent_gated_delta_rule
     return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
               cu_seqlens=cu_seqlens, use_delta=False)
+
+
+def cross_entropy_loss(logits, labels, ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+    """Cross-entropy of logits [N, V] against labels [N] (ignore_index: not scored), "mean" over the scored rows
+    or "sum", in float32 whatever the logits' dtype; the gradient comes in the logits' dtype.
+
+    backend "triton" (CUDA by default) runs `ops.cross_entropy`, which never makes a float32 copy of the logits;
+    "torch" runs F.cross_entropy on float32 logits, its reference.
+    """
+    if resolve_backend(backend, logits.device) == "triton":
+        from .cross_entropy import triton_cross_entropy  # imports Triton, which is Linux-only
+
+        return triton_cross_entropy(logits, labels, ignore_index, reduction)
+    return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)

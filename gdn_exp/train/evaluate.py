@@ -4,15 +4,16 @@ from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
+
+from gdn_exp.ops import cross_entropy_loss
 
 IGNORE_INDEX = -100
 
 
 def lm_loss(logits, labels, reduction="mean"):
-    """Cross-entropy over scored positions. logits [B, T, V], labels [B, T] (-100: not scored)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+    """Cross-entropy over scored positions (`ops.cross_entropy_loss`). logits [B, T, V], labels [B, T] (-100: not
+    scored)."""
+    return cross_entropy_loss(logits.flatten(0, 1), labels.flatten(), IGNORE_INDEX, reduction)
 
 
 @torch.no_grad()
