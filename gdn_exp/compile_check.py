@@ -1,4 +1,4 @@
-"""Compiles the chunk kernels (and the layer's fused short conv and output norm) for Hopper (sm_90) without a GPU
+"""Compiles the chunk kernels (and the layer's fused short conv and norms) for Hopper (sm_90) without a GPU
 and reports each kernel's registers, stack (spills) and shared memory: catches compile errors and shared-memory or
 register blow-ups before GPU time.
 
@@ -110,6 +110,8 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
         torch.autograd.backward(outs, [torch.zeros_like(o) for o in outs])
         o, gate = (torch.randn(B, T, H, V, dtype=dtype, requires_grad=True) for _ in range(2))
         triton_gated_rms_norm(o, torch.ones(V), gate).backward(do)
+        x = torch.randn(B, T, 1024, requires_grad=True)  # the model's residual-stream norm, d_model 1024
+        triton_gated_rms_norm(x, torch.ones(1024), None, out_dtype=dtype).backward(torch.zeros(B, T, 1024, dtype=dtype))
     finally:
         JITFunction.run, chunk.sm_count = run, sms
     return results
