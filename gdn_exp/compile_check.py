@@ -1,5 +1,5 @@
-"""Compiles the chunk kernels (and the layer's fused short conv and output norm, and the loss) for Hopper (sm_90)
-without a GPU and reports each kernel's registers, stack (spills) and shared memory: catches compile errors and
+"""Compiles the chunk kernels (and the layer's fused short conv, the norms and the loss) for Hopper (sm_90) without
+a GPU and reports each kernel's registers, stack (spills) and shared memory: catches compile errors and
 shared-memory or register blow-ups before GPU time.
 
     python -m gdn_exp.compile_check [--dtype bfloat16] [--shape B,T,H,K,V] [--launch wy_fwd=1,1 ...]
@@ -113,6 +113,8 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
         triton_gated_rms_norm(o, torch.ones(V), gate).backward(do)
         logits = torch.randn(B * T, 32000, dtype=dtype, requires_grad=True)
         triton_cross_entropy(logits, torch.randint(0, 32000, (B * T,))).backward()
+        x = torch.randn(B, T, 1024, requires_grad=True)  # the model's residual-stream norm, d_model 1024
+        triton_gated_rms_norm(x, torch.ones(1024), None, out_dtype=dtype).backward(torch.zeros(B, T, 1024, dtype=dtype))
     finally:
         JITFunction.run, chunk.sm_count = run, sms
     return results

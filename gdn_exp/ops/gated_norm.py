@@ -7,7 +7,8 @@ Eager PyTorch runs this as three kernels forward and more backward, over [B, T, 
 (docs/perf.md, v6). Here the forward reads o and gate once and writes y; backward recomputes the norm and
 silu from o and gate (nothing else is saved) and writes do, dgate and per-program sums of the weight's gradient
 (reduced in PyTorch). The PyTorch form (the reference, and the path on CPU) is `gdn_exp.nn.gated_deltanet.
-output_norm`.
+output_norm`. Without a gate and with a 16-bit out_dtype it is also the norm of the model's float32 residual
+stream under autocast (`model.AutocastRMSNorm`, rows of d_model): float32 in, bf16 out, float32 gradient back.
 """
 import torch
 import triton
@@ -76,13 +77,13 @@ def launch(D: int) -> tuple:
 
 class GatedRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o, weight, gate, eps):
+    def forward(ctx, o, weight, gate, eps, out_dtype):
         D = o.shape[-1]
         o = o.contiguous()
         gate = None if gate is None else gate.contiguous()
         grid, BR, BD = launch(D)
         N = o.numel() // D
-        y = torch.empty_like(o)
+        y = torch.empty_like(o, dtype=out_dtype)
         gated_norm_fwd_kernel[grid(N)](o, gate, weight, y, N, eps, D=D, BR=BR, BD=BD, HAS_GATE=gate is not None,
                                        num_warps=NUM_WARPS)
         ctx.save_for_backward(o, weight, gate)
@@ -100,19 +101,20 @@ class GatedRMSNormFunction(torch.autograd.Function):
         dw_part = torch.empty(grid(N)[0], D, device=o.device, dtype=torch.float32)
         gated_norm_bwd_kernel[grid(N)](o, gate, weight, dy.contiguous(), do, dgate, dw_part, N, ctx.eps, D=D, BR=BR,
                                        BD=BD, HAS_GATE=gate is not None, num_warps=NUM_WARPS)
-        return do, dw_part.sum(0).to(weight.dtype), dgate, None
+        return do, dw_part.sum(0).to(weight.dtype), dgate, None, None
 
 
-def triton_gated_rms_norm(o, weight, gate=None, eps: float = 1e-6):
+def triton_gated_rms_norm(o, weight, gate=None, eps: float = 1e-6, out_dtype=None):
     """RMSNorm over the last dim with a weight, times silu(gate) if given; differentiable in all three.
 
     Args:
         o: [..., D]; weight: [D]; gate: o's shape, or None.
+        out_dtype: y's dtype, default o's (the model's block norms: float32 residual in, bf16 out).
     Returns:
-        y: o's shape and dtype.
+        y: o's shape.
     """
     if weight.shape != o.shape[-1:]:
         raise ValueError(f"weight {tuple(weight.shape)} must be [{o.shape[-1]}] for o {tuple(o.shape)}")
     if gate is not None and gate.shape != o.shape:
         raise ValueError(f"gate {tuple(gate.shape)} must have o's shape {tuple(o.shape)}")
-    return GatedRMSNormFunction.apply(o, weight, gate, eps)
+    return GatedRMSNormFunction.apply(o, weight, gate, eps, out_dtype or o.dtype)
