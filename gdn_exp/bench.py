@@ -239,8 +239,9 @@ def bench_generate(d_model=1024, n_layers=8, num_heads=8, head_dim=128, vocab_si
 
 def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> dict:
     """Each chunk kernel's Python launcher at one shape, as a closure over random inputs and the intermediates
-    it reads: the forward's state pass and output as the op picks them (state_output_fwd), and, for launch
-    sweeps, the O-writing state pass (o_writing_pass) and the output kernel (output_fwd) on their own."""
+    it reads: the training forward's state pass and output as the op picks them (state_output_fwd, keeping
+    the states for backward), and, for launch sweeps, its parts on their own: the state pass storing the states
+    (state_fwd), the O-writing state pass of inference (o_writing_pass) and the output kernel (output_fwd)."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.triton_utils import sequence_layout
 
@@ -248,19 +249,21 @@ def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> di
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
     g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
+    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_states=True,
+                                               store_h_lo=True)
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
     return {  # forward (training): wy_solve (with its apply), state_output_fwd; backward: wy_recompute to wy_bwd
         "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),  # inference forward
         "wy_solve": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True),
-        "wy_recompute": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv),
+        "wy_recompute": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv,
+                                                   write_u=False),
         "state_output_fwd": lambda: chunk.chunk_state_output_fwd(q, k, w, u, g_cum, scale, None, False, layout,
-                                                                 v.dtype),
-        "state_fwd": lambda: chunk.chunk_state_fwd(k, w, u, g_cum, None, layout),
+                                                                 v.dtype, keep_states=True),
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
         "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
         "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
+        "state_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_states=True),
         "o_writing_pass": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, q=q, scale=scale,
                                                       out_dtype=v.dtype),
         "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
@@ -276,7 +279,7 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     from gdn_exp.ops.triton_utils import sm_count
 
     launches = chunk_kernel_launches(B, T, H, D, dtype, device)
-    for name in ("o_writing_pass", "output_fwd"):  # parts of state_output_fwd where the op runs them
+    for name in ("state_fwd", "o_writing_pass", "output_fwd"):  # parts of state_output_fwd
         del launches[name]
     device = torch.device(device)
     rows = []

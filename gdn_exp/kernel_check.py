@@ -109,16 +109,22 @@ def nan_poisoned_allocations():
         torch.empty, torch.empty_like = empty, empty_like
 
 
+def case_inputs(x) -> dict:
+    return {name: x[name] for name in ("q", "k", "v", "g", "beta", "initial_state") if x[name] is not None}
+
+
+def run_op(fn, x, inputs):
+    """fn on inputs (case_inputs, maybe cast) with x's scale and packed sequences: (o, final state)."""
+    return fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"], scale=x["q"].shape[-1] ** -0.5,
+              initial_state=inputs.get("initial_state"), output_final_state=True, cu_seqlens=x["cu_seqlens"])
+
+
 def run_with_grads(fn, x, compute_dtype=None):
     """Runs fn on x's inputs (cast to compute_dtype if given), backpropagates x's upstream gradients;
     returns {name: tensor} for TENSORS (dh0 only with an initial state)."""
-    inputs = {name: x[name] for name in ("q", "k", "v", "g", "beta", "initial_state") if x[name] is not None}
     inputs = {name: (t.to(compute_dtype) if compute_dtype else t.clone()).requires_grad_()
-              for name, t in inputs.items()}
-    scale = x["q"].shape[-1] ** -0.5
-    o, final_state = fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"], scale=scale,
-                        initial_state=inputs.get("initial_state"), output_final_state=True,
-                        cu_seqlens=x["cu_seqlens"])
+              for name, t in case_inputs(x).items()}
+    o, final_state = run_op(fn, x, inputs)
     loss = (o * x["do"].to(o.dtype)).sum() + (final_state * x["dht"].to(final_state.dtype)).sum()
     loss.backward()
     out = dict(o=o.detach(), final_state=final_state.detach())
@@ -165,8 +171,14 @@ def check_case(case: Case, mode: str, dtype: torch.dtype, device, seed: int = 0,
         reference_result = oracle(x)
     with nan_poisoned_allocations():
         got = run_with_grads(KERNELS[mode], x)
+        with torch.no_grad():  # inference's forward keeps nothing for backward: other kernel variants (chunk.py)
+            o, final_state = run_op(KERNELS[mode], x, case_inputs(x))
     label = f"{mode:9s} {str(dtype)[6:]:8s} {case.name}"
-    return compare(got, reference_result, THRESHOLDS[dtype], label, verbose), reference_result
+    failed = compare(got, reference_result, THRESHOLDS[dtype], label, verbose)
+    failed += [f"{name} (no grad)" for name in compare(
+        dict(o=o, final_state=final_state), {name: reference_result[name] for name in ("o", "final_state")},
+        THRESHOLDS[dtype], label + " no grad", verbose)]
+    return failed, reference_result
 
 
 def check_decode(B: int, H: int, K: int, V: int, dtype: torch.dtype, device, seed: int = 0,

@@ -101,6 +101,32 @@ def test_decode_launch_override_gives_the_default_result(monkeypatch, launch):
     torch.testing.assert_close(override_state, default_state, rtol=1e-6, atol=1e-6)
 
 
+@interpreter_only
+def test_check_runs_the_forward_without_grad_too(monkeypatch):
+    """Training keeps the states for backward and inference does not: different kernel variants, so the check
+    compares the no-grad forward with the oracle as well. A kernel wrong only without grad must fail it."""
+    from gdn_exp.ops import chunk
+    calls, run_state_fwd = [], chunk.run_state_fwd
+
+    def spy(*args, store_states=False, **kwargs):
+        calls.append(store_states)
+        return run_state_fwd(*args, store_states=store_states, **kwargs)
+
+    monkeypatch.setattr(chunk, "run_state_fwd", spy)
+    chunk_op = kernel_check.KERNELS["chunk"]
+    case = Case(B=1, T=65, H=2, K=16, V=16)
+    assert_matches_oracle(case, "chunk", torch.float32, torch.device("cpu"))
+    assert calls == [True, False]  # the training forward keeps the states, inference's forward does not
+
+    def wrong_without_grad(*args, **kwargs):
+        o, state = chunk_op(*args, **kwargs)
+        return (o if torch.is_grad_enabled() else o * 1.01), state
+
+    monkeypatch.setitem(kernel_check.KERNELS, "chunk", wrong_without_grad)
+    failed, _ = kernel_check.check_case(case, "chunk", torch.float32, torch.device("cpu"), verbose=False)
+    assert failed == ["o (no grad)"]
+
+
 def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
     """A kernel that crashes (e.g. an illegal memory access on the GPU) fails its own row of the check table
     instead of stopping the whole check."""
@@ -117,6 +143,7 @@ def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
     ("state_output_fwd", 128, 128, torch.bfloat16, (64, 1)),    # B8 H16: 256 programs of 64 columns
     ("state_bwd", 128, 128, torch.bfloat16, (64, 1)),
     ("state_fwd", 64, 128, torch.bfloat16, (32, 2)),            # B4 H16: 64 columns give only 128 programs
+    ("state_fwd", 128, 128, torch.bfloat16, (32, 2)),           # never 64 (the O-writing pass runs there)
     ("state_fwd", 16, 128, torch.bfloat16, (16, 3)),            # B1 H16: even 16 columns give only 128
     ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2)),      # V = 16 caps the block
     ("state_fwd", 32, 256, torch.bfloat16, (64, 1)),            # K = 256: WIDE_STATE_LAUNCH
@@ -181,23 +208,22 @@ def test_chunk_backward_in_wide_dqk_blocks_cpu(monkeypatch, K, V):
 
 def test_gpu_check_covers_every_state_pass_setting():
     """The GPU check (kernel_check's full matrix, bf16) runs every state-pass setting that an H100 (132 SMs)
-    can pick: each V block of STATE_LAUNCH and WIDE_STATE_LAUNCH, and the forward's state pass that stores h
-    and h_lo for the output kernel at each block it can run in. A setting the check never runs would never be
-    verified against the oracle."""
+    can pick: each V block of STATE_LAUNCH and WIDE_STATE_LAUNCH's O-writing and backward passes, and the
+    forward's state pass that stores h and h_lo for the output kernel (state_fwd) at each block it can run in.
+    A setting the check never runs would never be verified against the oracle."""
     from gdn_exp.ops.chunk import STATE_LAUNCH, WIDE_STATE_LAUNCH, forward_writes_output, state_pass_config
     covered = set()
     for case in kernel_check.full_matrix():
         num_states, K, V = (len(case.seqlens) if case.seqlens else case.B) * case.H, case.K, case.V
         def block(name):
             return state_pass_config(name, num_states, K, V, torch.bfloat16, 132)[0]
-        covered |= {("state_fwd", block("state_fwd"), K > 128), ("state_bwd", block("state_bwd"), K > 128)}
+        covered.add(("state_bwd", block("state_bwd"), K > 128))
         if forward_writes_output(num_states, K, V, torch.bfloat16, 132):
             covered.add(("state_output_fwd", block("state_output_fwd"), K > 128))
         else:
-            covered.add(("state_fwd+h_lo", block("state_fwd"), K > 128))
+            covered.add(("state_fwd", block("state_fwd"), K > 128))
     expected = {(name, bv, False) for name, table in STATE_LAUNCH.items() for bv in table}
-    expected |= {("state_fwd+h_lo", bv, False) for bv in STATE_LAUNCH["state_fwd"] if bv < 64}
-    expected |= {(name, bv, True) for name, (bv, _) in WIDE_STATE_LAUNCH.items()}
+    expected |= {(name, WIDE_STATE_LAUNCH[name][0], True) for name in ("state_output_fwd", "state_bwd")}
     assert covered == expected
 
 

@@ -51,14 +51,14 @@ LAUNCH = {
 # per SM. Triton 3.6 miscompiled the two-plane state products (state_mma) at 1 stage in blocks of 16-32, and
 # crashed in others until the passes took K^T, Q^T, W^T as loaded (load_tokens_t); every setting here passed
 # the full GPU check (v5).
-# state_output_fwd is the forward's pass when it writes O (forward_writes_output: blocks of 64, or V <= 16),
-# state_fwd the pass that stores h and U (backward's recomputation; the forward's with narrow blocks).
+# state_output_fwd is the forward's pass when it writes O (forward_writes_output: blocks of 64, or V <= 16;
+# in training it also stores h and U for backward), state_fwd the pass that stores h, h_lo and U for the output
+# kernel (the forward's with narrow blocks: never 64, where state_output_fwd runs instead).
 # Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4-v5; scripts/sweep_launch.py).
 STATE_LAUNCH = {
     "state_output_fwd": {64: dict(num_warps=4, num_stages=1),
                          16: dict(num_warps=4, num_stages=2)},
-    "state_fwd": {64: dict(num_warps=4, num_stages=2),
-                  32: dict(num_warps=4, num_stages=2),
+    "state_fwd": {32: dict(num_warps=4, num_stages=2),
                   16: dict(num_warps=4, num_stages=3)},
     "state_bwd": {64: dict(num_warps=4, num_stages=1),
                   32: dict(num_warps=4, num_stages=2),
@@ -68,7 +68,9 @@ STATE_LAUNCH = {
 # check at K = 256 on the H100 (v5, B4 T4096 H8 D256: the O-writing pass 0.81-0.94 ms, against 0.93 + 0.61 for
 # the state pass with h_lo and the output kernel; state_bwd 1.34 ms at 8 warps (1.49 at 4, blocks of 16),
 # state_fwd 0.53-0.57 at 8 warps (0.57 at 4, blocks of 32); 1 stage in blocks of 16-32 crashed or went wrong,
-# 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong).
+# 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong). The op always
+# writes O in the state pass here (v8: it keeps the states for backward too); state_fwd's entry serves the
+# kernel bench and launch sweeps (`gdn-bench kernels`, scripts/sweep_launch.py).
 WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1)),
                      "state_fwd": (64, dict(num_warps=8, num_stages=1)),
                      "state_bwd": (64, dict(num_warps=8, num_stages=1))}
@@ -182,7 +184,7 @@ def lower_blocks_apply(X00, X10, X11, X20, X21, X22, X30, X31, X32, X33, base, b
 def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_indices,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, STORE_AINV: tl.constexpr, LOAD_AINV: tl.constexpr,
-                        WRITE_WU: tl.constexpr):
+                        WRITE_W: tl.constexpr, WRITE_U: tl.constexpr):
     """Per chunk: G = cumsum(g), Ainv = (I + A)^-1, W = Ainv (beta exp(G) K), U~ = Ainv (beta V).
 
     The chunk is four row blocks of BS = BT / 4, and every [BT, BT] matrix lives as its [BS, BS] blocks in
@@ -190,7 +192,8 @@ def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_ind
     (BS - 1 serial steps instead of BT - 1), then X_ij = -X_ii sum_{j <= m < i} A_im X_mj by dots. The row
     scales (beta exp(G), beta) go onto the columns of Ainv's blocks, so K and V feed the dots as loaded.
     Ainv (float32, lower blocks only) is stored when backward needs it (STORE_AINV); a launch that loads it
-    (LOAD_AINV) computes only G, W and U~; WRITE_WU=False stops after Ainv."""
+    (LOAD_AINV) computes only G, W and U~; WRITE_W / WRITE_U say which of the two it writes (neither: it
+    stops after Ainv)."""
     tl.static_assert(BT == 4 * BS)
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
@@ -251,12 +254,13 @@ def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_ind
             store_tokens(a_inv, X32, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 2 * BS, BS, BS)
             store_tokens(a_inv, X33, bos, i_h, seq_len, H, BT, t0 + 3 * BS, 3 * BS, BS, BS)
 
-    if WRITE_WU:
+    if WRITE_U:
         for i_v in range(tl.cdiv(V, BV)):  # U~ = (Ainv diag(beta)) V
             lower_blocks_apply(X00 * b_beta0[None, :], X10 * b_beta0[None, :], X11 * b_beta1[None, :],
                                X20 * b_beta0[None, :], X21 * b_beta1[None, :], X22 * b_beta2[None, :],
                                X30 * b_beta0[None, :], X31 * b_beta1[None, :], X32 * b_beta2[None, :],
                                X33 * b_beta3[None, :], v, bos, i_h, seq_len, u, t0, i_v * BV, H, V, BS, BV, DTYPE)
+    if WRITE_W:
         b_s0, b_s1 = b_beta0 * tl.exp(b_G0), b_beta1 * tl.exp(b_G1)
         b_s2, b_s3 = b_beta2 * tl.exp(b_G2), b_beta3 * tl.exp(b_G3)
         for i_k in range(tl.cdiv(K, BK)):  # W = (Ainv diag(beta exp(G))) K
@@ -282,12 +286,14 @@ def chunk_gates(g_cum, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr
 def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_H_LO: tl.constexpr):
+                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_STATES: tl.constexpr,
+                           STORE_H_LO: tl.constexpr):
     """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
-    S <- exp(G_last) S + (exp(G_last - G) K)^T U. With OUTPUT it also writes the chunk's output
-    O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores the
-    chunk-start states in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo, for
-    chunk_output_fwd_kernel) and U in v_new. BK covers all of K."""
+    S <- exp(G_last) S + (exp(G_last - G) K)^T U. With OUTPUT it writes the chunk's output
+    O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; with STORE_STATES it stores
+    the chunk-start states in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo, for
+    chunk_output_fwd_kernel) and U in v_new (for backward, and for chunk_output_fwd_kernel). BK covers all
+    of K."""
     DTYPE: tl.constexpr = k.dtype.element_ty
     i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
     b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
@@ -299,7 +305,7 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, 
         if OUTPUT:
             b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
             b_o = state_mma(b_q, b_S, DTYPE)
-        else:
+        if STORE_STATES:
             store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
             if STORE_H_LO:
                 b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
@@ -309,7 +315,7 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, 
             b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
             b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
             store_tokens(o, b_o, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        else:
+        if STORE_STATES:
             store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
@@ -486,17 +492,17 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
     tl.store(dbeta + o_gate, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
 
-def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None):
+def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None, write_u: bool = True):
     """Returns G [tokens, H] (cumsum of g within chunks), Ainv [tokens, H, BT] float32 (lower blocks; None
-    unless store_a_inv or given), W [tokens, H, K] and U~ [tokens, H, V] in k's dtype. A given a_inv (the
-    forward's, in backward) is used instead of solving again. With store_a_inv, one launch solves for Ainv and
-    stores it and a second applies it, as backward does: the one kernel doing both runs at 1 warp (16-row dots,
-    255 registers), the apply alone at 4."""
+    unless store_a_inv or given), W [tokens, H, K] and U~ [tokens, H, V] in k's dtype (None without write_u:
+    backward needs only W). A given a_inv (the forward's, in backward) is used instead of solving again. With
+    store_a_inv, one launch solves for Ainv and stores it and a second applies it, as backward does: the one
+    kernel doing both runs at 1 warp (16-row dots, 255 registers), the apply alone at 4."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     g_cum = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
     w = torch.empty(B, T, H, K, device=k.device, dtype=k.dtype)
-    u = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype)
+    u = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype) if write_u else None
 
     def run(name, **flags):
         chunk_wy_fwd_kernel[(layout.num_chunks, H)](
@@ -506,12 +512,12 @@ def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None):
 
     if store_a_inv and a_inv is None:  # float32: in bf16 dh0 missed its bound (8.1e-3 > 8e-3, B2 T300 gnone)
         a_inv = torch.empty(B, T, H, CHUNK_SIZE, device=k.device, dtype=torch.float32)
-        run("wy_solve", STORE_AINV=True, LOAD_AINV=False, WRITE_WU=False)
-        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_WU=True)
+        run("wy_solve", STORE_AINV=True, LOAD_AINV=False, WRITE_W=False, WRITE_U=False)
+        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_W=True, WRITE_U=write_u)
     elif a_inv is not None:
-        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_WU=True)
+        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_W=True, WRITE_U=write_u)
     else:
-        run("wy_fwd", STORE_AINV=False, LOAD_AINV=False, WRITE_WU=True)
+        run("wy_fwd", STORE_AINV=False, LOAD_AINV=False, WRITE_W=True, WRITE_U=write_u)
     return g_cum, a_inv, w, u
 
 
@@ -539,19 +545,19 @@ def forward_writes_output(num_states: int, K: int, V: int, dtype: torch.dtype, s
 
 
 def run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=None, scale=1.0, out_dtype=None,
-                  store_h_lo=False):
+                  store_states=False, store_h_lo=False):
     """Launches chunk_state_fwd_kernel; returns (o, h, h_lo, U, final state), the ones not asked for None.
-    With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; else the chunk-start states h
-    [NT, H, K, V] and U [tokens, H, V] in k's dtype, and with store_h_lo (16-bit k) the states' rounding
-    remainders h_lo like h. The final state is float32 (output_final_state) or None."""
+    With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; with store_states the chunk-start
+    states h [NT, H, K, V] and U [tokens, H, V] in k's dtype, and with store_h_lo (16-bit k) also the states'
+    rounding remainders h_lo like h. The final state is float32 (output_final_state) or None."""
     output = out_dtype is not None
     B, T, H, K = k.shape
     V = u.shape[-1]
     N = len(layout.cu_seqlens) - 1
     o = torch.empty_like(u, dtype=out_dtype) if output else None
-    h = None if output else torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
-    h_lo = torch.empty_like(h) if store_h_lo and not output and k.dtype != torch.float32 else None
-    v_new = None if output else torch.empty_like(u)
+    h = torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype) if store_states else None
+    h_lo = torch.empty_like(h) if store_h_lo and store_states and k.dtype != torch.float32 else None
+    v_new = torch.empty_like(u) if store_states else None
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
     BV, config = state_pass_config("state_output_fwd" if output else "state_fwd", N * H, K, V, k.dtype,
                                    sm_count(k.device))
@@ -559,7 +565,7 @@ def run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=N
         q, k, w, u, g_cum, h, h_lo, v_new, o, initial_state, final_state, scale, layout.cu_seqlens,
         layout.chunk_offsets, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, OUTPUT=output,
-        STORE_H_LO=h_lo is not None, **config)
+        STORE_STATES=store_states, STORE_H_LO=h_lo is not None, **config)
     return o, h, h_lo, v_new, final_state
 
 
@@ -575,24 +581,20 @@ def chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype):
     return o
 
 
-def chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, out_dtype):
-    """The forward's state pass and output (see forward_writes_output): returns o [tokens, H, V] in out_dtype
-    and the final state (float32, or None)."""
+def chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, out_dtype,
+                           keep_states: bool):
+    """The forward's state pass and output (see forward_writes_output): returns o [tokens, H, V] in out_dtype,
+    the final state (float32, or None) and, with keep_states (for backward), the chunk-start states h
+    [NT, H, K, V] and U [tokens, H, V] in k's dtype (else None, None)."""
     H, K, V = k.shape[2], k.shape[3], u.shape[3]
     if forward_writes_output((len(layout.cu_seqlens) - 1) * H, K, V, k.dtype, sm_count(k.device)):
-        o, _, _, _, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=q,
-                                                scale=scale, out_dtype=out_dtype)
-        return o, final_state
+        o, h, _, v_new, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
+                                                    q=q, scale=scale, out_dtype=out_dtype, store_states=keep_states)
+        return o, final_state, h, v_new
     _, h, h_lo, v_new, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
-                                                   store_h_lo=True)
-    return chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype), final_state
-
-
-def chunk_state_fwd(k, w, u, g_cum, initial_state, layout):
-    """Backward's recomputation of the state pass: returns the chunk-start states h [NT, H, K, V] and U
-    [tokens, H, V], both in k's dtype."""
-    _, h, _, v_new, _ = run_state_fwd(k, w, u, g_cum, initial_state, False, layout)
-    return h, v_new
+                                                   store_states=True, store_h_lo=True)
+    o = chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype)
+    return (o, final_state, h, v_new) if keep_states else (o, final_state, None, None)
 
 
 def chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout):
@@ -641,19 +643,18 @@ def chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout):
 
 # Each intermediate is dropped right after the last kernel that reads it, so that the peak memory is what one
 # step needs, not everything at once (the caching allocator reuses the blocks in stream order).
-def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout, keep_a_inv):
-    """Returns o, the final state (or None) and, with keep_a_inv (for backward), Ainv (else None)."""
-    g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=keep_a_inv)
-    o, final_state = chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout,
-                                            v.dtype)
-    return o, final_state, a_inv
+def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout, for_backward):
+    """Returns o, the final state (or None) and, with for_backward, what backward keeps: Ainv, the chunk-start
+    states h and U (else None, None, None)."""
+    g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=for_backward)
+    o, final_state, h, v_new = chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state,
+                                                      layout, v.dtype, keep_states=for_backward)
+    return o, final_state, a_inv, h, v_new
 
 
-def chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, scale, initial_state, do, dht, layout):
-    g_cum, _, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv)
-    h, v_new = chunk_state_fwd(k, w, u, g_cum, initial_state, layout)
-    del u
-    dh, du, dh0 = chunk_state_bwd(q, k, w, g_cum, do, dht, scale, initial_state is not None, layout)
+def chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, h, v_new, scale, has_initial_state, do, dht, layout):
+    g_cum, _, w, _ = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv, write_u=False)
+    dh, du, dh0 = chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout)
     del w
     dq, dk_part, dw, dG_part = chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
     del h, v_new, dh
@@ -662,27 +663,27 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, scale, initial_state, do
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Saves the inputs and Ainv (float32 [tokens, H, 64]); backward recomputes the other chunk intermediates
-    and the states."""
+    """Saves the inputs, Ainv (float32 [tokens, H, 64]), the chunk-start states h and U (the state pass's
+    outputs; recomputing them cost backward a state pass, docs/perf.md v8); backward recomputes G and W."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
         initial_state = None if initial_state is None else initial_state.float().contiguous()
         layout = sequence_layout(q.shape[0], q.shape[1], cu_seqlens, CHUNK_SIZE, q.device)
-        o, final_state, a_inv = chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state,
-                                                           output_final_state, layout, any(ctx.needs_input_grad))
-        ctx.save_for_backward(q, k, v, g, beta, a_inv, initial_state, *layout[:3])
-        ctx.num_chunks, ctx.scale = layout.num_chunks, scale
+        o, final_state, a_inv, h, v_new = chunk_gated_delta_rule_fwd(
+            q, k, v, g, beta, scale, initial_state, output_final_state, layout, any(ctx.needs_input_grad))
+        ctx.save_for_backward(q, k, v, g, beta, a_inv, h, v_new, *layout[:3])
+        ctx.num_chunks, ctx.scale, ctx.has_initial_state = layout.num_chunks, scale, initial_state is not None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, a_inv, initial_state, *layout = ctx.saved_tensors
+        q, k, v, g, beta, a_inv, h, v_new, *layout = ctx.saved_tensors
         layout = SequenceLayout(*layout, ctx.num_chunks)
         dht = None if dht is None else dht.float().contiguous()
         dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
-            q, k, v, g, beta, a_inv, ctx.scale, initial_state, do.contiguous(), dht, layout)
+            q, k, v, g, beta, a_inv, h, v_new, ctx.scale, ctx.has_initial_state, do.contiguous(), dht, layout)
         return dq, dk, dv, dg, dbeta, None, dh0, None, None
 
 
