@@ -1,6 +1,6 @@
-"""Compiles the chunk kernels (and the layer's fused short conv, the norms and the loss) for Hopper (sm_90) without
-a GPU and reports each kernel's registers, stack (spills) and shared memory: catches compile errors and
-shared-memory or register blow-ups before GPU time.
+"""Compiles the chunk kernels (and the layer's fused short conv, the norms, the MLP's SwiGLU and the loss) for
+Hopper (sm_90) without a GPU and reports each kernel's registers, stack (spills) and shared memory: catches compile
+errors and shared-memory or register blow-ups before GPU time.
 
     python -m gdn_exp.compile_check [--dtype bfloat16] [--shape B,T,H,K,V] [--launch wy_fwd=1,1 ...]
 
@@ -67,12 +67,13 @@ def registers_and_stack(cubin: bytes):
 
 
 def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
-    """Compiles every kernel the chunk op (and the layer's fused short conv and output norm, and the loss over a
-    32 K vocabulary) launches at this shape; returns one dict per distinct compile."""
+    """Compiles every kernel the chunk op (and the layer's fused short conv and output norm, the MLP's SwiGLU and
+    the loss over a 32 K vocabulary) launches at this shape; returns one dict per distinct compile."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.cross_entropy import triton_cross_entropy
     from gdn_exp.ops.gated_norm import triton_gated_rms_norm
     from gdn_exp.ops.short_conv import triton_short_conv_silu
+    from gdn_exp.ops.swiglu import triton_swiglu
     from gdn_exp.ops.triton_utils import sequence_layout
 
     for name, (warps, stages) in launch_overrides:
@@ -120,6 +121,8 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
         triton_cross_entropy(logits, torch.randint(0, 32000, (B * T,))).backward()
         x = torch.randn(B, T, 1024, requires_grad=True)  # the model's residual-stream norm, d_model 1024
         triton_gated_rms_norm(x, torch.ones(1024), None, out_dtype=dtype).backward(torch.zeros(B, T, 1024, dtype=dtype))
+        a, b = (torch.randn(B, T, 2736, dtype=dtype, requires_grad=True) for _ in range(2))  # the MLP's, d_model 1024
+        triton_swiglu(a, b).backward(torch.zeros(B, T, 2736, dtype=dtype))
     finally:
         JITFunction.run, chunk.sm_count = run, sms
     return results

@@ -138,7 +138,7 @@ class Block(nn.Module):
         self.mixer_norm = AutocastRMSNorm(d_model, norm_eps, backend)
         self.mixer = mixer
         self.mlp_norm = AutocastRMSNorm(d_model, norm_eps, backend)
-        self.mlp = SwiGLU(d_model, mlp_hidden_size)
+        self.mlp = SwiGLU(d_model, mlp_hidden_size, backend)
 
     def forward(self, x, *, cu_seqlens=None, cache=None, use_cache=False):
         mixed, cache = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)

@@ -4,6 +4,8 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from gdn_exp.ops import resolve_backend
+
 
 def swiglu_hidden_size(d_model: int, mlp_ratio: float, multiple_of: int = 16) -> int:
     """Hidden width of a SwiGLU with the parameters of a plain MLP of width mlp_ratio * d_model.
@@ -15,13 +17,23 @@ def swiglu_hidden_size(d_model: int, mlp_ratio: float, multiple_of: int = 16) ->
 
 
 class SwiGLU(nn.Module):
-    """y = down_proj(silu(gate_proj(x)) * up_proj(x)); x, y: [B, T, d_model]. 3 * d_model * hidden_size params."""
+    """y = down_proj(silu(gate_proj(x)) * up_proj(x)); x, y: [B, T, d_model]. 3 * d_model * hidden_size params.
 
-    def __init__(self, d_model: int, hidden_size: int):
+    backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch". On Triton, silu(.) * .
+    is one kernel each way (`ops.swiglu`); the PyTorch expression is its reference.
+    """
+
+    def __init__(self, d_model: int, hidden_size: int, backend: str = "auto"):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, hidden_size, bias=False)
         self.up_proj = nn.Linear(d_model, hidden_size, bias=False)
         self.down_proj = nn.Linear(hidden_size, d_model, bias=False)
+        self.backend = backend
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        a, b = self.gate_proj(x), self.up_proj(x)                               # [B, T, hidden_size]
+        if resolve_backend(self.backend, x.device) == "triton":
+            from gdn_exp.ops.swiglu import triton_swiglu  # imports Triton, which is Linux-only
+
+            return self.down_proj(triton_swiglu(a, b))
+        return self.down_proj(F.silu(a) * b)
