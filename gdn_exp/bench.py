@@ -239,9 +239,7 @@ def bench_generate(d_model=1024, n_layers=8, num_heads=8, head_dim=128, vocab_si
 
 def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> dict:
     """Each chunk kernel's Python launcher at one shape, as a closure over random inputs and the intermediates
-    it reads: the training forward's state pass and output as the op picks them (state_output_fwd, keeping
-    the states for backward), and, for launch sweeps, its parts on their own: the state pass storing the states
-    (state_fwd), the O-writing state pass of inference (o_writing_pass) and the output kernel (output_fwd)."""
+    it reads (the names of chunk.LAUNCH and chunk.STATE_LAUNCH)."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.triton_utils import sequence_layout
 
@@ -249,29 +247,29 @@ def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> di
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
     g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_states=True,
-                                               store_h_lo=True)
+    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
-    return {  # forward (training): wy_solve (with its apply), state_output_fwd; backward: wy_recompute to wy_bwd
-        "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),  # inference forward
+    # training: wy_solve (with its apply), state_fwd, output_fwd, then backward from wy_recompute to wy_bwd;
+    # inference: wy_fwd, then state_output_fwd where chunk.forward_writes_output, else state_fwd and output_fwd
+    return {
+        "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),
         "wy_solve": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True),
+        "state_output_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, q=q, scale=scale,
+                                                        out_dtype=v.dtype),
+        "state_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True),
+        "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
         "wy_recompute": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv,
                                                    write_u=False),
-        "state_output_fwd": lambda: chunk.chunk_state_output_fwd(q, k, w, u, g_cum, scale, None, False, layout,
-                                                                 v.dtype, keep_states=True),
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
         "dqk_bwd": lambda: chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout),
         "wy_bwd": lambda: chunk.chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout),
-        "state_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_states=True),
-        "o_writing_pass": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, q=q, scale=scale,
-                                                      out_dtype=v.dtype),
-        "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
     }
 
 
 def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
-    """ms of each chunk kernel (through its Python launcher) at one shape, as the op runs them; with sweep,
+    """ms of each chunk kernel (through its Python launcher) at one shape (chunk_kernel_launches says which ones
+    training and inference run); with sweep,
     the wy kernels (wy_fwd, wy_solve, wy_recompute) are also timed at other num_warps and the fastest is kept in
     chunk.LAUNCH for the rest of the run. wy_solve is the training forward's pair of launches (solve for Ainv,
     then apply it); its setting is the solve's."""
@@ -279,17 +277,15 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     from gdn_exp.ops.triton_utils import sm_count
 
     launches = chunk_kernel_launches(B, T, H, D, dtype, device)
-    for name in ("state_fwd", "o_writing_pass", "output_fwd"):  # parts of state_output_fwd
-        del launches[name]
     device = torch.device(device)
     rows = []
     for name, fn in launches.items():
         tried = None
         if name in chunk.STATE_LAUNCH:  # settings per V block, picked by shape
-            fused = name != "state_output_fwd" or chunk.forward_writes_output(B * H, D, D, dtype, sm_count(device))
-            bv, config = chunk.state_pass_config(name if fused else "state_fwd", B * H, D, D, dtype,
-                                                 sm_count(device))
-            ms, setting = do_bench(fn), f"BV={bv}, {config}" + ("" if fused else " + output kernel")
+            bv, config = chunk.state_pass_config(name, B * H, D, D, dtype, sm_count(device))
+            ms, setting = do_bench(fn), f"BV={bv}, {config}"
+            if name == "state_output_fwd" and not chunk.forward_writes_output(B * H, D, D, dtype, sm_count(device)):
+                setting += " (inference runs state_fwd + output_fwd here)"
         elif name == "dqk_bwd":  # blocks and settings by K
             ms, setting = do_bench(fn), str(chunk.dqk_config(D, D, dtype))
         else:

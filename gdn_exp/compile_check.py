@@ -106,11 +106,7 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
         _, _, a_inv, h, v_new = chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, K**-0.5, h0, True, layout,
                                                                  for_backward=True)
         chunk.chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, h, v_new, K**-0.5, True, do, h0, layout)
-        # the state pass's three forms, whichever this shape picks: O-writing (inference), O-writing keeping the
-        # states (training), the states with h_lo for the output kernel
-        for out_dtype, store_states, store_h_lo in ((dtype, False, False), (dtype, True, False), (None, True, True)):
-            chunk.run_state_fwd(k, k, v, g, h0, True, layout, q=q, out_dtype=out_dtype, store_states=store_states,
-                                store_h_lo=store_h_lo)
+        chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, K**-0.5, h0, True, layout, for_backward=False)
         # the layer's fused short conv (values are garbage here: nothing runs)
         x = torch.randn(B, T, H * (2 * K + V), dtype=dtype, requires_grad=True)
         outs = triton_short_conv_silu(x, torch.randn(x.shape[-1], 4), ((H, K, True), (H, K, True), (H, V, False)))

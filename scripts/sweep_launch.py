@@ -40,13 +40,6 @@ def trials(state_warps=(4,)):
     return out
 
 
-def setup(shape):
-    from gdn_exp.bench import chunk_kernel_launches
-    launches = chunk_kernel_launches(*SHAPES[shape])
-    launches["state_output_fwd"] = launches["o_writing_pass"]  # STATE_LAUNCH's name for the O-writing pass
-    return launches
-
-
 def run_trial(trial, fns, time_it):
     import torch
     from gdn_exp.bench import do_bench
@@ -84,11 +77,12 @@ def run_trial(trial, fns, time_it):
 
 
 def child(indices, time_it, all_trials):
+    from gdn_exp.bench import chunk_kernel_launches
     fns = {}
     for i in indices:
         t = all_trials[i]
         if t["shape"] not in fns:
-            fns[t["shape"]] = setup(t["shape"])
+            fns[t["shape"]] = chunk_kernel_launches(*SHAPES[t["shape"]])
         print(json.dumps({"start": i}), flush=True)
         print(json.dumps({"done": i, **run_trial(t, fns, time_it)}), flush=True)
 

@@ -108,15 +108,19 @@ def test_check_runs_the_forward_without_grad_too(monkeypatch):
     from gdn_exp.ops import chunk
     calls, run_state_fwd = [], chunk.run_state_fwd
 
-    def spy(*args, store_states=False, **kwargs):
-        calls.append(store_states)
-        return run_state_fwd(*args, store_states=store_states, **kwargs)
+    def spy(*args, **kwargs):
+        calls.append("writes O" if kwargs.get("out_dtype") else "stores states")
+        return run_state_fwd(*args, **kwargs)
 
     monkeypatch.setattr(chunk, "run_state_fwd", spy)
     chunk_op = kernel_check.KERNELS["chunk"]
     case = Case(B=1, T=65, H=2, K=16, V=16)
     assert_matches_oracle(case, "chunk", torch.float32, torch.device("cpu"))
-    assert calls == [True, False]  # the training forward keeps the states, inference's forward does not
+    assert calls == ["stores states", "writes O"]  # training, then inference (one "SM" here: wide blocks)
+    x = kernel_check.make_inputs(case, torch.float32, torch.device("cpu"), seed=0)
+    with torch.no_grad():  # inputs that require grad, under no_grad: no backward will come
+        kernel_check.run_op(chunk_op, x, {n: t.requires_grad_() for n, t in kernel_check.case_inputs(x).items()})
+    assert calls[2:] == ["writes O"]
 
     def wrong_without_grad(*args, **kwargs):
         o, state = chunk_op(*args, **kwargs)
@@ -143,7 +147,6 @@ def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
     ("state_output_fwd", 128, 128, torch.bfloat16, (64, 1)),    # B8 H16: 256 programs of 64 columns
     ("state_bwd", 128, 128, torch.bfloat16, (64, 1)),
     ("state_fwd", 64, 128, torch.bfloat16, (32, 2)),            # B4 H16: 64 columns give only 128 programs
-    ("state_fwd", 128, 128, torch.bfloat16, (32, 2)),           # never 64 (the O-writing pass runs there)
     ("state_fwd", 16, 128, torch.bfloat16, (16, 3)),            # B1 H16: even 16 columns give only 128
     ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2)),      # V = 16 caps the block
     ("state_fwd", 32, 256, torch.bfloat16, (64, 1)),            # K = 256: WIDE_STATE_LAUNCH
@@ -207,23 +210,20 @@ def test_chunk_backward_in_wide_dqk_blocks_cpu(monkeypatch, K, V):
 
 
 def test_gpu_check_covers_every_state_pass_setting():
-    """The GPU check (kernel_check's full matrix, bf16) runs every state-pass setting that an H100 (132 SMs)
-    can pick: each V block of STATE_LAUNCH and WIDE_STATE_LAUNCH's O-writing and backward passes, and the
-    forward's state pass that stores h and h_lo for the output kernel (state_fwd) at each block it can run in.
-    A setting the check never runs would never be verified against the oracle."""
+    """The GPU check (kernel_check's full matrix, bf16, each case with grad and without) runs every state-pass
+    setting that an H100 (132 SMs) can pick: each V block of STATE_LAUNCH and WIDE_STATE_LAUNCH. A setting the
+    check never runs would never be verified against the oracle."""
     from gdn_exp.ops.chunk import STATE_LAUNCH, WIDE_STATE_LAUNCH, forward_writes_output, state_pass_config
     covered = set()
     for case in kernel_check.full_matrix():
         num_states, K, V = (len(case.seqlens) if case.seqlens else case.B) * case.H, case.K, case.V
         def block(name):
             return state_pass_config(name, num_states, K, V, torch.bfloat16, 132)[0]
-        covered.add(("state_bwd", block("state_bwd"), K > 128))
-        if forward_writes_output(num_states, K, V, torch.bfloat16, 132):
+        covered |= {("state_fwd", block("state_fwd"), K > 128), ("state_bwd", block("state_bwd"), K > 128)}
+        if forward_writes_output(num_states, K, V, torch.bfloat16, 132):  # inference, the check's no-grad run
             covered.add(("state_output_fwd", block("state_output_fwd"), K > 128))
-        else:
-            covered.add(("state_fwd", block("state_fwd"), K > 128))
     expected = {(name, bv, False) for name, table in STATE_LAUNCH.items() for bv in table}
-    expected |= {(name, WIDE_STATE_LAUNCH[name][0], True) for name in ("state_output_fwd", "state_bwd")}
+    expected |= {(name, bv, True) for name, (bv, _) in WIDE_STATE_LAUNCH.items()}
     assert covered == expected
 
 
@@ -262,12 +262,12 @@ def test_decode_step_gpu(dtype):
     assert not kernel_check.check_decode(64, 16, 128, 128, dtype, torch.device("cuda"))
 
 
-@pytest.mark.parametrize("dtype, shape, output_kernel", [
-    ("bfloat16", "2,256,4,128,128", True),    # 8 states: narrow state-pass blocks, separate output kernel
-    ("bfloat16", "8,128,16,128,128", False),  # 128 states: the state pass writes O
-    ("float32", "1,128,2,64,64", False),
+@pytest.mark.parametrize("dtype, shape", [
+    ("bfloat16", "2,256,4,128,128"),    # 8 states: inference too runs narrow state-pass blocks + output kernel
+    ("bfloat16", "8,128,16,128,128"),   # 128 states: inference's state pass writes O
+    ("float32", "1,128,2,64,64"),
 ])
-def test_chunk_kernels_compile_for_hopper(dtype, shape, output_kernel):
+def test_chunk_kernels_compile_for_hopper(dtype, shape):
     """Every chunk kernel compiles for sm_90 with the launch settings it would get on an H100, within its
     shared memory: the interpreter runs the kernels' logic but never compiles them (compile_check)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -275,6 +275,5 @@ def test_chunk_kernels_compile_for_hopper(dtype, shape, output_kernel):
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     compiled = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("chunk_")}
-    assert compiled == {"chunk_wy_fwd_kernel", "chunk_state_fwd_kernel", "chunk_state_bwd_kernel",
-                        "chunk_dqk_bwd_kernel", "chunk_wy_bwd_kernel"} | ({"chunk_output_fwd_kernel"}
-                                                                         if output_kernel else set())
+    assert compiled == {"chunk_wy_fwd_kernel", "chunk_state_fwd_kernel", "chunk_output_fwd_kernel",
+                        "chunk_state_bwd_kernel", "chunk_dqk_bwd_kernel", "chunk_wy_bwd_kernel"}

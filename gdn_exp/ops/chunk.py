@@ -51,14 +51,15 @@ LAUNCH = {
 # per SM. Triton 3.6 miscompiled the two-plane state products (state_mma) at 1 stage in blocks of 16-32, and
 # crashed in others until the passes took K^T, Q^T, W^T as loaded (load_tokens_t); every setting here passed
 # the full GPU check (v5).
-# state_output_fwd is the forward's pass when it writes O (forward_writes_output: blocks of 64, or V <= 16;
-# in training it also stores h and U for backward), state_fwd the pass that stores h, h_lo and U for the output
-# kernel (the forward's with narrow blocks: never 64, where state_output_fwd runs instead).
+# state_output_fwd is inference's pass when it writes O (forward_writes_output: blocks of 64, or V <= 16),
+# state_fwd the pass that stores h, h_lo and U for the output kernel and backward (training's forward, and
+# inference's with narrow blocks).
 # Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4-v5; scripts/sweep_launch.py).
 STATE_LAUNCH = {
     "state_output_fwd": {64: dict(num_warps=4, num_stages=1),
                          16: dict(num_warps=4, num_stages=2)},
-    "state_fwd": {32: dict(num_warps=4, num_stages=2),
+    "state_fwd": {64: dict(num_warps=4, num_stages=2),
+                  32: dict(num_warps=4, num_stages=2),
                   16: dict(num_warps=4, num_stages=3)},
     "state_bwd": {64: dict(num_warps=4, num_stages=1),
                   32: dict(num_warps=4, num_stages=2),
@@ -68,9 +69,7 @@ STATE_LAUNCH = {
 # check at K = 256 on the H100 (v5, B4 T4096 H8 D256: the O-writing pass 0.81-0.94 ms, against 0.93 + 0.61 for
 # the state pass with h_lo and the output kernel; state_bwd 1.34 ms at 8 warps (1.49 at 4, blocks of 16),
 # state_fwd 0.53-0.57 at 8 warps (0.57 at 4, blocks of 32); 1 stage in blocks of 16-32 crashed or went wrong,
-# 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong). The op always
-# writes O in the state pass here (v8: it keeps the states for backward too); state_fwd's entry serves the
-# kernel bench and launch sweeps (`gdn-bench kernels`, scripts/sweep_launch.py).
+# 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong).
 WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1)),
                      "state_fwd": (64, dict(num_warps=8, num_stages=1)),
                      "state_bwd": (64, dict(num_warps=8, num_stages=1))}
@@ -286,14 +285,12 @@ def chunk_gates(g_cum, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr
 def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_STATES: tl.constexpr,
-                           STORE_H_LO: tl.constexpr):
+                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_H_LO: tl.constexpr):
     """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
-    S <- exp(G_last) S + (exp(G_last - G) K)^T U. With OUTPUT it writes the chunk's output
-    O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; with STORE_STATES it stores
-    the chunk-start states in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo, for
-    chunk_output_fwd_kernel) and U in v_new (for backward, and for chunk_output_fwd_kernel). BK covers all
-    of K."""
+    S <- exp(G_last) S + (exp(G_last - G) K)^T U. With OUTPUT it also writes the chunk's output
+    O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores the
+    chunk-start states in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo, for
+    chunk_output_fwd_kernel) and U in v_new. BK covers all of K."""
     DTYPE: tl.constexpr = k.dtype.element_ty
     i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
     b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
@@ -305,7 +302,7 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, 
         if OUTPUT:
             b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
             b_o = state_mma(b_q, b_S, DTYPE)
-        if STORE_STATES:
+        else:
             store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
             if STORE_H_LO:
                 b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
@@ -315,7 +312,7 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, 
             b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
             b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
             store_tokens(o, b_o, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        if STORE_STATES:
+        else:
             store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
@@ -537,7 +534,7 @@ def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.d
 
 
 def forward_writes_output(num_states: int, K: int, V: int, dtype: torch.dtype, sms: int) -> bool:
-    """Whether the forward's state pass writes O itself, rather than storing the chunk states for
+    """Whether inference's state pass writes O itself, rather than storing the chunk states for
     chunk_output_fwd_kernel. It recomputes Q K^T in every V block, which pays only in blocks as wide as they
     go (64 columns, or all of V): with few sequences x heads the blocks are narrow (B1 T32768 H16: 16 columns),
     and the state pass plus the parallel output kernel are faster (docs/perf.md, v5)."""
@@ -545,19 +542,19 @@ def forward_writes_output(num_states: int, K: int, V: int, dtype: torch.dtype, s
 
 
 def run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=None, scale=1.0, out_dtype=None,
-                  store_states=False, store_h_lo=False):
+                  store_h_lo=False):
     """Launches chunk_state_fwd_kernel; returns (o, h, h_lo, U, final state), the ones not asked for None.
-    With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; with store_states the chunk-start
-    states h [NT, H, K, V] and U [tokens, H, V] in k's dtype, and with store_h_lo (16-bit k) also the states'
-    rounding remainders h_lo like h. The final state is float32 (output_final_state) or None."""
+    With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; else the chunk-start states h
+    [NT, H, K, V] and U [tokens, H, V] in k's dtype, and with store_h_lo (16-bit k) the states' rounding
+    remainders h_lo like h. The final state is float32 (output_final_state) or None."""
     output = out_dtype is not None
     B, T, H, K = k.shape
     V = u.shape[-1]
     N = len(layout.cu_seqlens) - 1
     o = torch.empty_like(u, dtype=out_dtype) if output else None
-    h = torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype) if store_states else None
-    h_lo = torch.empty_like(h) if store_h_lo and store_states and k.dtype != torch.float32 else None
-    v_new = torch.empty_like(u) if store_states else None
+    h = None if output else torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
+    h_lo = torch.empty_like(h) if store_h_lo and not output and k.dtype != torch.float32 else None
+    v_new = None if output else torch.empty_like(u)
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
     BV, config = state_pass_config("state_output_fwd" if output else "state_fwd", N * H, K, V, k.dtype,
                                    sm_count(k.device))
@@ -565,7 +562,7 @@ def run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=N
         q, k, w, u, g_cum, h, h_lo, v_new, o, initial_state, final_state, scale, layout.cu_seqlens,
         layout.chunk_offsets, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, OUTPUT=output,
-        STORE_STATES=store_states, STORE_H_LO=h_lo is not None, **config)
+        STORE_H_LO=h_lo is not None, **config)
     return o, h, h_lo, v_new, final_state
 
 
@@ -583,16 +580,20 @@ def chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype):
 
 def chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, out_dtype,
                            keep_states: bool):
-    """The forward's state pass and output (see forward_writes_output): returns o [tokens, H, V] in out_dtype,
-    the final state (float32, or None) and, with keep_states (for backward), the chunk-start states h
-    [NT, H, K, V] and U [tokens, H, V] in k's dtype (else None, None)."""
+    """The forward's state pass and output: returns o [tokens, H, V] in out_dtype, the final state (float32, or
+    None) and, with keep_states (training), the chunk-start states h [NT, H, K, V] and U [tokens, H, V] in k's
+    dtype for backward (else None, None). Training always stores them and runs the output kernel: storing them
+    from the O-writing pass instead made it 0.65 -> 1.02 ms at B8 T4096 H16 D128 on the H100 (v8), more than
+    the state pass and output kernel take together. Inference writes O in the state pass where
+    forward_writes_output says so."""
     H, K, V = k.shape[2], k.shape[3], u.shape[3]
-    if forward_writes_output((len(layout.cu_seqlens) - 1) * H, K, V, k.dtype, sm_count(k.device)):
-        o, h, _, v_new, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
-                                                    q=q, scale=scale, out_dtype=out_dtype, store_states=keep_states)
-        return o, final_state, h, v_new
+    if not keep_states and forward_writes_output((len(layout.cu_seqlens) - 1) * H, K, V, k.dtype,
+                                                 sm_count(k.device)):
+        o, _, _, _, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=q,
+                                                scale=scale, out_dtype=out_dtype)
+        return o, final_state, None, None
     _, h, h_lo, v_new, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
-                                                   store_states=True, store_h_lo=True)
+                                                   store_h_lo=True)
     o = chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype)
     return (o, final_state, h, v_new) if keep_states else (o, final_state, None, None)
 
@@ -667,12 +668,12 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     outputs; recomputing them cost backward a state pass, docs/perf.md v8); backward recomputes G and W."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward):
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
         initial_state = None if initial_state is None else initial_state.float().contiguous()
         layout = sequence_layout(q.shape[0], q.shape[1], cu_seqlens, CHUNK_SIZE, q.device)
         o, final_state, a_inv, h, v_new = chunk_gated_delta_rule_fwd(
-            q, k, v, g, beta, scale, initial_state, output_final_state, layout, any(ctx.needs_input_grad))
+            q, k, v, g, beta, scale, initial_state, output_final_state, layout, for_backward)
         ctx.save_for_backward(q, k, v, g, beta, a_inv, h, v_new, *layout[:3])
         ctx.num_chunks, ctx.scale, ctx.has_initial_state = layout.num_chunks, scale, initial_state is not None
         return o, final_state
@@ -684,7 +685,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dht = None if dht is None else dht.float().contiguous()
         dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
             q, k, v, g, beta, a_inv, h, v_new, ctx.scale, ctx.has_initial_state, do.contiguous(), dht, layout)
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
 
 
 def triton_chunk_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False,
@@ -700,5 +701,8 @@ def triton_chunk_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] float32, or None.
     """
+    # whether backward can run: inside forward, autograd has already turned grad mode off
+    for_backward = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
     return ChunkGatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                             cu_seqlens)
+                                             cu_seqlens, for_backward)
