@@ -17,7 +17,9 @@
     gdn-bench check op layer model     any several, in this order (check, kernels, op, decode, layer, model,
                                        profile, generate), in one process; files rewritten after each table
 
-Timings are medians of `triton.testing.do_bench` (CUDA events). Models used for the derived columns:
+Timings are medians of `triton.testing.do_bench` (CUDA events); fwd is the forward without grad (inference),
+train_fwd the forward of a training step (inputs that need grad), fwd_bwd both passes. Models used for the
+derived columns:
 
 FLOPs, per (token, head), chunk size C = 64, key dim K, value dim V (matrix products only, masks ignored):
     forward   6 K V (state read, state write, output from state) + 2 C (3 K + 2 V) (within-chunk products)
@@ -105,9 +107,12 @@ def load_fla():
 
 
 def time_fwd_bwd(fn, inputs, out_grad):
-    """(forward ms, forward+backward ms, peak extra GiB of forward+backward) of fn(*inputs) -> o (a tensor, or a
-    tuple of them with a tuple out_grad)."""
-    fwd = do_bench(lambda: fn(*inputs))
+    """(forward ms without grad, training forward ms, forward+backward ms, peak extra GiB of forward+backward) of
+    fn(*inputs) -> o (a tensor, or a tuple of them with a tuple out_grad). The two forwards differ where an
+    implementation keeps more for backward (ours keeps the chunk states, docs/perf.md v8)."""
+    with torch.no_grad():
+        fwd = do_bench(lambda: fn(*inputs))
+    train_fwd = do_bench(lambda: fn(*inputs))
     leaves = [x for x in inputs if x.requires_grad]
 
     def step():
@@ -124,7 +129,7 @@ def time_fwd_bwd(fn, inputs, out_grad):
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     for x in leaves:
         x.grad = None
-    return fwd, fwd_bwd, peak
+    return fwd, train_fwd, fwd_bwd, peak
 
 
 def bench_op_shape(B, T, H, D, fla, bandwidth, dtype=torch.bfloat16, device="cuda") -> list:
@@ -135,9 +140,9 @@ def bench_op_shape(B, T, H, D, fla, bandwidth, dtype=torch.bfloat16, device="cud
     do = torch.randn_like(v)
     rows = []
 
-    def add(name, fwd, fwd_bwd, peak, flops_fn, bytes_fn=None):
-        row = {"shape": f"B{B} T{T} H{H} D{D}", "impl": name, "fwd_ms": fwd, "fwd_bwd_ms": fwd_bwd,
-               "peak_gib": peak,
+    def add(name, fwd, train_fwd, fwd_bwd, peak, flops_fn, bytes_fn=None):
+        row = {"shape": f"B{B} T{T} H{H} D{D}", "impl": name, "fwd_ms": fwd, "train_fwd_ms": train_fwd,
+               "fwd_bwd_ms": fwd_bwd, "peak_gib": peak,
                "fwd_tflops": flops_fn(False) / (fwd * 1e-3) / 1e12 if fwd else None,
                "fwd_bwd_tflops": flops_fn(True) / (fwd_bwd * 1e-3) / 1e12 if fwd_bwd else None}
         if bytes_fn:
@@ -378,9 +383,9 @@ def bench_layer(B=8, T=4096, d_model=1024, fla=None, dtype=torch.bfloat16, devic
     rows = []
     for part, impl, fn, inputs, out_grad in parts:
         try:
-            fwd, fwd_bwd, peak = time_fwd_bwd(fn, inputs, out_grad)
+            fwd, train_fwd, fwd_bwd, peak = time_fwd_bwd(fn, inputs, out_grad)
             rows.append({"shape": f"B{B} T{T} d{d_model} H{H}", "part": part, "impl": impl, "fwd_ms": fwd,
-                         "fwd_bwd_ms": fwd_bwd, "peak_gib": peak})
+                         "train_fwd_ms": train_fwd, "fwd_bwd_ms": fwd_bwd, "peak_gib": peak})
         except Exception as e:  # fla's layer may fail on this stack: report, keep going
             rows.append({"shape": f"B{B} T{T} d{d_model} H{H}", "part": part, "impl": impl, "error": str(e)[:200]})
     return rows
@@ -562,8 +567,8 @@ def main(argv=None):
         for shape in given_shapes or [OP_SHAPES[1]]:
             emit("kernels", bench_kernels(*shape, sweep=args.sweep), ["shape", "kernel", "ms", "launch", "tried"])
     if "op" in what:
-        columns = ["shape", "impl", "fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd", "fla_over_ours_fwd_bwd",
-                   "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct", "fwd_bwd_floor_pct", "peak_gib", "error"]
+        columns = ["shape", "impl", "fwd_ms", "train_fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd",
+                   "fla_over_ours_fwd_bwd", "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct", "fwd_bwd_floor_pct", "peak_gib", "error"]
         for shape in given_shapes or OP_SHAPES:
             rows = bench_op_shape(*shape, fla, bandwidth)
             add_ratios(rows)
@@ -574,7 +579,7 @@ def main(argv=None):
     if "layer" in what:
         for T in given_seq_lens:
             emit("layer", bench_layer(B=max(1, MODEL_TOKENS // T), T=T, fla=fla),
-                 ["shape", "part", "impl", "fwd_ms", "fwd_bwd_ms", "peak_gib", "error"])
+                 ["shape", "part", "impl", "fwd_ms", "train_fwd_ms", "fwd_bwd_ms", "peak_gib", "error"])
     if "model" in what:
         for T in given_seq_lens:
             emit("model", bench_model(seq_lens=[T], fla=fla),
