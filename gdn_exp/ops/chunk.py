@@ -7,13 +7,13 @@ gate cumsum G, Q, K [BT, K], V [BT, V] and chunk-start state S [K, V]:
     W = Ainv (beta exp(G) K),   U~ = Ainv (beta V)                            (chunk_wy_fwd_kernel)
     U = U~ - W S;   S <- exp(G_last) S + (exp(G_last - G) K)^T U               (chunk_state_fwd_kernel)
     O = scale (exp(G) Q) S + (scale Q K^T * D) U,  D[t, j] = exp(G_t - G_j) (j <= t)
-                                            (the same pass, or chunk_output_fwd_kernel: forward_writes_output)
+                 (chunk_output_fwd_kernel; in inference the state pass itself: forward_writes_output)
 
-Only the state pass is sequential over chunks; the other kernels run one program per chunk. Where the forward's
-state pass writes O, per-chunk states never reach HBM in the forward. The forward keeps only the inputs and,
-when a gradient is needed, Ainv: backward recomputes G, W, U~ from it, the per-chunk states and U, runs the
-state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel for the
-output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
+Only the state pass is sequential over chunks; the other kernels run one program per chunk. Where inference's
+state pass writes O, per-chunk states never reach HBM. A training forward keeps the inputs, Ainv, the per-chunk
+states h and U: backward recomputes G and W from Ainv, runs the state-gradient pass in reverse
+(chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel for the output and state terms,
+chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
 
 Precision follows the inputs (`triton_utils.mma`): for bf16/fp16 inputs the dots take 16-bit operands with
 float32 accumulation; the products with the running float32 state (and the float32 [BT, BV] operands) in the

@@ -6,15 +6,15 @@
 Eager PyTorch runs silu and the product as two kernels forward and ~3 more backward, and autograd keeps silu(a)
 besides a and b: ~0.85 ms of HBM traffic per layer of a training step at B8 T4096 d_model 1024 (hidden 2736,
 bf16 autocast, 8 layers) on the H100. Here the forward reads a and b once and writes h; backward reads a, b and
-dh once, recomputes sigmoid(a) and writes da and db; only a and b are saved. Predicted, not measured yet:
-~0.45 ms and ~180 MB (one [B, T, hidden] bf16 tensor) less per layer. The PyTorch form (the reference, and the
-path on CPU) is `nn.mlp.SwiGLU` on backend "torch".
+dh once, recomputes sigmoid(a) and writes da and db; only a and b are saved: 0.835 ms forward + backward against
+1.19 eager, the model's step 91.5 -> 88.5 ms and 1.3 GiB less peak memory (docs/perf.md, v8). The PyTorch form
+(the reference, and the path on CPU) is `nn.mlp.SwiGLU` on backend "torch".
 """
 import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024  # elements per program; BLOCK and NUM_WARPS are not tuned on a GPU yet
+BLOCK = 1024  # elements per program: 1024-4096 x 4-8 warps within 1 % of each other on the H100 (v8)
 NUM_WARPS = 4
 
 
