@@ -568,7 +568,8 @@ def main(argv=None):
             emit("kernels", bench_kernels(*shape, sweep=args.sweep), ["shape", "kernel", "ms", "launch", "tried"])
     if "op" in what:
         columns = ["shape", "impl", "fwd_ms", "train_fwd_ms", "fwd_bwd_ms", "fla_over_ours_fwd",
-                   "fla_over_ours_fwd_bwd", "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct", "fwd_bwd_floor_pct", "peak_gib", "error"]
+                   "fla_over_ours_fwd_bwd", "fwd_tflops", "fwd_bwd_tflops", "fwd_floor_pct", "fwd_bwd_floor_pct",
+                   "peak_gib", "error"]
         for shape in given_shapes or OP_SHAPES:
             rows = bench_op_shape(*shape, fla, bandwidth)
             add_ratios(rows)

@@ -71,7 +71,7 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
     the loss over a 32 K vocabulary) launches at this shape; returns one dict per distinct compile."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.cross_entropy import triton_cross_entropy
-    from gdn_exp.ops.gated_norm import triton_gated_rms_norm
+    from gdn_exp.ops.gated_norm import triton_add_rms_norm, triton_gated_rms_norm
     from gdn_exp.ops.short_conv import triton_short_conv_silu
     from gdn_exp.ops.swiglu import triton_swiglu
     from gdn_exp.ops.triton_utils import sequence_layout
@@ -117,6 +117,11 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
         triton_cross_entropy(logits, torch.randint(0, 32000, (B * T,))).backward()
         x = torch.randn(B, T, 1024, requires_grad=True)  # the model's residual-stream norm, d_model 1024
         triton_gated_rms_norm(x, torch.ones(1024), None, out_dtype=dtype).backward(torch.zeros(B, T, 1024, dtype=dtype))
+        # with the residual add: inside the model (the new residual used later) and as its final norm (not used)
+        delta, dy = torch.randn(B, T, 1024, dtype=dtype, requires_grad=True), torch.zeros(B, T, 1024, dtype=dtype)
+        y, s = triton_add_rms_norm(x, delta, torch.ones(1024), out_dtype=dtype)
+        torch.autograd.backward((y, s), (dy, torch.zeros(B, T, 1024)))
+        triton_add_rms_norm(x, delta, torch.ones(1024), out_dtype=dtype)[0].backward(dy)
         a, b = (torch.randn(B, T, 2736, dtype=dtype, requires_grad=True) for _ in range(2))  # the MLP's, d_model 1024
         triton_swiglu(a, b).backward(torch.zeros(B, T, 2736, dtype=dtype))
     finally:

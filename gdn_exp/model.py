@@ -4,6 +4,9 @@
     for each layer:  x = x + mixer(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
     logits = lm_head(RMSNorm(x))
 
+Each residual add runs in the norm after it (`AutocastRMSNorm`, one kernel on the Triton backend): the blocks pass
+on (residual, delta), the stream x = residual + delta, and the next norm adds delta in.
+
 The mixer of each layer is Gated DeltaNet or attention (`ModelConfig.layer_mixers`), which gives the GDN
 model, the Transformer baseline and hybrids with (sliding-window) attention every n-th layer.
 """
@@ -107,31 +110,43 @@ class ModelConfig:
 
 
 class AutocastRMSNorm(nn.RMSNorm):
-    """RMSNorm of the residual stream whose output comes in the autocast dtype where autocast is on. It feeds
-    several Linears (the GDN layer's four projections, the MLP's two, the LM head): left in float32, autocast
-    would cast it once per Linear, and backward would cast each gradient back and add them in float32 (v7: the
-    GDN model's step 118 -> 110 ms at T4096 on the H100). On the Triton backend one kernel (`ops.gated_norm`
-    without a gate) reads the float32 input once and writes the 16-bit result, where torch's RMSNorm writes a
-    float32 copy to be cast. Same parameters and state_dict as nn.RMSNorm; eps must be given."""
+    """RMSNorm of the residual stream after the residual add: (residual, delta) -> (y, residual + delta), y in the
+    autocast dtype where autocast is on. y feeds several Linears (the GDN layer's four projections, the MLP's two,
+    the LM head): left in float32, autocast would cast it once per Linear, and backward would cast each gradient
+    back and add them in float32 (v7: the GDN model's step 118 -> 110 ms at T4096 on the H100).
+
+    On the Triton backend under autocast one kernel (`ops.gated_norm`) reads the float32 residual and the block's
+    bf16 output, writes their float32 sum and the bf16 y; its backward adds the gradient of the sum from later
+    layers to the norm's and writes it as float32 (residual) and bf16 (delta). Eagerly the add, that gradient sum
+    and the bf16 casts are separate kernels: ~6.4 ms per step at B8 T4096 d1024 (8 layers) on the H100; fused,
+    the step went 85.4 -> 82.3 ms (v8). Elsewhere the PyTorch form (the reference): residual + delta, torch's
+    RMSNorm, one cast. Same parameters and state_dict as nn.RMSNorm; eps must be given."""
 
     def __init__(self, dim: int, eps: float, backend: str = "auto"):
         super().__init__(dim, eps=eps)
         self.backend = backend
 
-    def forward(self, x):
-        device_type = x.device.type
-        if not torch.is_autocast_enabled(device_type):
-            return super().forward(x)
-        dtype = torch.get_autocast_dtype(device_type)
-        if resolve_backend(self.backend, x.device) == "triton":
-            from gdn_exp.ops.gated_norm import triton_gated_rms_norm  # imports Triton, which is Linux-only
+    def forward(self, residual, delta=None):
+        """residual [B, T, dim] (float32 under autocast); delta: residual's shape (bf16 under autocast) or None.
+        Returns (y, the new residual = residual + delta, or residual itself without delta)."""
+        device_type = residual.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        if dtype is not None and resolve_backend(self.backend, residual.device) == "triton":
+            # imports Triton, which is Linux-only
+            from gdn_exp.ops.gated_norm import triton_add_rms_norm, triton_gated_rms_norm
 
-            return triton_gated_rms_norm(x, self.weight, None, self.eps, out_dtype=dtype)
-        return super().forward(x).to(dtype)
+            if delta is None:
+                return triton_gated_rms_norm(residual, self.weight, None, self.eps, out_dtype=dtype), residual
+            return triton_add_rms_norm(residual, delta, self.weight, self.eps, out_dtype=dtype)
+        if delta is not None:
+            residual = residual + delta
+        y = super().forward(residual)
+        return (y if dtype is None else y.to(dtype)), residual
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(x)). x: [B, T, d_model]."""
+    """Pre-norm residual block: x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(x)), on x = residual + delta
+    [B, T, d_model] (see the module docstring)."""
 
     def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden_size: int, norm_eps: float, backend: str):
         super().__init__()
@@ -140,10 +155,12 @@ class Block(nn.Module):
         self.mlp_norm = AutocastRMSNorm(d_model, norm_eps, backend)
         self.mlp = SwiGLU(d_model, mlp_hidden_size, backend)
 
-    def forward(self, x, *, cu_seqlens=None, cache=None, use_cache=False):
-        mixed, cache = self.mixer(self.mixer_norm(x), cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)
-        x = x + mixed
-        return x + self.mlp(self.mlp_norm(x)), cache
+    def forward(self, residual, delta=None, *, cu_seqlens=None, cache=None, use_cache=False):
+        """(residual, delta) in -> (residual, delta, cache) out: the MLP's output is left for the next norm to add."""
+        y, residual = self.mixer_norm(residual, delta)
+        mixed, cache = self.mixer(y, cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)
+        y, residual = self.mlp_norm(residual, mixed)
+        return residual, self.mlp(y), cache
 
 
 def build_mixer(cfg: ModelConfig, kind: str, mode: str, backend: str) -> nn.Module:
@@ -237,13 +254,14 @@ class LanguageModel(nn.Module):
         """
         if cu_seqlens is not None and (cache is not None or use_cache):
             raise ValueError("cu_seqlens (packed sequences) cannot be combined with a cache")
-        x = self.embed(input_ids)                                              # [B, T, d_model]
+        residual, delta = self.embed(input_ids), None                          # [B, T, d_model]
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, cu_seqlens=cu_seqlens, cache=None if cache is None else cache[i],
-                                   use_cache=use_cache)
+            residual, delta, layer_cache = block(residual, delta, cu_seqlens=cu_seqlens,
+                                                 cache=None if cache is None else cache[i], use_cache=use_cache)
             new_cache.append(layer_cache)
-        logits = self.lm_head(self.norm(x))
+        y, _ = self.norm(residual, delta)
+        logits = self.lm_head(y)
         return (logits, new_cache) if use_cache else logits
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
