@@ -658,7 +658,7 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, h, v_new, scale, has_ini
     dh, du, dh0 = chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout)
     del w
     dq, dk_part, dw, dG_part = chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
-    del h, v_new, dh
+    del dh  # h and U stay with the autograd context until backward returns
     dk, dv, dg, dbeta = chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout)
     return dq, dk, dv, dg, dbeta, dh0
 
