@@ -252,17 +252,26 @@ def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> di
     do, scale = torch.randn_like(v), D**-0.5
     layout = sequence_layout(B, T, None, chunk.CHUNK_SIZE, q.device)
     g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
-    _, h, h_lo, v_new, _ = chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True)
+    sms = chunk.sm_count(q.device)
+
+    def state_pass(name, **kwargs):  # with W and U~ from the wy kernel, or applying Ainv, as the op would
+        applies = chunk.applies_a_inv(name, B * H, D, D, dtype, sms)
+        return chunk.run_state_fwd(k, v, None if applies else w, None if applies else u, a_inv, beta, g_cum, None,
+                                   False, layout, **kwargs)
+
+    _, h, h_lo, v_new, _ = state_pass("state_fwd", store_h_lo=True)
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
-    # training: wy_solve (with its apply), state_fwd, output_fwd, then backward from wy_recompute to wy_bwd;
-    # inference: wy_fwd, then state_output_fwd where chunk.forward_writes_output, else state_fwd and output_fwd
+    # wy_solve is Ainv alone, where the state pass applies it (chunk.applies_a_inv), else with its apply (W, U~);
+    # inference where the state pass cannot apply it: wy_fwd. Then state_output_fwd where
+    # chunk.forward_writes_output, else state_fwd and output_fwd; backward from wy_recompute (W) to wy_bwd.
+    solve_only = chunk.applies_a_inv("state_fwd", B * H, D, D, dtype, sms)
     return {
         "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),
-        "wy_solve": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True),
-        "state_output_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, q=q, scale=scale,
-                                                        out_dtype=v.dtype),
-        "state_fwd": lambda: chunk.run_state_fwd(k, w, u, g_cum, None, False, layout, store_h_lo=True),
+        "wy_solve": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True, write_w=not solve_only,
+                                               write_u=not solve_only),
+        "state_output_fwd": lambda: state_pass("state_output_fwd", q=q, scale=scale, out_dtype=v.dtype),
+        "state_fwd": lambda: state_pass("state_fwd", store_h_lo=True),
         "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
         "wy_recompute": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv,
                                                    write_u=False),
@@ -276,8 +285,8 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     """ms of each chunk kernel (through its Python launcher) at one shape (chunk_kernel_launches says which ones
     training and inference run); with sweep,
     the wy kernels (wy_fwd, wy_solve, wy_recompute) are also timed at other num_warps and the fastest is kept in
-    chunk.LAUNCH for the rest of the run. wy_solve is the training forward's pair of launches (solve for Ainv,
-    then apply it); its setting is the solve's."""
+    chunk.LAUNCH for the rest of the run. wy_solve is the training forward's solve for Ainv (with the apply
+    of W and U~ where the state pass does not apply Ainv itself); its setting is the solve's."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.triton_utils import sm_count
 
@@ -289,6 +298,8 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
         if name in chunk.STATE_LAUNCH:  # settings per V block, picked by shape
             bv, config = chunk.state_pass_config(name, B * H, D, D, dtype, sm_count(device))
             ms, setting = do_bench(fn), f"BV={bv}, {config}"
+            if name != "state_bwd" and chunk.applies_a_inv(name, B * H, D, D, dtype, sm_count(device)):
+                setting += ", applies Ainv"
             if name == "state_output_fwd" and not chunk.forward_writes_output(B * H, D, D, dtype, sm_count(device)):
                 setting += " (inference runs state_fwd + output_fwd here)"
         elif name == "dqk_bwd":  # blocks and settings by K

@@ -185,6 +185,38 @@ def test_chunk_forward_with_the_output_kernel_cpu(monkeypatch, dtype, K, V):
     assert_matches_oracle(Case(B=1, T=65, H=1, K=K, V=V), "chunk", dtype, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("name, num_states, K, V, expected", [
+    ("state_fwd", 128, 128, 128, True),           # B8 H16: blocks of 64
+    ("state_output_fwd", 128, 128, 128, True),
+    ("state_fwd", 64, 128, 128, True),            # B8 H8 (the model's layer): blocks of 32
+    ("state_fwd", 16, 128, 128, False),           # B1 H16 (T32768): blocks of 16
+    ("state_fwd", 2, 16, 16, False),              # V = 16
+    ("state_output_fwd", 32, 256, 256, False),    # K = 256
+])
+def test_state_pass_applies_a_inv_only_in_blocks_of_32_to_64(name, num_states, K, V, expected):
+    from gdn_exp.ops.chunk import applies_a_inv
+    assert applies_a_inv(name, num_states, K, V, torch.bfloat16, sms=132) == expected
+
+
+@interpreter_only
+@pytest.mark.parametrize("apply", [True, False], ids=["applies_ainv", "reads_w_u"])
+def test_chunk_forward_both_ways_of_forming_u_cpu(monkeypatch, apply):
+    """The forward state pass either reads W and U~ written by the wy kernel or applies Ainv to K and V itself;
+    the shape picks one (applies_a_inv), so each is forced here, in training and in inference, and both
+    must match the oracle."""
+    from gdn_exp.ops import chunk
+    calls, run_state_fwd = [], chunk.run_state_fwd
+
+    def spy(k, v, w, u, *args, **kwargs):
+        calls.append(w is None and u is None)
+        return run_state_fwd(k, v, w, u, *args, **kwargs)
+
+    monkeypatch.setattr(chunk, "applies_a_inv", lambda *args: apply)
+    monkeypatch.setattr(chunk, "run_state_fwd", spy)
+    assert_matches_oracle(Case(B=1, T=65, H=2, K=16, V=32), "chunk", torch.float32, torch.device("cpu"))
+    assert calls == [apply, apply]  # training, then the check's forward without grad
+
+
 @pytest.mark.parametrize("K, dtype, expected", [
     (128, torch.bfloat16, (128, 8)),    # one program per chunk reads dO, U, dU once
     (256, torch.bfloat16, (128, 8)),
@@ -213,7 +245,8 @@ def test_gpu_check_covers_every_state_pass_setting():
     """The GPU check (kernel_check's full matrix, bf16, each case with grad and without) runs every state-pass
     setting that an H100 (132 SMs) can pick: each V block of STATE_LAUNCH and WIDE_STATE_LAUNCH. A setting the
     check never runs would never be verified against the oracle."""
-    from gdn_exp.ops.chunk import STATE_LAUNCH, WIDE_STATE_LAUNCH, forward_writes_output, state_pass_config
+    from gdn_exp.ops.chunk import (STATE_LAUNCH, WIDE_STATE_LAUNCH, applies_a_inv, forward_writes_output,
+                                   state_pass_config)
     covered = set()
     for case in kernel_check.full_matrix():
         num_states, K, V = (len(case.seqlens) if case.seqlens else case.B) * case.H, case.K, case.V
@@ -225,6 +258,9 @@ def test_gpu_check_covers_every_state_pass_setting():
     expected = {(name, bv, False) for name, table in STATE_LAUNCH.items() for bv in table}
     expected |= {(name, bv, True) for name, (bv, _) in WIDE_STATE_LAUNCH.items()}
     assert covered == expected
+    # so both ways of forming U in the forward pass are checked (asked as V = the block: one state, one SM)
+    forms = {applies_a_inv("state_fwd", 1, 128, bv, torch.bfloat16, sms=1) for _, bv, wide in covered if not wide}
+    assert forms == {True, False}
 
 
 def test_decode_launch_rejects_a_block_that_is_not_a_power_of_two(monkeypatch):

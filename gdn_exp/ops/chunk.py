@@ -9,8 +9,9 @@ gate cumsum G, Q, K [BT, K], V [BT, V] and chunk-start state S [K, V]:
     O = scale (exp(G) Q) S + (scale Q K^T * D) U,  D[t, j] = exp(G_t - G_j) (j <= t)
                  (chunk_output_fwd_kernel; in inference the state pass itself: forward_writes_output)
 
-Only the state pass is sequential over chunks; the other kernels run one program per chunk. Where inference's
-state pass writes O, per-chunk states never reach HBM. A training forward keeps the inputs, Ainv, the per-chunk
+Only the state pass is sequential over chunks; the other kernels run one program per chunk. In blocks of 32-64
+V columns the forward's state pass applies Ainv itself, as U = Ainv diag(beta) (V - diag(exp(G)) K S), so that
+W and U~ never reach HBM (applies_a_inv); where inference's state pass writes O, per-chunk states do not either. A training forward keeps the inputs, Ainv, the per-chunk
 states h and U: backward recomputes G and W from Ainv, runs the state-gradient pass in reverse
 (chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel for the output and state terms,
 chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
@@ -282,23 +283,40 @@ def chunk_gates(g_cum, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
-def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, cu_seqlens, chunk_offsets,
-                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def load_a_inv(a_inv, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr):
+    """Chunk i_c's Ainv [BT, BT] (float32): only the lower triangle is stored, the rest is masked to zero."""
+    o_i = tl.arange(0, BT)
+    b_A = load_tokens(a_inv, bos, i_h, seq_len, H, BT, i_c * BT, 0, BT, BT)
+    return tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
+
+
+@triton.jit
+def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, h_lo, v_new, o, h0, ht, scale, cu_seqlens,
+                           chunk_offsets, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_H_LO: tl.constexpr):
+                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_H_LO: tl.constexpr,
+                           APPLY_AINV: tl.constexpr):
     """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
-    S <- exp(G_last) S + (exp(G_last - G) K)^T U. With OUTPUT it also writes the chunk's output
-    O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores the
-    chunk-start states in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo, for
+    S <- exp(G_last) S + (exp(G_last - G) K)^T U. W and U~ are read from w and u, or (APPLY_AINV) never
+    formed: U = Ainv diag(beta) (V - diag(exp(G)) K S) from Ainv, K and V (one more dependent product per
+    chunk, which pays only in blocks of 32-64 columns: applies_a_inv). With OUTPUT it also writes the chunk's
+    output O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores
+    the chunk-start states in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo, for
     chunk_output_fwd_kernel) and U in v_new. BK covers all of K."""
     DTYPE: tl.constexpr = k.dtype.element_ty
     i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
     b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
     for i_c in range(tl.cdiv(seq_len, BT)):
         b_G, m_t, _, b_G_last = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
-        b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
         b_kt = load_tokens_t(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)          # K^T [BK, BT]
-        b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
+        if APPLY_AINV:
+            b_A = load_a_inv(a_inv, bos, i_h, i_c, seq_len, H, BT)
+            b_beta = tl.load(beta + (bos + i_c * BT + tl.arange(0, BT)) * H + i_h, mask=m_t, other=0).to(tl.float32)
+            b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+            b_v = load_tokens(v, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
+        else:
+            b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+            b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
         if OUTPUT:
             b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
             b_o = state_mma(b_q, b_S, DTYPE)
@@ -307,7 +325,11 @@ def chunk_state_fwd_kernel(q, k, w, u, g_cum, h, h_lo, v_new, o, h0, ht, scale, 
             if STORE_H_LO:
                 b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
                 store_state(h_lo, b_S - b_hi, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
-        b_u -= state_mma(b_w, b_S, DTYPE)
+        if APPLY_AINV:
+            b_u = state_mma(b_A, (b_v - state_mma(b_k, b_S, DTYPE) * tl.exp(b_G)[:, None]) * b_beta[:, None],
+                            DTYPE)
+        else:
+            b_u -= state_mma(b_w, b_S, DTYPE)
         if OUTPUT:
             b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
             b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
@@ -446,8 +468,7 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
     o_i = tl.arange(0, BT)
     o_gate = (bos + i_c * BT + o_i) * H + i_h
     b_beta = tl.load(beta + o_gate, mask=m_t, other=0).to(tl.float32)
-    b_Ainv = load_tokens(a_inv, bos, i_h, seq_len, H, BT, i_c * BT, 0, BT, BT)
-    b_Ainv = tl.where(o_i[:, None] >= o_i[None, :], b_Ainv, 0.0)    # only the lower triangle is stored
+    b_Ainv = load_a_inv(a_inv, bos, i_h, i_c, seq_len, H, BT)
     b_dG = tl.zeros([BT], dtype=tl.float32)
     for i_p in range(NK_PARTS):
         b_dG += tl.load(dG_part + i_p * T_total * H + o_gate, mask=m_t, other=0)
@@ -489,16 +510,18 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
     tl.store(dbeta + o_gate, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
 
-def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None, write_u: bool = True):
+def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None, write_w: bool = True,
+                 write_u: bool = True):
     """Returns G [tokens, H] (cumsum of g within chunks), Ainv [tokens, H, BT] float32 (lower blocks; None
-    unless store_a_inv or given), W [tokens, H, K] and U~ [tokens, H, V] in k's dtype (None without write_u:
-    backward needs only W). A given a_inv (the forward's, in backward) is used instead of solving again. With
-    store_a_inv, one launch solves for Ainv and stores it and a second applies it, as backward does: the one
-    kernel doing both runs at 1 warp (16-row dots, 255 registers), the apply alone at 4."""
+    unless store_a_inv or given), W [tokens, H, K] and U~ [tokens, H, V] in k's dtype (each None unless asked
+    for: backward needs only W, a state pass that applies Ainv itself neither). A given a_inv (the forward's,
+    in backward) is used instead of solving again. With store_a_inv, one launch solves for Ainv and stores it
+    and a second applies it, as backward does: the one kernel doing both runs at 1 warp (16-row dots, 255
+    registers), the apply alone at 4."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     g_cum = torch.empty(B, T, H, device=k.device, dtype=torch.float32)
-    w = torch.empty(B, T, H, K, device=k.device, dtype=k.dtype)
+    w = torch.empty(B, T, H, K, device=k.device, dtype=k.dtype) if write_w else None
     u = torch.empty(B, T, H, V, device=k.device, dtype=k.dtype) if write_u else None
 
     def run(name, **flags):
@@ -510,11 +533,10 @@ def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None, write_u: 
     if store_a_inv and a_inv is None:  # float32: in bf16 dh0 missed its bound (8.1e-3 > 8e-3, B2 T300 gnone)
         a_inv = torch.empty(B, T, H, CHUNK_SIZE, device=k.device, dtype=torch.float32)
         run("wy_solve", STORE_AINV=True, LOAD_AINV=False, WRITE_W=False, WRITE_U=False)
-        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_W=True, WRITE_U=write_u)
-    elif a_inv is not None:
-        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_W=True, WRITE_U=write_u)
-    else:
-        run("wy_fwd", STORE_AINV=False, LOAD_AINV=False, WRITE_W=True, WRITE_U=write_u)
+    if a_inv is not None and (write_w or write_u):
+        run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_W=write_w, WRITE_U=write_u)
+    elif a_inv is None:
+        run("wy_fwd", STORE_AINV=False, LOAD_AINV=False, WRITE_W=write_w, WRITE_U=write_u)
     return g_cum, a_inv, w, u
 
 
@@ -541,28 +563,38 @@ def forward_writes_output(num_states: int, K: int, V: int, dtype: torch.dtype, s
     return state_pass_config("state_output_fwd", num_states, K, V, dtype, sms)[0] == block_size(V, 64)
 
 
-def run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=None, scale=1.0, out_dtype=None,
-                  store_h_lo=False):
+def applies_a_inv(name: str, num_states: int, K: int, V: int, dtype: torch.dtype, sms: int) -> bool:
+    """Whether forward state pass `name` forms U from Ainv, K and V itself (APPLY_AINV) instead of reading W and
+    U~ written by the wy kernel: for K <= 128 in blocks of 32-64 columns. v9 on the H100 (docs/perf.md): the
+    solve alone 0.21 ms against 0.50 with the apply at B8 T4096 H16 D128, the pass 0.53 -> 0.77 in blocks of 64
+    and 0.26 -> 0.29 in blocks of 32 (B8 H8); in blocks of 16 (B1 T32768) the pass doubled (0.75 -> 1.44) and
+    at K = 256 it lost 0.04 ms."""
+    return K <= 128 and state_pass_config(name, num_states, K, V, dtype, sms)[0] >= 32
+
+
+def run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_state, layout, q=None, scale=1.0,
+                  out_dtype=None, store_h_lo=False):
     """Launches chunk_state_fwd_kernel; returns (o, h, h_lo, U, final state), the ones not asked for None.
+    W and U~ come from w and u, or (w None) the pass applies a_inv (with beta) to K and V itself.
     With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; else the chunk-start states h
     [NT, H, K, V] and U [tokens, H, V] in k's dtype, and with store_h_lo (16-bit k) the states' rounding
     remainders h_lo like h. The final state is float32 (output_final_state) or None."""
     output = out_dtype is not None
     B, T, H, K = k.shape
-    V = u.shape[-1]
+    V = v.shape[-1]
     N = len(layout.cu_seqlens) - 1
-    o = torch.empty_like(u, dtype=out_dtype) if output else None
+    o = torch.empty_like(v, dtype=out_dtype) if output else None
     h = None if output else torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
     h_lo = torch.empty_like(h) if store_h_lo and not output and k.dtype != torch.float32 else None
-    v_new = None if output else torch.empty_like(u)
+    v_new = None if output else torch.empty_like(v, dtype=k.dtype)
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
     BV, config = state_pass_config("state_output_fwd" if output else "state_fwd", N * H, K, V, k.dtype,
                                    sm_count(k.device))
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, w, u, g_cum, h, h_lo, v_new, o, initial_state, final_state, scale, layout.cu_seqlens,
-        layout.chunk_offsets, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
+        q, k, v, w, u, a_inv, beta, g_cum, h, h_lo, v_new, o, initial_state, final_state, scale,
+        layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, OUTPUT=output,
-        STORE_H_LO=h_lo is not None, **config)
+        STORE_H_LO=h_lo is not None, APPLY_AINV=w is None, **config)
     return o, h, h_lo, v_new, final_state
 
 
@@ -578,22 +610,20 @@ def chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype):
     return o
 
 
-def chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state, layout, out_dtype,
-                           keep_states: bool):
+def chunk_state_output_fwd(q, k, v, w, u, a_inv, beta, g_cum, scale, initial_state, output_final_state, layout,
+                           out_dtype, writes_output: bool, keep_states: bool):
     """The forward's state pass and output: returns o [tokens, H, V] in out_dtype, the final state (float32, or
     None) and, with keep_states (training), the chunk-start states h [NT, H, K, V] and U [tokens, H, V] in k's
-    dtype for backward (else None, None). Training always stores them and runs the output kernel: storing them
-    from the O-writing pass instead made it 0.65 -> 1.02 ms at B8 T4096 H16 D128 on the H100 (v8), more than
-    the state pass and output kernel take together. Inference writes O in the state pass where
-    forward_writes_output says so."""
-    H, K, V = k.shape[2], k.shape[3], u.shape[3]
-    if not keep_states and forward_writes_output((len(layout.cu_seqlens) - 1) * H, K, V, k.dtype,
-                                                 sm_count(k.device)):
-        o, _, _, _, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout, q=q,
-                                                scale=scale, out_dtype=out_dtype)
+    dtype for backward (else None, None). With writes_output (inference only, see forward_writes_output) the
+    state pass writes O itself; else it stores the states for the output kernel. Training always does the
+    latter: storing them from the O-writing pass instead made it 0.65 -> 1.02 ms at B8 T4096 H16 D128 on the
+    H100 (v8), more than the state pass and output kernel take together."""
+    if writes_output:
+        o, _, _, _, final_state = run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_state,
+                                                layout, q=q, scale=scale, out_dtype=out_dtype)
         return o, final_state, None, None
-    _, h, h_lo, v_new, final_state = run_state_fwd(k, w, u, g_cum, initial_state, output_final_state, layout,
-                                                   store_h_lo=True)
+    _, h, h_lo, v_new, final_state = run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state,
+                                                   output_final_state, layout, store_h_lo=True)
     o = chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype)
     return (o, final_state, h, v_new) if keep_states else (o, final_state, None, None)
 
@@ -647,10 +677,15 @@ def chunk_wy_bwd(k, v, g, beta, g_cum, a_inv, dw, du, dk_part, dG_part, layout):
 def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout, for_backward):
     """Returns o, the final state (or None) and, with for_backward, what backward keeps: Ainv, the chunk-start
     states h and U (else None, None, None)."""
-    g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=for_backward)
-    o, final_state, h, v_new = chunk_state_output_fwd(q, k, w, u, g_cum, scale, initial_state, output_final_state,
-                                                      layout, v.dtype, keep_states=for_backward)
-    return o, final_state, a_inv, h, v_new
+    num_states, K, V, sms = (len(layout.cu_seqlens) - 1) * k.shape[2], k.shape[3], v.shape[3], sm_count(k.device)
+    writes_output = not for_backward and forward_writes_output(num_states, K, V, k.dtype, sms)
+    apply = applies_a_inv("state_output_fwd" if writes_output else "state_fwd", num_states, K, V, k.dtype, sms)
+    g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=for_backward or apply,
+                                      write_w=not apply, write_u=not apply)
+    o, final_state, h, v_new = chunk_state_output_fwd(q, k, v, w, u, a_inv, beta, g_cum, scale, initial_state,
+                                                      output_final_state, layout, v.dtype, writes_output,
+                                                      keep_states=for_backward)
+    return o, final_state, a_inv if for_backward else None, h, v_new
 
 
 def chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, h, v_new, scale, has_initial_state, do, dht, layout):
