@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 
-SHAPES = {"B8T4096D128": (8, 4096, 16, 128), "B1T32768D128": (1, 32768, 16, 128), "B4T4096D256": (4, 4096, 8, 256)}
+SHAPES = {"B8T4096D128": (8, 4096, 16, 128), "B1T32768D128": (1, 32768, 16, 128), "B4T4096D256": (4, 4096, 8, 256),
+          "B8T4096H8D128": (8, 4096, 8, 128)}  # the last: the model's GDN layer (d_model 1024, 8 heads)
 STATE_KERNELS = ("state_output_fwd", "state_fwd", "state_bwd")
 CHUNK_KERNELS = ("output_fwd", "dqk_bwd", "wy_bwd")  # one program per chunk: the shape only sets the work
 DQK_BLOCKS = ((64, 64), (128, 64), (128, 32), (64, 32))  # (K, V) block caps of dqk_bwd (chunk.dqk_config)

@@ -55,12 +55,13 @@ LAUNCH = {
 # state_output_fwd is inference's pass when it writes O (forward_writes_output: blocks of 64, or V <= 16),
 # state_fwd the pass that stores h, h_lo and U for the output kernel and backward (training's forward, and
 # inference's with narrow blocks).
-# Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4-v5; scripts/sweep_launch.py).
+# Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4-v5; scripts/sweep_launch.py);
+# state_fwd re-swept in v9 after it began applying Ainv: blocks of 32 beat 64 at B8 T4096 H16 (0.58 against
+# 0.64-0.81 ms), so it no longer runs blocks of 64.
 STATE_LAUNCH = {
     "state_output_fwd": {64: dict(num_warps=4, num_stages=1),
                          16: dict(num_warps=4, num_stages=2)},
-    "state_fwd": {64: dict(num_warps=4, num_stages=2),
-                  32: dict(num_warps=4, num_stages=2),
+    "state_fwd": {32: dict(num_warps=4, num_stages=2),
                   16: dict(num_warps=4, num_stages=3)},
     "state_bwd": {64: dict(num_warps=4, num_stages=1),
                   32: dict(num_warps=4, num_stages=2),
@@ -70,7 +71,9 @@ STATE_LAUNCH = {
 # check at K = 256 on the H100 (v5, B4 T4096 H8 D256: the O-writing pass 0.81-0.94 ms, against 0.93 + 0.61 for
 # the state pass with h_lo and the output kernel; state_bwd 1.34 ms at 8 warps (1.49 at 4, blocks of 16),
 # state_fwd 0.53-0.57 at 8 warps (0.57 at 4, blocks of 32); 1 stage in blocks of 16-32 crashed or went wrong,
-# 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong).
+# 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong). v9: state_fwd
+# in blocks of 32 at 4 warps, 2 stages swept at 0.67 ms (against 0.78 here in another call) but moved the op by
+# nothing measurable (fwd+bwd 3.25 -> 3.29, training fwd 1.21 -> 1.18), so it stays.
 WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1)),
                      "state_fwd": (64, dict(num_warps=8, num_stages=1)),
                      "state_bwd": (64, dict(num_warps=8, num_stages=1))}
@@ -567,8 +570,8 @@ def applies_a_inv(name: str, num_states: int, K: int, V: int, dtype: torch.dtype
     """Whether forward state pass `name` forms U from Ainv, K and V itself (APPLY_AINV) instead of reading W and
     U~ written by the wy kernel: for K <= 128 in blocks of 32-64 columns. v9 on the H100 (docs/perf.md): the
     solve alone 0.21 ms against 0.50 with the apply at B8 T4096 H16 D128, the pass 0.53 -> 0.77 in blocks of 64
-    and 0.26 -> 0.29 in blocks of 32 (B8 H8); in blocks of 16 (B1 T32768) the pass doubled (0.75 -> 1.44) and
-    at K = 256 it lost 0.04 ms."""
+    (0.58 in blocks of 32, which it has run since) and 0.26 -> 0.29 in blocks of 32 (B8 H8); in blocks of 16
+    (B1 T32768) the pass doubled (0.75 -> 1.44) and at K = 256 it lost 0.04 ms."""
     return K <= 128 and state_pass_config(name, num_states, K, V, dtype, sms)[0] >= 32
 
 
