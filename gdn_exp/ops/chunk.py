@@ -11,10 +11,11 @@ gate cumsum G, Q, K [BT, K], V [BT, V] and chunk-start state S [K, V]:
 
 Only the state pass is sequential over chunks; the other kernels run one program per chunk. In blocks of 32-64
 V columns the forward's state pass applies Ainv itself, as U = Ainv diag(beta) (V - diag(exp(G)) K S), so that
-W and U~ never reach HBM (applies_a_inv); where inference's state pass writes O, per-chunk states do not either. A training forward keeps the inputs, Ainv, the per-chunk
-states h and U: backward recomputes G and W from Ainv, runs the state-gradient pass in reverse
-(chunk_state_bwd_kernel), then gradients per chunk (chunk_dqk_bwd_kernel for the output and state terms,
-chunk_wy_bwd_kernel through the UT/WY transform and the gate cumsum).
+W and U~ never reach HBM (applies_a_inv); where inference's state pass writes O, per-chunk states do not either.
+A training forward keeps the inputs, Ainv, the per-chunk states h and U: backward recomputes G and W from Ainv,
+runs the state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients per chunk
+(chunk_dqk_bwd_kernel for the output and state terms, chunk_wy_bwd_kernel through the UT/WY transform and the
+gate cumsum).
 
 Precision follows the inputs (`triton_utils.mma`): for bf16/fp16 inputs the dots take 16-bit operands with
 float32 accumulation; the products with the running float32 state (and the float32 [BT, BV] operands) in the
