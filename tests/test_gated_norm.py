@@ -7,7 +7,8 @@ each of y and s used later or not. The layer's use of it on the Triton backend i
 On CPU the kernels run under the Triton interpreter in float32; the `gpu` tests run compiled, bf16 and float32.
 """
 import pytest
-from triton_markers import assert_close_to_reference, gpu_only, interpreter_only  # first: sets TRITON_INTERPRET
+from triton_markers import (GPU_TOLERANCE, assert_close_to_reference, gpu_only,  # first: sets TRITON_INTERPRET
+                            interpreter_only)
 import torch
 
 from gdn_exp.kernel_check import nan_poisoned_allocations
@@ -147,7 +148,7 @@ def test_shapes_are_checked():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_fused_output_norm_matches_float64_gpu(case, dtype):
-    check(GPU_CASES[case], dtype, "cuda", tolerance=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    check(GPU_CASES[case], dtype, "cuda", tolerance=GPU_TOLERANCE[dtype])
 
 
 @pytest.mark.gpu
@@ -162,5 +163,5 @@ def test_residual_stream_norm_gpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_residual_stream_add_norm_gpu(dtype, upstream):
     """The model's residual add + norm: float32 x, delta and y in dtype (bf16: as under autocast)."""
-    check_add((4, 1000, 1024), UPSTREAM[upstream], "cuda", tolerance=1e-2 if dtype == torch.bfloat16 else 1e-5,
+    check_add((4, 1000, 1024), UPSTREAM[upstream], "cuda", tolerance=GPU_TOLERANCE[dtype],
               dtype=dtype, out_dtype=dtype)
