@@ -283,9 +283,8 @@ def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> di
 
 def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
     """ms of each chunk kernel (through its Python launcher) at one shape (chunk_kernel_launches says which ones
-    training and inference run); with sweep,
-    the wy kernels (wy_fwd, wy_solve, wy_recompute) are also timed at other num_warps and the fastest is kept in
-    chunk.LAUNCH for the rest of the run. wy_solve is the training forward's solve for Ainv (with the apply
+    training and inference run); with sweep, the wy kernels (wy_fwd, wy_solve, wy_recompute) are also timed at
+    other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run. wy_solve is the training forward's solve for Ainv (with the apply
     of W and U~ where the state pass does not apply Ainv itself); its setting is the solve's."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.triton_utils import sm_count
@@ -441,7 +440,7 @@ def bench_model(seq_lens=(2048, 4096, 8192, 16384), tokens_per_batch=MODEL_TOKEN
 def train_step(model, B, T):
     """A function running one training step of model (moved to CUDA) on random tokens [B, T]: bf16 autocast
     forward, the loss, backward, fused AdamW."""
-    from gdn_exp.ops import cross_entropy_loss
+    from gdn_exp.train.evaluate import lm_loss
 
     model.cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -449,7 +448,7 @@ def train_step(model, B, T):
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = cross_entropy_loss(model(x).flatten(0, 1), x.flatten())  # the trainer's loss
+            loss = lm_loss(model(x), x)  # the trainer's loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
