@@ -204,7 +204,8 @@ def full_matrix() -> list:
               ((16, 16), (32, 128), (128, 128), (256, 256), (256, 64))]
     cases += [Case(B=2, T=300, H=2, K=64, V=64, gate=gate) for gate in ("none", "forget")]
     cases += [Case(B=8, T=1000, H=16, K=128, V=128, initial_state=False),
-              Case(B=4, T=4096, H=16, K=128, V=128, gate="none")]
+              Case(B=4, T=4096, H=16, K=128, V=128, gate="none"),
+              Case(B=3, T=300, H=16, K=128, V=128)]  # 48 states: the backward state pass in blocks of 32
     cases += [varlen_case((1, 63, 64, 65, 300, 1, 130, 7), H=4, K=64, V=64),
               varlen_case((1, 63, 64, 65, 300, 1, 130, 7), H=4, K=64, V=64, initial_state=False, gate="forget"),
               varlen_case((1000, 1, 37, 2000, 129), H=2, K=128, V=64)]

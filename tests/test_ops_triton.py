@@ -146,6 +146,8 @@ def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
 @pytest.mark.parametrize("name, num_states, D, dtype, expected", [
     ("state_output_fwd", 128, 128, torch.bfloat16, (64, 1)),    # B8 H16: 256 programs of 64 columns
     ("state_bwd", 128, 128, torch.bfloat16, (64, 1)),
+    ("state_bwd", 64, 128, torch.bfloat16, (64, 3)),            # B8 H8: 128 programs, one per SM (one wave)
+    ("state_bwd", 48, 128, torch.bfloat16, (32, 2)),            # 96 programs of 64 would idle 36 SMs
     ("state_fwd", 128, 128, torch.bfloat16, (32, 2)),           # B8 H16: blocks of 32 (faster than 64, v9)
     ("state_fwd", 64, 128, torch.bfloat16, (32, 2)),            # B4 H16
     ("state_fwd", 16, 128, torch.bfloat16, (16, 3)),            # B1 H16: even 16 columns give only 128
@@ -244,24 +246,27 @@ def test_chunk_backward_in_wide_dqk_blocks_cpu(monkeypatch, K, V):
 
 def test_gpu_check_covers_every_state_pass_setting():
     """The GPU check (kernel_check's full matrix, bf16, each case with grad and without) runs every state-pass
-    setting that an H100 (132 SMs) can pick: each V block of STATE_LAUNCH and WIDE_STATE_LAUNCH. A setting the
-    check never runs would never be verified against the oracle."""
-    from gdn_exp.ops.chunk import (STATE_LAUNCH, WIDE_STATE_LAUNCH, applies_a_inv, forward_writes_output,
-                                   state_pass_config)
+    setting that an H100 (132 SMs) can pick: each V block and launch of STATE_LAUNCH, ONE_WAVE_STATE_BWD and
+    WIDE_STATE_LAUNCH. A setting the check never runs would never be verified against the oracle."""
+    from gdn_exp.ops.chunk import (ONE_WAVE_STATE_BWD, STATE_LAUNCH, WIDE_STATE_LAUNCH, applies_a_inv,
+                                   forward_writes_output, state_pass_config)
     covered = set()
     for case in kernel_check.full_matrix():
         num_states, K, V = (len(case.seqlens) if case.seqlens else case.B) * case.H, case.K, case.V
-        def block(name):
-            return state_pass_config(name, num_states, K, V, torch.bfloat16, 132)[0]
-        covered |= {("state_fwd", block("state_fwd"), K > 128), ("state_bwd", block("state_bwd"), K > 128)}
+        def setting(name):
+            bv, launch = state_pass_config(name, num_states, K, V, torch.bfloat16, 132)
+            return name, bv, launch["num_stages"], K > 128
+        covered |= {setting("state_fwd"), setting("state_bwd")}
         if forward_writes_output(num_states, K, V, torch.bfloat16, 132):  # inference, the check's no-grad run
-            covered.add(("state_output_fwd", block("state_output_fwd"), K > 128))
-    expected = {(name, bv, False) for name, table in STATE_LAUNCH.items() for bv in table}
-    expected |= {(name, bv, True) for name, (bv, _) in WIDE_STATE_LAUNCH.items()}
+            covered.add(setting("state_output_fwd"))
+    expected = {(name, bv, launch["num_stages"], False) for name, table in STATE_LAUNCH.items()
+                for bv, launch in table.items()}
+    expected.add(("state_bwd", ONE_WAVE_STATE_BWD[0], ONE_WAVE_STATE_BWD[1]["num_stages"], False))
+    expected |= {(name, bv, launch["num_stages"], True) for name, (bv, launch) in WIDE_STATE_LAUNCH.items()}
     assert covered == expected
     # so both ways of forming U in the forward pass are checked (asked as V = the block: one state, one SM)
     forms = {applies_a_inv("state_fwd", 1, 128, bv, torch.bfloat16, sms=1)
-             for name, bv, wide in covered if name != "state_bwd" and not wide}
+             for name, bv, _, wide in covered if name != "state_bwd" and not wide}
     assert forms == {True, False}
 
 

@@ -75,6 +75,11 @@ STATE_LAUNCH = {
 # 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong). v9: state_fwd
 # in blocks of 32 at 4 warps, 2 stages swept at 0.67 ms (against 0.78 here in another call) but moved the op by
 # nothing measurable (fwd+bwd 3.25 -> 3.29, training fwd 1.21 -> 1.18), so it stays.
+# state_bwd in blocks of 64 where they give each SM at most one program and leave under 10 % of the SMs idle (B8
+# H8 D128, the model's GDN layer; B4 H16): 3 stages, which pay only without a second program on the SM. v10 sweep
+# on the H100 (scripts/sweep_launch.py): B8 T4096 H8 D128 0.54 ms in blocks of 32 -> 0.43; at two programs per SM
+# (B8 T4096 H16) 1 stage stays best (0.69 against 0.84-0.87 ms).
+ONE_WAVE_STATE_BWD = (64, dict(num_warps=4, num_stages=3))
 WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1)),
                      "state_fwd": (64, dict(num_warps=8, num_stages=1)),
                      "state_bwd": (64, dict(num_warps=8, num_stages=1))}
@@ -547,13 +552,16 @@ def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None, write_w: 
 def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.dtype, sms: int):
     """(V block, launch settings) of state kernel `name` for num_states = sequences x heads on a GPU with `sms`
     SMs. 16-bit inputs with K <= 128: the largest block of STATE_LAUNCH that still gives every SM a program,
-    else the smallest. K > 128: WIDE_STATE_LAUNCH. float32 inputs: blocks of at least 32 (16 miscompiled there,
-    see LAUNCH) and FP32_LAUNCH."""
+    else the smallest; state_bwd in blocks of 64 also where they fill 90-100 % of the SMs (ONE_WAVE_STATE_BWD).
+    K > 128: WIDE_STATE_LAUNCH. float32 inputs: blocks of at least 32 (16 miscompiled there, see LAUNCH) and
+    FP32_LAUNCH."""
     if dtype == torch.float32:
         return block_size(V, 64 if K <= 64 else 32), FP32_LAUNCH
     if K > 128:
         BV, config = WIDE_STATE_LAUNCH[name]
         return block_size(V, BV), config
+    if name == "state_bwd" and block_size(V, 64) == 64 and 0.9 * sms <= num_states * triton.cdiv(V, 64) <= sms:
+        return ONE_WAVE_STATE_BWD
     blocks = [b for b in sorted(STATE_LAUNCH[name], reverse=True) if b <= block_size(V, 64)]
     BV = next((b for b in blocks if num_states * triton.cdiv(V, b) >= sms), blocks[-1])
     return BV, STATE_LAUNCH[name][BV]
