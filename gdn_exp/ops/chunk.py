@@ -68,6 +68,11 @@ STATE_LAUNCH = {
                   32: dict(num_warps=4, num_stages=2),
                   16: dict(num_warps=4, num_stages=2)},
 }
+# state_bwd in blocks of 64 where they give each SM at most one program and leave under 10 % of the SMs idle (B8
+# H8 D128, the model's GDN layer; B4 H16): 3 stages, which pay only without a second program on the SM. v10 sweep
+# on the H100 (scripts/sweep_launch.py): B8 T4096 H8 D128 0.54 ms in blocks of 32 -> 0.43; at two programs per SM
+# (B8 T4096 H16) 1 stage stays best (0.69 against 0.84-0.87 ms).
+ONE_WAVE_STATE_BWD = (64, dict(num_warps=4, num_stages=3))
 # K > 128 (a [256, BV] state), one (V block, setting) per pass: the fastest of the settings that passed the
 # check at K = 256 on the H100 (v5, B4 T4096 H8 D256: the O-writing pass 0.81-0.94 ms, against 0.93 + 0.61 for
 # the state pass with h_lo and the output kernel; state_bwd 1.34 ms at 8 warps (1.49 at 4, blocks of 16),
@@ -75,11 +80,6 @@ STATE_LAUNCH = {
 # 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong). v9: state_fwd
 # in blocks of 32 at 4 warps, 2 stages swept at 0.67 ms (against 0.78 here in another call) but moved the op by
 # nothing measurable (fwd+bwd 3.25 -> 3.29, training fwd 1.21 -> 1.18), so it stays.
-# state_bwd in blocks of 64 where they give each SM at most one program and leave under 10 % of the SMs idle (B8
-# H8 D128, the model's GDN layer; B4 H16): 3 stages, which pay only without a second program on the SM. v10 sweep
-# on the H100 (scripts/sweep_launch.py): B8 T4096 H8 D128 0.54 ms in blocks of 32 -> 0.43; at two programs per SM
-# (B8 T4096 H16) 1 stage stays best (0.69 against 0.84-0.87 ms).
-ONE_WAVE_STATE_BWD = (64, dict(num_warps=4, num_stages=3))
 WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1)),
                      "state_fwd": (64, dict(num_warps=8, num_stages=1)),
                      "state_bwd": (64, dict(num_warps=8, num_stages=1))}
