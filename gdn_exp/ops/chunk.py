@@ -560,7 +560,9 @@ def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.d
     if K > 128:
         BV, config = WIDE_STATE_LAUNCH[name]
         return block_size(V, BV), config
-    if name == "state_bwd" and block_size(V, 64) == 64 and 0.9 * sms <= num_states * triton.cdiv(V, 64) <= sms:
+    one_wave = ONE_WAVE_STATE_BWD[0]
+    programs = num_states * triton.cdiv(V, one_wave)
+    if name == "state_bwd" and block_size(V, one_wave) == one_wave and 0.9 * sms <= programs <= sms:
         return ONE_WAVE_STATE_BWD
     blocks = [b for b in sorted(STATE_LAUNCH[name], reverse=True) if b <= block_size(V, 64)]
     BV = next((b for b in blocks if num_states * triton.cdiv(V, b) >= sms), blocks[-1])
