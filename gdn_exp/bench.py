@@ -46,12 +46,15 @@ CHUNK = 64
 OP_SHAPES = [(8, 2048, 16, 128), (8, 4096, 16, 128), (2, 16384, 16, 128), (1, 32768, 16, 128), (4, 4096, 8, 256)]
 DECODE_SHAPE = (64, 16, 128)  # B, H, D
 MODEL_TOKENS = 32768  # tokens per training step of the model-level benches (B = MODEL_TOKENS // T)
+SLOW_REP_MS = 2000  # do_bench's rep for the model step (80-170 ms: 12-25 timed steps) and generation
 
 
-def do_bench(fn, grad_to_none=None) -> float:
+def do_bench(fn, grad_to_none=None, rep=100) -> float:
+    """Median ms of fn over rep ms of calls: triton's do_bench times max(1, rep / its own estimate) calls, so a
+    slow fn (a model's training step, a generation) passes a larger rep to get a median of many calls."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
 
 
 def measure_copy_bandwidth() -> float:
@@ -233,7 +236,7 @@ def bench_generate(d_model=1024, n_layers=8, num_heads=8, head_dim=128, vocab_si
     for cuda_graph in cuda_graph_options:
         tokens = model.generate(prompt, new_tokens, cuda_graph=cuda_graph)
         first_tokens = tokens if first_tokens is None else first_tokens
-        ms = do_bench(lambda: model.generate(prompt, new_tokens, cuda_graph=cuda_graph))
+        ms = do_bench(lambda: model.generate(prompt, new_tokens, cuda_graph=cuda_graph), rep=SLOW_REP_MS)
         rows.append({"shape": f"B{batch_size} prompt {prompt_len} + {new_tokens} new, {n_layers}x d{d_model}",
                      "impl": f"ours gdn generate ({labels[cuda_graph]})",
                      "ms": ms, "prefill_ms": prefill_ms, "decode_ms_per_token": (ms - prefill_ms) / new_tokens,
@@ -460,7 +463,7 @@ def time_train_step(model, B, T) -> tuple:
     """(ms, peak GiB) of one training step (`train_step`)."""
     step = train_step(model, B, T)
     torch.cuda.reset_peak_memory_stats()
-    ms = do_bench(step)
+    ms = do_bench(step, rep=SLOW_REP_MS)
     return ms, torch.cuda.max_memory_allocated() / 2**30
 
 

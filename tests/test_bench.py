@@ -10,7 +10,7 @@ from gdn_exp import bench
 
 @pytest.fixture
 def wall_clock_bench(monkeypatch):
-    def timed(fn, grad_to_none=None):
+    def timed(fn, grad_to_none=None, rep=None):
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
