@@ -17,9 +17,9 @@
     gdn-bench check op layer model     any several, in this order (check, kernels, op, decode, layer, model,
                                        profile, generate), in one process; files rewritten after each table
 
-Timings are medians of `triton.testing.do_bench` (CUDA events); fwd is the forward without grad (inference),
-train_fwd the forward of a training step (inputs that need grad), fwd_bwd both passes. Models used for the
-derived columns:
+Timings are medians of `triton.testing.do_bench` (CUDA events; a model step or a generation over 2 s of calls);
+fwd is the forward without grad (inference), train_fwd the forward of a training step (inputs that need grad),
+fwd_bwd both passes. Models used for the derived columns:
 
 FLOPs, per (token, head), chunk size C = 64, key dim K, value dim V (matrix products only, masks ignored):
     forward   6 K V (state read, state write, output from state) + 2 C (3 K + 2 V) (within-chunk products)
