@@ -287,8 +287,9 @@ def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> di
 def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") -> list:
     """ms of each chunk kernel (through its Python launcher) at one shape (chunk_kernel_launches says which ones
     training and inference run); with sweep, the wy kernels (wy_fwd, wy_solve, wy_recompute) are also timed at
-    other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run. wy_solve is the training forward's solve for Ainv (with the apply
-    of W and U~ where the state pass does not apply Ainv itself); its setting is the solve's."""
+    other num_warps and the fastest is kept in chunk.LAUNCH for the rest of the run. wy_solve is the training
+    forward's solve for Ainv (with the apply of W and U~ where the state pass does not apply Ainv itself); its
+    setting is the solve's."""
     from gdn_exp.ops import chunk
     from gdn_exp.ops.triton_utils import sm_count
 
