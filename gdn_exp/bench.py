@@ -294,16 +294,16 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
     from gdn_exp.ops.triton_utils import sm_count
 
     launches = chunk_kernel_launches(B, T, H, D, dtype, device)
-    device = torch.device(device)
+    sms = sm_count(torch.device(device))
     rows = []
     for name, fn in launches.items():
         tried = None
         if name in chunk.STATE_LAUNCH:  # settings per V block, picked by shape
-            bv, config = chunk.state_pass_config(name, B * H, D, D, dtype, sm_count(device))
+            bv, config = chunk.state_pass_config(name, B * H, D, D, dtype, sms)
             ms, setting = do_bench(fn), f"BV={bv}, {config}"
-            if name != "state_bwd" and chunk.applies_a_inv(name, B * H, D, D, dtype, sm_count(device)):
+            if name != "state_bwd" and chunk.applies_a_inv(name, B * H, D, D, dtype, sms):
                 setting += ", applies Ainv"
-            if name == "state_output_fwd" and not chunk.forward_writes_output(B * H, D, D, dtype, sm_count(device)):
+            if name == "state_output_fwd" and not chunk.forward_writes_output(B * H, D, D, dtype, sms):
                 setting += " (inference runs state_fwd + output_fwd here)"
         elif name == "dqk_bwd":  # blocks and settings by K
             ms, setting = do_bench(fn), str(chunk.dqk_config(D, D, dtype))
