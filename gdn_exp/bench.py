@@ -257,25 +257,25 @@ def chunk_kernel_launches(B, T, H, D, dtype=torch.bfloat16, device="cuda") -> di
     g_cum, a_inv, w, u = chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True)
     sms = chunk.sm_count(q.device)
 
-    def state_pass(name, **kwargs):  # with W and U~ from the wy kernel, or applying Ainv, as the op would
-        applies = chunk.applies_a_inv(name, B * H, D, D, dtype, sms)
+    def state_fwd():  # with W and U~ from the wy kernel, or applying Ainv, as the op would (asked at each call:
+        # scripts/sweep_launch.py changes the V block)
+        applies = chunk.applies_a_inv(B * H, D, D, dtype, sms)
         return chunk.run_state_fwd(k, v, None if applies else w, None if applies else u, a_inv, beta, g_cum, None,
-                                   False, layout, **kwargs)
+                                   False, layout)
 
-    _, h, h_lo, v_new, _ = state_pass("state_fwd", store_h_lo=True)
+    _, h, v_new, _ = state_fwd()
     dh, du, _ = chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout)
     dq, dk_part, dw, dG_part = chunk.chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout)
     # wy_solve is Ainv alone, where the state pass applies it (chunk.applies_a_inv), else with its apply (W, U~);
-    # inference where the state pass cannot apply it: wy_fwd. Then state_output_fwd where
-    # chunk.forward_writes_output, else state_fwd and output_fwd; backward from wy_recompute (W) to wy_bwd.
-    solve_only = chunk.applies_a_inv("state_fwd", B * H, D, D, dtype, sms)
+    # inference where the state pass cannot apply it: wy_fwd. Then state_fwd and output_fwd (16-bit inference as
+    # well: chunk.forward_writes_output); backward from wy_recompute (W) to wy_bwd.
+    solve_only = chunk.applies_a_inv(B * H, D, D, dtype, sms)
     return {
         "wy_fwd": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False),
         "wy_solve": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=True, write_w=not solve_only,
                                                write_u=not solve_only),
-        "state_output_fwd": lambda: state_pass("state_output_fwd", q=q, scale=scale, out_dtype=v.dtype),
-        "state_fwd": lambda: state_pass("state_fwd", store_h_lo=True),
-        "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, v.dtype),),
+        "state_fwd": state_fwd,
+        "output_fwd": lambda: (chunk.chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, v.dtype),),
         "wy_recompute": lambda: chunk.chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=False, a_inv=a_inv,
                                                    write_u=False),
         "state_bwd": lambda: chunk.chunk_state_bwd(q, k, w, g_cum, do, None, scale, False, layout),
@@ -301,10 +301,8 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
         if name in chunk.STATE_LAUNCH:  # settings per V block, picked by shape
             bv, config = chunk.state_pass_config(name, B * H, D, D, dtype, sms)
             ms, setting = do_bench(fn), f"BV={bv}, {config}"
-            if name != "state_bwd" and chunk.applies_a_inv(name, B * H, D, D, dtype, sms):
+            if name == "state_fwd" and chunk.applies_a_inv(B * H, D, D, dtype, sms):
                 setting += ", applies Ainv"
-            if name == "state_output_fwd" and not chunk.forward_writes_output(B * H, D, D, dtype, sms):
-                setting += " (inference runs state_fwd + output_fwd here)"
         elif name == "dqk_bwd":  # blocks and settings by K
             ms, setting = do_bench(fn), str(chunk.dqk_config(D, D, dtype))
         else:

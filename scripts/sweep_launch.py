@@ -18,12 +18,12 @@ import time
 
 SHAPES = {"B8T4096D128": (8, 4096, 16, 128), "B1T32768D128": (1, 32768, 16, 128), "B4T4096D256": (4, 4096, 8, 256),
           "B8T4096H8D128": (8, 4096, 8, 128)}  # the last: the model's GDN layer (d_model 1024, 8 heads)
-STATE_KERNELS = ("state_output_fwd", "state_fwd", "state_bwd")
+STATE_KERNELS = ("state_fwd", "state_bwd")
 CHUNK_KERNELS = ("output_fwd", "dqk_bwd", "wy_bwd")  # one program per chunk: the shape only sets the work
 DQK_BLOCKS = ((64, 64), (128, 64), (128, 32), (64, 32))  # (K, V) block caps of dqk_bwd (chunk.dqk_config)
 
 
-def trials(state_warps=(4,)):
+def trials(state_warps=(4,), state_stages=(1, 2, 3)):
     out = []
     for kernel in CHUNK_KERNELS:
         for shape in ("B8T4096D128", "B4T4096D256"):
@@ -34,8 +34,8 @@ def trials(state_warps=(4,)):
     for kernel in STATE_KERNELS:
         for shape in SHAPES:
             d256 = shape.endswith("D256")
-            for warps, bv, stages in itertools.product(state_warps, (16, 32, 64), (1, 2, 3)):
-                if d256 and (stages == 3 or (bv == 64 and stages > 1)):
+            for warps, bv, stages in itertools.product(state_warps, (16, 32, 64), state_stages):
+                if d256 and (stages >= 3 or (bv == 64 and stages > 1)):
                     continue  # K = 256: shared memory
                 out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=warps, num_stages=stages))
     return out
@@ -138,12 +138,13 @@ def main():
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--kernels", default="", help="comma-separated kernel names; default: all")
     parser.add_argument("--state-warps", default="4", help="num_warps of the state passes, e.g. 4,8")
+    parser.add_argument("--state-stages", default="1,2,3", help="num_stages of the state passes, e.g. 2,3,4")
     args = parser.parse_args()
-    all_trials = trials(tuple(int(w) for w in args.state_warps.split(",")))
+    all_trials = trials(*(tuple(int(x) for x in arg.split(",")) for arg in (args.state_warps, args.state_stages)))
     if args.child is not None:
         child([int(i) for i in args.child.split(",") if i], args.time, all_trials)
         return
-    worker_args = ["--state-warps", args.state_warps]
+    worker_args = ["--state-warps", args.state_warps, "--state-stages", args.state_stages]
     kernels = set(filter(None, args.kernels.split(",")))
     selected = [i for i, t in enumerate(all_trials) if not kernels or t["kernel"] in kernels]
     t0 = time.time()

@@ -50,7 +50,7 @@ def test_decode_sweep_keeps_the_fastest_launch(wall_clock_bench, monkeypatch):
 def test_kernel_rows_on_cpu(wall_clock_bench):
     """One row per chunk kernel launcher, each timed and labelled with its launch settings."""
     rows = bench.bench_kernels(1, 70, 2, 16, dtype=torch.float32, device="cpu")
-    assert [r["kernel"] for r in rows] == ["wy_fwd", "wy_solve", "state_output_fwd", "state_fwd", "output_fwd",
+    assert [r["kernel"] for r in rows] == ["wy_fwd", "wy_solve", "state_fwd", "output_fwd",
                                            "wy_recompute", "state_bwd", "dqk_bwd", "wy_bwd"]
     for row in rows:
         assert row["ms"] > 0 and row["launch"].count("num_warps") == 1, row

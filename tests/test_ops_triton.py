@@ -144,14 +144,13 @@ def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
 
 
 @pytest.mark.parametrize("name, num_states, D, dtype, expected", [
-    ("state_output_fwd", 128, 128, torch.bfloat16, (64, 1)),    # B8 H16: 256 programs of 64 columns
+    ("state_fwd", 128, 128, torch.bfloat16, (64, 2)),           # B8 H16: 256 programs of 64 columns
     ("state_bwd", 128, 128, torch.bfloat16, (64, 1)),
     ("state_bwd", 64, 128, torch.bfloat16, (64, 3)),            # B8 H8: 128 programs, one per SM (one wave)
     ("state_bwd", 48, 128, torch.bfloat16, (32, 2)),            # 96 programs of 64 would idle 36 SMs
-    ("state_fwd", 128, 128, torch.bfloat16, (32, 2)),           # B8 H16: blocks of 32 (faster than 64, v9)
-    ("state_fwd", 64, 128, torch.bfloat16, (32, 2)),            # B4 H16
-    ("state_fwd", 16, 128, torch.bfloat16, (16, 3)),            # B1 H16: even 16 columns give only 128
-    ("state_output_fwd", 16, 16, torch.bfloat16, (16, 2)),      # V = 16 caps the block
+    ("state_fwd", 64, 128, torch.bfloat16, (32, 3)),            # B4 H16, B8 H8: 128 programs of 64 would idle 4
+    ("state_fwd", 16, 128, torch.bfloat16, (16, 4)),            # B1 H16: even 16 columns give only 128
+    ("state_fwd", 2, 16, torch.bfloat16, (16, 4)),              # V = 16 caps the block
     ("state_fwd", 32, 256, torch.bfloat16, (64, 1)),            # K = 256: WIDE_STATE_LAUNCH
     ("state_bwd", 32, 256, torch.bfloat16, (64, 1)),
     ("state_bwd", 16, 128, torch.float32, (32, 1)),             # float32 keeps its own settings
@@ -163,15 +162,14 @@ def test_state_pass_config_fills_the_gpu(name, num_states, D, dtype, expected):
 
 
 @pytest.mark.parametrize("num_states, K, V, dtype, expected", [
-    (128, 128, 128, torch.bfloat16, True),    # B8 H16: blocks of 64 fill the GPU
-    (64, 128, 128, torch.bfloat16, False),    # B4 H16: they would leave SMs idle; narrow blocks + output kernel
-    (16, 128, 128, torch.bfloat16, False),    # B1 H16 (T32768)
-    (2, 16, 16, torch.bfloat16, True),        # V = 16: one block covers V, nothing is recomputed
-    (16, 256, 256, torch.bfloat16, True),     # K = 256: blocks of 64 always (WIDE_STATE_LAUNCH)
-    (128, 64, 64, torch.float32, True),
+    (128, 128, 128, torch.bfloat16, False),   # 16-bit: never (the state pass and output kernel are faster)
+    (2, 16, 16, torch.float16, False),
+    (16, 256, 256, torch.bfloat16, False),
+    (128, 64, 64, torch.float32, True),       # float32 in blocks of 64
+    (2, 16, 16, torch.float32, True),         # or of all of V
     (128, 128, 128, torch.float32, False),    # float32 K = 128 runs blocks of 32
 ])
-def test_forward_writes_output_only_in_wide_blocks(num_states, K, V, dtype, expected):
+def test_forward_writes_output_only_float32_in_wide_blocks(num_states, K, V, dtype, expected):
     from gdn_exp.ops.chunk import forward_writes_output
     assert forward_writes_output(num_states, K, V, dtype, sms=132) == expected
 
@@ -179,26 +177,25 @@ def test_forward_writes_output_only_in_wide_blocks(num_states, K, V, dtype, expe
 @interpreter_only
 @pytest.mark.parametrize("dtype, K, V", [(torch.float16, 16, 32), (torch.float32, 128, 64)])
 def test_chunk_forward_with_the_output_kernel_cpu(monkeypatch, dtype, K, V):
-    """On a GPU with many SMs and few sequences x heads the forward stores the chunk states (16-bit: two
-    planes) and runs chunk_output_fwd_kernel instead of writing O in the state pass; on CPU (one "SM") only
-    K = 128 float32 takes that path by itself, so this test pretends to be an H100."""
+    """Inference stores the chunk states (16-bit: in float16) and runs chunk_output_fwd_kernel for 16-bit inputs
+    and for float32 in narrow V blocks; on CPU (one "SM") float32 takes that path only at K = 128, so this test
+    pretends to be an H100."""
     from gdn_exp.ops import chunk
     monkeypatch.setattr(chunk, "sm_count", lambda device: 132)
     assert not chunk.forward_writes_output(1, K, V, dtype, 132)
     assert_matches_oracle(Case(B=1, T=65, H=1, K=K, V=V), "chunk", dtype, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("name, num_states, K, V, expected", [
-    ("state_fwd", 128, 128, 128, True),           # B8 H16: blocks of 32
-    ("state_output_fwd", 128, 128, 128, True),
-    ("state_fwd", 64, 128, 128, True),            # B8 H8 (the model's layer): blocks of 32
-    ("state_fwd", 16, 128, 128, False),           # B1 H16 (T32768): blocks of 16
-    ("state_fwd", 2, 16, 16, False),              # V = 16
-    ("state_output_fwd", 32, 256, 256, False),    # K = 256
+@pytest.mark.parametrize("num_states, K, V, expected", [
+    (128, 128, 128, True),           # B8 H16: blocks of 64
+    (64, 128, 128, True),            # B8 H8 (the model's layer): blocks of 32
+    (16, 128, 128, False),           # B1 H16 (T32768): blocks of 16
+    (2, 16, 16, False),              # V = 16
+    (32, 256, 256, False),           # K = 256
 ])
-def test_state_pass_applies_a_inv_only_in_blocks_of_32_to_64(name, num_states, K, V, expected):
+def test_state_pass_applies_a_inv_only_in_blocks_of_32_to_64(num_states, K, V, expected):
     from gdn_exp.ops.chunk import applies_a_inv
-    assert applies_a_inv(name, num_states, K, V, torch.bfloat16, sms=132) == expected
+    assert applies_a_inv(num_states, K, V, torch.bfloat16, sms=132) == expected
 
 
 @interpreter_only
@@ -248,8 +245,7 @@ def test_gpu_check_covers_every_state_pass_setting():
     """The GPU check (kernel_check's full matrix, bf16, each case with grad and without) runs every state-pass
     setting that an H100 (132 SMs) can pick: each V block and launch of STATE_LAUNCH, ONE_WAVE_STATE_BWD and
     WIDE_STATE_LAUNCH. A setting the check never runs would never be verified against the oracle."""
-    from gdn_exp.ops.chunk import (ONE_WAVE_STATE_BWD, STATE_LAUNCH, WIDE_STATE_LAUNCH, applies_a_inv,
-                                   forward_writes_output, state_pass_config)
+    from gdn_exp.ops.chunk import ONE_WAVE_STATE_BWD, STATE_LAUNCH, WIDE_STATE_LAUNCH, applies_a_inv, state_pass_config
     covered = set()
     for case in kernel_check.full_matrix():
         num_states, K, V = (len(case.seqlens) if case.seqlens else case.B) * case.H, case.K, case.V
@@ -257,15 +253,13 @@ def test_gpu_check_covers_every_state_pass_setting():
             bv, launch = state_pass_config(name, num_states, K, V, torch.bfloat16, 132)
             return name, bv, launch["num_stages"], K > 128
         covered |= {setting("state_fwd"), setting("state_bwd")}
-        if forward_writes_output(num_states, K, V, torch.bfloat16, 132):  # inference, the check's no-grad run
-            covered.add(setting("state_output_fwd"))
     expected = {(name, bv, launch["num_stages"], False) for name, table in STATE_LAUNCH.items()
                 for bv, launch in table.items()}
     expected.add(("state_bwd", ONE_WAVE_STATE_BWD[0], ONE_WAVE_STATE_BWD[1]["num_stages"], False))
     expected |= {(name, bv, launch["num_stages"], True) for name, (bv, launch) in WIDE_STATE_LAUNCH.items()}
     assert covered == expected
     # so both ways of forming U in the forward pass are checked (asked as V = the block: one state, one SM)
-    forms = {applies_a_inv("state_fwd", 1, 128, bv, torch.bfloat16, sms=1)
+    forms = {applies_a_inv(1, 128, bv, torch.bfloat16, sms=1)
              for name, bv, _, wide in covered if name != "state_bwd" and not wide}
     assert forms == {True, False}
 

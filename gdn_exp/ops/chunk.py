@@ -7,7 +7,7 @@ gate cumsum G, Q, K [BT, K], V [BT, V] and chunk-start state S [K, V]:
     W = Ainv (beta exp(G) K),   U~ = Ainv (beta V)                            (chunk_wy_fwd_kernel)
     U = U~ - W S;   S <- exp(G_last) S + (exp(G_last - G) K)^T U               (chunk_state_fwd_kernel)
     O = scale (exp(G) Q) S + (scale Q K^T * D) U,  D[t, j] = exp(G_t - G_j) (j <= t)
-                 (chunk_output_fwd_kernel; in inference the state pass itself: forward_writes_output)
+                 (chunk_output_fwd_kernel; float32 inference: the state pass itself, forward_writes_output)
 
 Only the state pass is sequential over chunks; the other kernels run one program per chunk. In blocks of 32-64
 V columns the forward's state pass applies Ainv itself, as U = Ainv diag(beta) (V - diag(exp(G)) K S), so that
@@ -18,20 +18,21 @@ runs the state-gradient pass in reverse (chunk_state_bwd_kernel), then gradients
 gate cumsum).
 
 Precision follows the inputs (`triton_utils.mma`): for bf16/fp16 inputs the dots take 16-bit operands with
-float32 accumulation; the products with the running float32 state (and the float32 [BT, BV] operands) in the
-sequential passes split that operand into two 16-bit planes (`state_mma`, ~16 mantissa bits). W, U~, U, the
-states h (plus their rounding remainders h_lo for the output kernel) and the gradients dh, dU, dW and dk's
-output/state part are stored in the input dtype; gate cumsums, Ainv and the dG parts in float32. Float32 inputs
-keep everything float32 (tf32x3 dots). Tensors live as [tokens, H, D] with sequences packed along tokens (see
+float32 accumulation. The products with the running float32 state (and the float32 [BT, BV] operands) in the
+sequential passes are finer: the forward's run as one float16 dot (`forward_state_mma`, 11 mantissa bits), the
+backward's split the gradient into two 16-bit planes (`state_mma`, ~16 bits; gradients may lie below float16's
+range). The states h are stored in float16 (16-bit inputs); W, U~, U and the gradients dh, dU, dW and dk's
+output/state part in the input dtype; gate cumsums, Ainv and the dG parts in float32. Float32 inputs keep
+everything float32 (tf32x3 dots). Tensors live as [tokens, H, D] with sequences packed along tokens (see
 triton_utils).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import (SequenceLayout, block_size, chunk_position, load_state, load_state_stored, load_tokens,
-                           load_tokens_t, mma, sequence_layout, sm_count, start_state, state_mma, state_pass_program,
-                           store_state, store_tokens)
+from .triton_utils import (SequenceLayout, block_size, chunk_position, forward_state_mma, load_state,
+                           load_state_stored, load_tokens, load_tokens_t, mma, sequence_layout, sm_count, start_state,
+                           state_mma, state_pass_program, store_state, store_tokens)
 
 CHUNK_SIZE = 64
 # num_warps / num_stages per kernel for 16-bit inputs; float32 inputs use FP32_LAUNCH everywhere. Settings are
@@ -44,7 +45,7 @@ LAUNCH = {
     "wy_fwd": dict(num_warps=1, num_stages=1),  # 16-row dots (mma.sync, not wgmma); 1 warp: 2.2x faster than 4
     "wy_solve": dict(num_warps=1, num_stages=1),  # the same kernel, only solving for Ainv (training forward)
     "wy_recompute": dict(num_warps=4, num_stages=1),  # the same kernel applying a stored Ainv: 0.38 -> 0.29 ms
-    "output_fwd": dict(num_warps=4, num_stages=2),
+    "output_fwd": dict(num_warps=4, num_stages=3),  # v12, h in one float16 plane: 0.35 -> 0.31 ms
     "dqk_bwd": dict(num_warps=4, num_stages=2),
     "wy_bwd": dict(num_warps=4, num_stages=3),
 }
@@ -53,17 +54,13 @@ LAUNCH = {
 # per SM. Triton 3.6 miscompiled the two-plane state products (state_mma) at 1 stage in blocks of 16-32, and
 # crashed in others until the passes took K^T, Q^T, W^T as loaded (load_tokens_t); every setting here passed
 # the full GPU check (v5).
-# state_output_fwd is inference's pass when it writes O (forward_writes_output: blocks of 64, or V <= 16),
-# state_fwd the pass that stores h, h_lo and U for the output kernel and backward (training's forward, and
-# inference's with narrow blocks).
-# Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4-v5; scripts/sweep_launch.py);
-# state_fwd re-swept in v9 after it began applying Ainv: blocks of 32 beat 64 at B8 T4096 H16 (0.58 against
-# 0.64-0.81 ms), so it no longer runs blocks of 64.
+# Measured on the H100 at B8 T4096 and B1 T32768, H16 D128 (docs/perf.md, v4-v5; scripts/sweep_launch.py).
+# state_fwd re-swept in v12 after its products became one float16 dot (forward_state_mma): B8 T4096 H16 in
+# blocks of 64 0.36 ms (32: 0.48), B8 T4096 H8 in 32 at 3 stages 0.233, B1 T32768 in 16 at 4 stages 0.53.
 STATE_LAUNCH = {
-    "state_output_fwd": {64: dict(num_warps=4, num_stages=1),
-                         16: dict(num_warps=4, num_stages=2)},
-    "state_fwd": {32: dict(num_warps=4, num_stages=2),
-                  16: dict(num_warps=4, num_stages=3)},
+    "state_fwd": {64: dict(num_warps=4, num_stages=2),
+                  32: dict(num_warps=4, num_stages=3),
+                  16: dict(num_warps=4, num_stages=4)},
     "state_bwd": {64: dict(num_warps=4, num_stages=1),
                   32: dict(num_warps=4, num_stages=2),
                   16: dict(num_warps=4, num_stages=2)},
@@ -74,14 +71,12 @@ STATE_LAUNCH = {
 # (B8 T4096 H16) 1 stage stays best (0.69 against 0.84-0.87 ms).
 ONE_WAVE_STATE_BWD = (64, dict(num_warps=4, num_stages=3))
 # K > 128 (a [256, BV] state), one (V block, setting) per pass: the fastest of the settings that passed the
-# check at K = 256 on the H100 (v5, B4 T4096 H8 D256: the O-writing pass 0.81-0.94 ms, against 0.93 + 0.61 for
-# the state pass with h_lo and the output kernel; state_bwd 1.34 ms at 8 warps (1.49 at 4, blocks of 16),
+# check at K = 256 on the H100 (v5, B4 T4096 H8 D256: state_bwd 1.34 ms at 8 warps (1.49 at 4, blocks of 16),
 # state_fwd 0.53-0.57 at 8 warps (0.57 at 4, blocks of 32); 1 stage in blocks of 16-32 crashed or went wrong,
 # 2 stages at 64 exceed shared memory; tf32 state products, since removed, were slower or wrong). v9: state_fwd
 # in blocks of 32 at 4 warps, 2 stages swept at 0.67 ms (against 0.78 here in another call) but moved the op by
 # nothing measurable (fwd+bwd 3.25 -> 3.29, training fwd 1.21 -> 1.18), so it stays.
-WIDE_STATE_LAUNCH = {"state_output_fwd": (64, dict(num_warps=4, num_stages=1)),
-                     "state_fwd": (64, dict(num_warps=8, num_stages=1)),
+WIDE_STATE_LAUNCH = {"state_fwd": (64, dict(num_warps=8, num_stages=1)),
                      "state_bwd": (64, dict(num_warps=8, num_stages=1))}
 FP32_LAUNCH = dict(num_warps=4, num_stages=1)
 # chunk_dqk_bwd_kernel for 16-bit inputs with K > 64: K in blocks of 128 (one program per chunk up to K = 128, so
@@ -300,18 +295,17 @@ def load_a_inv(a_inv, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr)
 
 
 @triton.jit
-def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, h_lo, v_new, o, h0, ht, scale, cu_seqlens,
+def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, h0, ht, scale, cu_seqlens,
                            chunk_offsets, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, STORE_H_LO: tl.constexpr,
-                           APPLY_AINV: tl.constexpr):
+                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, APPLY_AINV: tl.constexpr):
     """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
     S <- exp(G_last) S + (exp(G_last - G) K)^T U. W and U~ are read from w and u, or (APPLY_AINV) never
     formed: U = Ainv diag(beta) (V - diag(exp(G)) K S) from Ainv, K and V (one more dependent product per
     chunk, which pays only in blocks of 32-64 columns: applies_a_inv). With OUTPUT it also writes the chunk's
     output O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores
-    the chunk-start states in h (rounded to h's dtype; with STORE_H_LO the remainder in h_lo, for
-    chunk_output_fwd_kernel) and U in v_new. BK covers all of K."""
+    the chunk-start states in h (rounded to h's dtype, float16 for 16-bit inputs, as the products use them)
+    and U in v_new. BK covers all of K."""
     DTYPE: tl.constexpr = k.dtype.element_ty
     i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
     b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
@@ -328,17 +322,14 @@ def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, h_lo, v_new, o,
             b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
         if OUTPUT:
             b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
-            b_o = state_mma(b_q, b_S, DTYPE)
+            b_o = forward_state_mma(b_q, b_S, DTYPE)
         else:
             store_state(h, b_S, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
-            if STORE_H_LO:
-                b_hi = b_S.to(h.dtype.element_ty).to(tl.float32)
-                store_state(h_lo, b_S - b_hi, i_t0 + i_c, i_h, H, K, V, 0, i_v * BV, BK, BV)
         if APPLY_AINV:
-            b_u = state_mma(b_A, (b_v - state_mma(b_k, b_S, DTYPE) * tl.exp(b_G)[:, None]) * b_beta[:, None],
-                            DTYPE)
+            b_x = (b_v - forward_state_mma(b_k, b_S, DTYPE) * tl.exp(b_G)[:, None]) * b_beta[:, None]
+            b_u = forward_state_mma(b_A, b_x, DTYPE)
         else:
-            b_u -= state_mma(b_w, b_S, DTYPE)
+            b_u -= forward_state_mma(b_w, b_S, DTYPE)
         if OUTPUT:
             b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
             b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
@@ -347,17 +338,17 @@ def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, h_lo, v_new, o,
             store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
-        b_S = b_S * tl.exp(b_G_last) + state_mma(b_kt, b_ud, DTYPE)
+        b_S = b_S * tl.exp(b_G_last) + forward_state_mma(b_kt, b_ud, DTYPE)
     if STORE_FINAL_STATE:
         store_state(ht, b_S, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 
 
 @triton.jit
-def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, h_lo, o, scale, cu_seqlens, chunk_indices,
+def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, o, scale, cu_seqlens, chunk_indices,
                             H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                            BK: tl.constexpr, BV: tl.constexpr, HAS_H_LO: tl.constexpr):
-    """Per chunk and V block: O = scale (exp(G) Q) S + (scale Q K^T * D) U, with S = h (+ h_lo): the forward's
-    output when the state pass runs in narrow V blocks (see forward_writes_output)."""
+                            BK: tl.constexpr, BV: tl.constexpr):
+    """Per chunk and V block: O = scale (exp(G) Q) S + (scale Q K^T * D) U, with S = h: the forward's output when
+    the state pass does not write it (all but float32 inference in wide V blocks: see forward_writes_output)."""
     DTYPE: tl.constexpr = q.dtype.element_ty
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
@@ -367,9 +358,7 @@ def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, h_lo, o, scale, cu_seqlens, c
     for i_k in range(tl.cdiv(K, BK)):
         b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
         b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
-        b_o += mma(b_q, load_state_stored(h, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
-        if HAS_H_LO:
-            b_o += mma(b_q, load_state_stored(h_lo, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
+        b_o += forward_state_mma(b_q, load_state_stored(h, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV), DTYPE)
         b_qk += mma(b_q, tl.trans(b_k), DTYPE)
     b_P = b_qk * decay_matrix(b_G, BT, True)
     b_u = load_tokens(v_new, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
@@ -571,74 +560,75 @@ def state_pass_config(name: str, num_states: int, K: int, V: int, dtype: torch.d
 
 def forward_writes_output(num_states: int, K: int, V: int, dtype: torch.dtype, sms: int) -> bool:
     """Whether inference's state pass writes O itself, rather than storing the chunk states for
-    chunk_output_fwd_kernel. It recomputes Q K^T in every V block, which pays only in blocks as wide as they
-    go (64 columns, or all of V): with few sequences x heads the blocks are narrow (B1 T32768 H16: 16 columns),
-    and the state pass plus the parallel output kernel are faster (docs/perf.md, v5)."""
-    return state_pass_config("state_output_fwd", num_states, K, V, dtype, sms)[0] == block_size(V, 64)
+    chunk_output_fwd_kernel: float32 inputs in blocks as wide as they go (64 columns, or all of V), since the
+    pass recomputes Q K^T in every V block. 16-bit inputs never: with h in one float16 plane the state pass and
+    the output kernel are faster at every measured shape (v12 on the H100: 0.36 + 0.31 against 0.80 ms at B8
+    T4096 H16 D128, 0.37 + 0.21 against 1.14 at B4 T4096 H8 D256)."""
+    wide = state_pass_config("state_fwd", num_states, K, V, dtype, sms)[0] == block_size(V, 64)
+    return dtype == torch.float32 and wide
 
 
-def applies_a_inv(name: str, num_states: int, K: int, V: int, dtype: torch.dtype, sms: int) -> bool:
-    """Whether forward state pass `name` forms U from Ainv, K and V itself (APPLY_AINV) instead of reading W and
+def applies_a_inv(num_states: int, K: int, V: int, dtype: torch.dtype, sms: int) -> bool:
+    """Whether the forward state pass forms U from Ainv, K and V itself (APPLY_AINV) instead of reading W and
     U~ written by the wy kernel: for K <= 128 in blocks of 32-64 columns. v9 on the H100 (docs/perf.md): the
-    solve alone 0.21 ms against 0.50 with the apply at B8 T4096 H16 D128, the pass 0.53 -> 0.77 in blocks of 64
-    (0.58 in blocks of 32, which it has run since) and 0.26 -> 0.29 in blocks of 32 (B8 H8); in blocks of 16
-    (B1 T32768) the pass doubled (0.75 -> 1.44) and at K = 256 it lost 0.04 ms."""
-    return K <= 128 and state_pass_config(name, num_states, K, V, dtype, sms)[0] >= 32
+    solve alone 0.21 ms against 0.50 with the apply at B8 T4096 H16 D128, the pass 0.26 -> 0.29 in blocks of
+    32 (B8 H8); in blocks of 16 (B1 T32768) the pass doubled (0.75 -> 1.44) and at K = 256 it lost 0.04 ms."""
+    return K <= 128 and state_pass_config("state_fwd", num_states, K, V, dtype, sms)[0] >= 32
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the stored chunk states h: float16 for 16-bit inputs (forward_state_mma's operand), else float32."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
 
 
 def run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_state, layout, q=None, scale=1.0,
-                  out_dtype=None, store_h_lo=False):
-    """Launches chunk_state_fwd_kernel; returns (o, h, h_lo, U, final state), the ones not asked for None.
+                  out_dtype=None):
+    """Launches chunk_state_fwd_kernel; returns (o, h, U, final state), the ones not asked for None.
     W and U~ come from w and u, or (w None) the pass applies a_inv (with beta) to K and V itself.
     With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; else the chunk-start states h
-    [NT, H, K, V] and U [tokens, H, V] in k's dtype, and with store_h_lo (16-bit k) the states' rounding
-    remainders h_lo like h. The final state is float32 (output_final_state) or None."""
+    [NT, H, K, V] in state_dtype and U [tokens, H, V] in k's dtype. The final state is float32
+    (output_final_state) or None."""
     output = out_dtype is not None
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = len(layout.cu_seqlens) - 1
     o = torch.empty_like(v, dtype=out_dtype) if output else None
-    h = None if output else torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=k.dtype)
-    h_lo = torch.empty_like(h) if store_h_lo and not output and k.dtype != torch.float32 else None
+    h = None if output else torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=state_dtype(k.dtype))
     v_new = None if output else torch.empty_like(v, dtype=k.dtype)
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
-    BV, config = state_pass_config("state_output_fwd" if output else "state_fwd", N * H, K, V, k.dtype,
-                                   sm_count(k.device))
+    BV, config = state_pass_config("state_fwd", N * H, K, V, k.dtype, sm_count(k.device))
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, v, w, u, a_inv, beta, g_cum, h, h_lo, v_new, o, initial_state, final_state, scale,
+        q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, initial_state, final_state, scale,
         layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, OUTPUT=output,
-        STORE_H_LO=h_lo is not None, APPLY_AINV=w is None, **config)
-    return o, h, h_lo, v_new, final_state
+        APPLY_AINV=w is None, **config)
+    return o, h, v_new, final_state
 
 
-def chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype):
+def chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, out_dtype):
     B, T, H, K = q.shape
     V = v_new.shape[-1]
     o = torch.empty(B, T, H, V, device=q.device, dtype=out_dtype)
     BV = block_size(V, 64)
     chunk_output_fwd_kernel[(triton.cdiv(V, BV), layout.num_chunks, H)](
-        q, k, v_new, g_cum, h, h_lo, o, scale, layout.cu_seqlens, layout.chunk_indices,
-        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 64), BV=BV, HAS_H_LO=h_lo is not None,
-        **launch("output_fwd", q.dtype))
+        q, k, v_new, g_cum, h, o, scale, layout.cu_seqlens, layout.chunk_indices,
+        H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 64), BV=BV, **launch("output_fwd", q.dtype))
     return o
 
 
 def chunk_state_output_fwd(q, k, v, w, u, a_inv, beta, g_cum, scale, initial_state, output_final_state, layout,
                            out_dtype, writes_output: bool, keep_states: bool):
     """The forward's state pass and output: returns o [tokens, H, V] in out_dtype, the final state (float32, or
-    None) and, with keep_states (training), the chunk-start states h [NT, H, K, V] and U [tokens, H, V] in k's
-    dtype for backward (else None, None). With writes_output (inference only, see forward_writes_output) the
-    state pass writes O itself; else it stores the states for the output kernel. Training always does the
-    latter: storing them from the O-writing pass instead made it 0.65 -> 1.02 ms at B8 T4096 H16 D128 on the
-    H100 (v8), more than the state pass and output kernel take together."""
+    None) and, with keep_states (training), the chunk-start states h [NT, H, K, V] (state_dtype) and U
+    [tokens, H, V] (k's dtype) for backward (else None, None). With writes_output (float32 inference, see
+    forward_writes_output) the state pass writes O itself; else it stores the states for the output kernel."""
     if writes_output:
-        o, _, _, _, final_state = run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_state,
-                                                layout, q=q, scale=scale, out_dtype=out_dtype)
+        o, _, _, final_state = run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_state,
+                                             layout, q=q, scale=scale, out_dtype=out_dtype)
         return o, final_state, None, None
-    _, h, h_lo, v_new, final_state = run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state,
-                                                   output_final_state, layout, store_h_lo=True)
-    o = chunk_output_fwd(q, k, v_new, g_cum, h, h_lo, scale, layout, out_dtype)
+    _, h, v_new, final_state = run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_state,
+                                             layout)
+    o = chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, out_dtype)
     return (o, final_state, h, v_new) if keep_states else (o, final_state, None, None)
 
 
@@ -693,7 +683,7 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     states h and U (else None, None, None)."""
     num_states, K, V, sms = (len(layout.cu_seqlens) - 1) * k.shape[2], k.shape[3], v.shape[3], sm_count(k.device)
     writes_output = not for_backward and forward_writes_output(num_states, K, V, k.dtype, sms)
-    apply = applies_a_inv("state_output_fwd" if writes_output else "state_fwd", num_states, K, V, k.dtype, sms)
+    apply = applies_a_inv(num_states, K, V, k.dtype, sms)
     g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=for_backward or apply,
                                       write_w=not apply, write_u=not apply)
     o, final_state, h, v_new = chunk_state_output_fwd(q, k, v, w, u, a_inv, beta, g_cum, scale, initial_state,

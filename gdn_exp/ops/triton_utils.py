@@ -60,15 +60,29 @@ def mma(a, b, DTYPE: tl.constexpr):
 
 @triton.jit
 def state_mma(a, b, DTYPE: tl.constexpr):
-    """a @ b for the products with the running float32 state (or a float32 [BT, BV] operand) b in the sequential
-    passes, a in DTYPE. For 16-bit inputs b is split into two 16-bit planes, b = hi + lo (~16 mantissa bits, two
-    full-rate dots: more exact than one tf32 dot and faster on Hopper); rounding b to 16 bits once per chunk would
-    add up over a long sequence. float32 inputs: tf32x3."""
+    """a @ b for the backward pass's products with the running float32 state gradient (or a float32 [BT, BV]
+    operand) b, a in DTYPE. For 16-bit inputs b is split into two 16-bit planes, b = hi + lo (~16 mantissa bits,
+    two full-rate dots: more exact than one tf32 dot and faster on Hopper); rounding b to bf16 once per chunk
+    would add up over a long sequence, and gradients may lie below float16's normal range (forward_state_mma).
+    float32 inputs: tf32x3."""
     if DTYPE == tl.float32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     else:
         hi = b.to(DTYPE)
         return tl.dot(a.to(DTYPE), (b - hi.to(tl.float32)).to(DTYPE), tl.dot(a.to(DTYPE), hi))
+
+
+@triton.jit
+def forward_state_mma(a, b, DTYPE: tl.constexpr):
+    """a @ b for the forward's products with the running float32 state (or a float32 [BT, BV] operand) b. For
+    16-bit inputs one float16 dot: both operands rounded to float16 (11 mantissa bits, 8x finer than bf16; bf16
+    inputs convert exactly), one dot where state_mma takes two. Forward values are activations of the size of v
+    (|x| < 65504 fits, full precision above 6e-5); gradients need not be, so backward keeps state_mma.
+    float32 inputs: tf32x3, as mma."""
+    if DTYPE == tl.float32:
+        return mma(a, b, DTYPE)
+    else:
+        return mma(a, b, tl.float16)
 
 
 def sm_count(device: torch.device) -> int:
