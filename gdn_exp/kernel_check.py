@@ -42,7 +42,8 @@ GATE_REGIMES = ("none", "mixed", "forget")
 
 @dataclass(frozen=True)
 class Case:
-    """One input configuration. seqlens: lengths of packed sequences (B must be 1), or None for [B, T]."""
+    """One input configuration. seqlens: lengths of packed sequences (B must be 1), or None for [B, T].
+    grad_scale multiplies the upstream gradients (a real loss's are far below the unit normal's)."""
     B: int
     T: int
     H: int
@@ -51,11 +52,13 @@ class Case:
     initial_state: bool = True
     gate: str = "mixed"
     seqlens: Optional[tuple] = None
+    grad_scale: float = 1.0
 
     @property
     def name(self) -> str:
         shape = f"varlen{len(self.seqlens)}-T{self.T}" if self.seqlens else f"B{self.B}-T{self.T}"
-        return f"{shape}-H{self.H}-K{self.K}-V{self.V}-h0{'on' if self.initial_state else 'off'}-g{self.gate}"
+        grads = "" if self.grad_scale == 1.0 else f"-dO{self.grad_scale:g}"
+        return f"{shape}-H{self.H}-K{self.K}-V{self.V}-h0{'on' if self.initial_state else 'off'}-g{self.gate}{grads}"
 
 
 def varlen_case(seqlens, H, K, V, **kwargs) -> Case:
@@ -88,7 +91,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int):
     x["initial_state"] = randn(N, H, K, V).to(device) if case.initial_state else None
     x["cu_seqlens"] = (torch.tensor([0, *torch.tensor(case.seqlens).cumsum(0).tolist()], device=device)
                        if case.seqlens else None)
-    x["do"], x["dht"] = randn(B, T, H, V).to(device), randn(N, H, K, V).to(device)
+    x["do"], x["dht"] = ((case.grad_scale * randn(*shape)).to(device) for shape in ((B, T, H, V), (N, H, K, V)))
     return x
 
 
@@ -205,7 +208,8 @@ def full_matrix() -> list:
     cases += [Case(B=2, T=300, H=2, K=64, V=64, gate=gate) for gate in ("none", "forget")]
     cases += [Case(B=8, T=1000, H=16, K=128, V=128, initial_state=False),
               Case(B=4, T=4096, H=16, K=128, V=128, gate="none"),
-              Case(B=3, T=300, H=16, K=128, V=128)]  # 48 states: the backward state pass in blocks of 32
+              Case(B=3, T=300, H=16, K=128, V=128),  # 48 states: the backward state pass in blocks of 32
+              Case(B=2, T=1000, H=2, K=64, V=64, grad_scale=1e-6)]  # a real loss's gradient size
     cases += [varlen_case((1, 63, 64, 65, 300, 1, 130, 7), H=4, K=64, V=64),
               varlen_case((1, 63, 64, 65, 300, 1, 130, 7), H=4, K=64, V=64, initial_state=False, gate="forget"),
               varlen_case((1000, 1, 37, 2000, 129), H=2, K=128, V=64)]

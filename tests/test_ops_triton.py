@@ -26,6 +26,7 @@ CPU_CASES = [
     Case(B=1, T=64, H=1, K=32, V=16, gate="none"),
     Case(B=1, T=65, H=2, K=16, V=16, gate="forget"),
     varlen_case((1, 63, 1, 66), H=1, K=16, V=16),
+    Case(B=1, T=65, H=1, K=16, V=16, grad_scale=1e-6),
 ]
 SLOW_CPU_CASES = [
     Case(B=2, T=130, H=2, K=64, V=32, initial_state=False),
@@ -129,6 +130,17 @@ def test_check_runs_the_forward_without_grad_too(monkeypatch):
     monkeypatch.setitem(kernel_check.KERNELS, "chunk", wrong_without_grad)
     failed, _ = kernel_check.check_case(case, "chunk", torch.float32, torch.device("cpu"), verbose=False)
     assert failed == ["o (no grad)"]
+
+
+def test_check_scales_the_upstream_gradients_of_a_case():
+    """grad_scale puts a case's dO and dht at a real loss's size (same draws otherwise), so that a kernel which
+    flushes small gradients fails the check."""
+    base, small = Case(B=1, T=65, H=2, K=16, V=16), Case(B=1, T=65, H=2, K=16, V=16, grad_scale=1e-6)
+    x, y = (kernel_check.make_inputs(c, torch.float32, torch.device("cpu"), seed=3) for c in (base, small))
+    assert small.name == base.name + "-dO1e-06"
+    for name in ("do", "dht"):
+        torch.testing.assert_close(y[name], 1e-6 * x[name])
+    torch.testing.assert_close(y["v"], x["v"])
 
 
 def test_check_reports_a_case_that_raises_as_failed(monkeypatch):
