@@ -21,10 +21,10 @@ Precision follows the inputs (`triton_utils.mma`): for bf16/fp16 inputs the dots
 float32 accumulation. The products with the running float32 state (and the float32 [BT, BV] operands) in the
 sequential passes are finer: the forward's run as one float16 dot (`forward_state_mma`, 11 mantissa bits), the
 backward's split the gradient into two 16-bit planes (`state_mma`, ~16 bits; gradients may lie below float16's
-range). The states h are stored in float16 (16-bit inputs); W, U~, U and the gradients dh, dU, dW and dk's
-output/state part in the input dtype; gate cumsums, Ainv and the dG parts in float32. Float32 inputs keep
-everything float32 (tf32x3 dots). Tensors live as [tokens, H, D] with sequences packed along tokens (see
-triton_utils).
+range). The states h and Ainv are stored in float16 (16-bit inputs, state_dtype); W, U~, U and the gradients
+dh, dU, dW and dk's output/state part in the input dtype; gate cumsums and the dG parts in float32. Float32
+inputs keep everything float32 (tf32x3 dots). Tensors live as [tokens, H, D] with sequences packed along tokens
+(see triton_utils).
 """
 import torch
 import triton
@@ -195,7 +195,7 @@ def chunk_wy_fwd_kernel(k, v, g, beta, g_cum, a_inv, w, u, cu_seqlens, chunk_ind
     registers: the blocks of K K^T, the four diagonal blocks of Ainv by one forward substitution over all four
     (BS - 1 serial steps instead of BT - 1), then X_ij = -X_ii sum_{j <= m < i} A_im X_mj by dots. The row
     scales (beta exp(G), beta) go onto the columns of Ainv's blocks, so K and V feed the dots as loaded.
-    Ainv (float32, lower blocks only) is stored when backward needs it (STORE_AINV); a launch that loads it
+    Ainv (lower blocks only, in state_dtype) is stored when it is needed later (STORE_AINV); a launch that loads it
     (LOAD_AINV) computes only G, W and U~; WRITE_W / WRITE_U say which of the two it writes (neither: it
     stops after Ainv)."""
     tl.static_assert(BT == 4 * BS)
@@ -288,9 +288,9 @@ def chunk_gates(g_cum, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr
 
 @triton.jit
 def load_a_inv(a_inv, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr):
-    """Chunk i_c's Ainv [BT, BT] (float32): only the lower triangle is stored, the rest is masked to zero."""
+    """Chunk i_c's Ainv [BT, BT] in float32: only the lower triangle is stored, the rest is masked to zero."""
     o_i = tl.arange(0, BT)
-    b_A = load_tokens(a_inv, bos, i_h, seq_len, H, BT, i_c * BT, 0, BT, BT)
+    b_A = load_tokens(a_inv, bos, i_h, seq_len, H, BT, i_c * BT, 0, BT, BT).to(tl.float32)
     return tl.where(o_i[:, None] >= o_i[None, :], b_A, 0.0)
 
 
@@ -510,7 +510,7 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
 
 def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None, write_w: bool = True,
                  write_u: bool = True):
-    """Returns G [tokens, H] (cumsum of g within chunks), Ainv [tokens, H, BT] float32 (lower blocks; None
+    """Returns G [tokens, H] (cumsum of g within chunks), Ainv [tokens, H, BT] in state_dtype (lower blocks; None
     unless store_a_inv or given), W [tokens, H, K] and U~ [tokens, H, V] in k's dtype (each None unless asked
     for: backward needs only W, a state pass that applies Ainv itself neither). A given a_inv (the forward's,
     in backward) is used instead of solving again. With store_a_inv, one launch solves for Ainv and stores it
@@ -528,8 +528,8 @@ def chunk_wy_fwd(k, v, g, beta, layout, store_a_inv: bool, a_inv=None, write_w: 
             BT=CHUNK_SIZE, BS=CHUNK_SIZE // 4, BK=block_size(K, 64), BV=block_size(V, 64), **flags,
             **launch(name, k.dtype))
 
-    if store_a_inv and a_inv is None:  # float32: in bf16 dh0 missed its bound (8.1e-3 > 8e-3, B2 T300 gnone)
-        a_inv = torch.empty(B, T, H, CHUNK_SIZE, device=k.device, dtype=torch.float32)
+    if store_a_inv and a_inv is None:
+        a_inv = torch.empty(B, T, H, CHUNK_SIZE, device=k.device, dtype=state_dtype(k.dtype))
         run("wy_solve", STORE_AINV=True, LOAD_AINV=False, WRITE_W=False, WRITE_U=False)
     if a_inv is not None and (write_w or write_u):
         run("wy_recompute", STORE_AINV=False, LOAD_AINV=True, WRITE_W=write_w, WRITE_U=write_u)
@@ -577,7 +577,9 @@ def applies_a_inv(num_states: int, K: int, V: int, dtype: torch.dtype, sms: int)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the stored chunk states h: float16 for 16-bit inputs (forward_state_mma's operand), else float32."""
+    """dtype of the stored chunk states h and of the stored Ainv: float16 for 16-bit inputs, else float32. h is
+    forward_state_mma's operand as stored; every product takes Ainv as a 16-bit dot operand anyway, and float16's
+    11 mantissa bits keep the one more rounding small (bf16 storage missed the check's dh0 bound, v5)."""
     return torch.float32 if dtype == torch.float32 else torch.float16
 
 
@@ -703,7 +705,7 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, h, v_new, scale, has_ini
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Saves the inputs, Ainv (float32 [tokens, H, 64]), the chunk-start states h and U (the state pass's
+    """Saves the inputs, Ainv ([tokens, H, 64] in state_dtype), the chunk-start states h and U (the state pass's
     outputs; recomputing them cost backward a state pass, docs/perf.md v8); backward recomputes G and W."""
 
     @staticmethod
