@@ -305,6 +305,8 @@ def bench_kernels(B, T, H, D, sweep=False, dtype=torch.bfloat16, device="cuda") 
                 setting += ", applies Ainv"
         elif name == "dqk_bwd":  # blocks and settings by K
             ms, setting = do_bench(fn), str(chunk.dqk_config(D, D, dtype))
+        elif name == "output_fwd":  # V block and settings by V
+            ms, setting = do_bench(fn), str(chunk.output_config(D, dtype))
         else:
             # the wy kernel is the one on mma.sync, not wgmma, so it is safe to sweep (see chunk.LAUNCH)
             wy = name in ("wy_fwd", "wy_solve", "wy_recompute")

@@ -1,6 +1,7 @@
 """Launch-setting sweep for the chunk kernels, each setting checked against the default one: the sequential
 state passes (V block x num_warps x num_stages; how chunk.STATE_LAUNCH was chosen) and the per-chunk wgmma
-kernels (num_warps x num_stages; chunk.LAUNCH; for dqk_bwd also its K and V blocks, chunk.dqk_config).
+kernels (num_warps x num_stages; chunk.LAUNCH; for dqk_bwd also its K and V blocks, chunk.dqk_config; for
+output_fwd its V block, chunk.output_config).
 
     python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8] [--kernels state_bwd,wy_bwd]
 
@@ -27,9 +28,10 @@ def trials(state_warps=(4,), state_stages=(1, 2, 3)):
     out = []
     for kernel in CHUNK_KERNELS:
         for shape in ("B8T4096D128", "B4T4096D256"):
-            for warps, stages, blocks in itertools.product((4, 8), (1, 2, 3),
-                                                           DQK_BLOCKS if kernel == "dqk_bwd" else (None,)):
-                out.append(dict(kernel=kernel, shape=shape, BV=0, num_warps=warps, num_stages=stages,
+            for warps, stages, blocks, bv in itertools.product(
+                    (4, 8), (1, 2, 3), DQK_BLOCKS if kernel == "dqk_bwd" else (None,),
+                    (64, 128) if kernel == "output_fwd" else (0,)):
+                out.append(dict(kernel=kernel, shape=shape, BV=bv, num_warps=warps, num_stages=stages,
                                 blocks=blocks))
     for kernel in STATE_KERNELS:
         for shape in SHAPES:
@@ -47,7 +49,8 @@ def run_trial(trial, fns, time_it):
     from gdn_exp.ops import chunk
     name = trial["kernel"]
     fn = fns[trial["shape"]][name]
-    default, default_launch, default_dqk = chunk.state_pass_config, dict(chunk.LAUNCH), chunk.dqk_config
+    default, default_launch = chunk.state_pass_config, dict(chunk.LAUNCH)
+    default_dqk, default_output = chunk.dqk_config, chunk.output_config
 
     def outputs():  # dqk_bwd's dG parts (one per K block) compare as their sum
         out = [x.float() for x in fn() if x is not None]
@@ -61,6 +64,8 @@ def run_trial(trial, fns, time_it):
         bk, bv = trial["blocks"]
         chunk.dqk_config = lambda K, V, dtype: dict(BK=chunk.block_size(K, bk), BV=chunk.block_size(V, bv),
                                                     **setting)
+    elif name == "output_fwd":
+        chunk.output_config = lambda V, dtype: dict(BV=chunk.block_size(V, trial["BV"]), **setting)
     else:
         chunk.LAUNCH[name] = setting
     try:
@@ -73,7 +78,7 @@ def run_trial(trial, fns, time_it):
             res["ms"] = do_bench(fn)
         return res
     finally:
-        chunk.state_pass_config, chunk.dqk_config = default, default_dqk
+        chunk.state_pass_config, chunk.dqk_config, chunk.output_config = default, default_dqk, default_output
         chunk.LAUNCH.update(default_launch)
 
 

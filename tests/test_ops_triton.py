@@ -241,6 +241,29 @@ def test_dqk_config(K, dtype, expected):
     assert (config["BK"], config["num_warps"]) == expected
 
 
+@pytest.mark.parametrize("V, dtype, expected", [
+    (128, torch.bfloat16, (128, 8)),    # one program per chunk: Q, K read and Q K^T formed once
+    (256, torch.bfloat16, (128, 8)),
+    (64, torch.bfloat16, (64, 4)),
+    (128, torch.float32, (64, 4)),      # float32 keeps its own settings
+])
+def test_output_config(V, dtype, expected):
+    from gdn_exp.ops.chunk import output_config
+    config = output_config(V, dtype)
+    assert (config["BV"], config["num_warps"]) == expected
+
+
+@interpreter_only
+@pytest.mark.parametrize("V", [128, 256])
+def test_chunk_forward_in_wide_output_blocks_cpu(monkeypatch, V):
+    """16-bit inputs with V >= 128 run chunk_output_fwd_kernel in V blocks of 128 (one block at V = 128, two at
+    V = 256). The interpreter runs float32 only, so this test gives float32 the 16-bit blocks."""
+    from gdn_exp.ops import chunk
+    wide = chunk.output_config(V, torch.bfloat16)
+    monkeypatch.setattr(chunk, "output_config", lambda V, dtype: wide)
+    assert_matches_oracle(Case(B=1, T=65, H=1, K=32, V=V), "chunk", torch.float32, torch.device("cpu"))
+
+
 @interpreter_only
 @pytest.mark.parametrize("K, V", [(128, 64), (256, 32)])
 def test_chunk_backward_in_wide_dqk_blocks_cpu(monkeypatch, K, V):
