@@ -45,7 +45,7 @@ LAUNCH = {
     "wy_fwd": dict(num_warps=1, num_stages=1),  # 16-row dots (mma.sync, not wgmma); 1 warp: 2.2x faster than 4
     "wy_solve": dict(num_warps=1, num_stages=1),  # the same kernel, only solving for Ainv (training forward)
     "wy_recompute": dict(num_warps=4, num_stages=1),  # the same kernel applying a stored Ainv: 0.38 -> 0.29 ms
-    "output_fwd": dict(num_warps=4, num_stages=3),  # v12, h in one float16 plane: 0.35 -> 0.31 ms
+    "output_fwd": dict(num_warps=4, num_stages=3),  # V blocks of 64, for V < 128 (output_config); v12: 0.35 -> 0.31 ms
     "dqk_bwd": dict(num_warps=4, num_stages=2),
     "wy_bwd": dict(num_warps=4, num_stages=3),
 }
