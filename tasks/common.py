@@ -6,6 +6,7 @@ Every generator follows one convention: `labels[:, t]` is the token the model mu
 import numpy as np
 
 IGNORE_INDEX = -100  # label of an unscored position (torch's cross_entropy default ignore_index)
+SPARSE_RATIO = 4  # population / size from which drawing with replacement and redrawing repeats beats a full sort
 
 
 def check_minimum(name: str, value: int, minimum: int, rule: str = "") -> None:
@@ -19,16 +20,37 @@ def choose_without_replacement(rng: np.random.Generator, num_examples: int, popu
                                weights: np.ndarray | None = None) -> np.ndarray:
     """Draws `size` distinct integers from range(population) for each example, in draw order: [num_examples, size].
 
-    With `weights` ([population], positive) the draw follows numpy's `choice(replace=False, p=weights)`: each pick is
-    proportional to the weights of what is left. Vectorised across examples with the Gumbel top-k trick: the `size`
-    largest log(weight) + Gumbel noise, in decreasing order.
+    Without `weights` every ordered draw is equally likely. With `weights` ([population], positive) the draw follows
+    numpy's `choice(replace=False, p=weights)`: each pick is proportional to the weights of what is left.
     """
-    scores = rng.gumbel(size=(num_examples, population))
+    if weights is None and population >= SPARSE_RATIO * size:
+        return _choose_uniform_sparse(rng, num_examples, population, size)
+    # exponential race (the Gumbel top-k trick with -log(E) as the Gumbel noise): the `size` smallest E / weight, in
+    # increasing order; it sorts the whole population per example, so only for small populations
+    scores = rng.standard_exponential(size=(num_examples, population))
     if weights is not None:
-        scores += np.log(weights)
-    top = np.argpartition(-scores, size - 1, axis=1)[:, :size]  # O(population), unlike a full sort
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
-    return np.take_along_axis(top, order, axis=1)
+        scores /= weights
+    return np.argsort(scores, axis=1)[:, :size]  # a full (SIMD) sort beats argpartition + argsort at these sizes
+
+
+def _choose_uniform_sparse(rng: np.random.Generator, num_examples: int, population: int, size: int) -> np.ndarray:
+    """choose_without_replacement without weights, at a cost that grows with size, not population: [num_examples, size].
+
+    Draws with replacement, then redraws every entry equal to an entry before it in its row, until no row repeats.
+    This is exactly the sequential draw "redraw entry j until it differs from entries 0..j-1" (so each ordered draw
+    is equally likely): a value rejected at entry j stays held by some entry before j, because the first entry
+    holding a value is never redrawn.
+    """
+    draws = rng.integers(0, population, size=(num_examples, size))
+    rows = np.arange(num_examples)  # rows that may still repeat a value
+    while rows.size:
+        # sorting value * size + entry keeps equal values in entry order; a plain sort of int64 is SIMD, argsort is not
+        ordered, order = np.divmod(np.sort(draws[rows] * size + np.arange(size), axis=1), size)
+        repeat_row, repeat_rank = np.nonzero(ordered[:, 1:] == ordered[:, :-1])
+        repeat_rows, repeat_entries = rows[repeat_row], order[repeat_row, repeat_rank + 1]
+        draws[repeat_rows, repeat_entries] = rng.integers(0, population, size=repeat_rows.size)
+        rows = np.unique(repeat_rows)
+    return draws
 
 
 def answer_after_separator(prompt: np.ndarray, answer: np.ndarray, separator: int, seq_len: int,

@@ -43,10 +43,10 @@ def generate_mqar(config: MQARConfig, seed: int, num_examples: int) -> dict:
 
     With vocab_size=16 (keys 1..7, values 8..15), seq_len=14, num_kv_pairs=2:
     >>> batch = generate_mqar(MQARConfig(vocab_size=16, seq_len=14, num_kv_pairs=2), seed=3, num_examples=1)
-    >>> print(*batch["input_ids"][0])  # pairs 1->10, 5->8; key 1 queried at gap 1, key 5 at gap 4
-    1 10 5 8 15 4 1 5 0 14 10 9 5 7
+    >>> print(*batch["input_ids"][0])  # pairs 1->10, 6->9; key 6 queried at gap 0, key 1 at gap 1
+    1 10 6 9 6 15 1 4 5 10 10 11 13 4
     >>> print(*batch["labels"][0])
-    -100 -100 -100 -100 -100 -100 10 -100 -100 -100 -100 -100 8 -100
+    -100 -100 -100 -100 9 -100 10 -100 -100 -100 -100 -100 -100 -100
     """
     rng = np.random.default_rng(seed)
     num_pairs = config.num_kv_pairs

@@ -47,8 +47,8 @@ def generate_needle(config: NeedleConfig, seed: int, num_examples: int) -> dict:
     With vocab_size=10 (keys 1..3, values 4..6, filler 7..9), seq_len=14, num_needles=2, num_queries=1:
     >>> config = NeedleConfig(vocab_size=10, seq_len=14, num_needles=2, num_queries=1)
     >>> batch = generate_needle(config, seed=1, num_examples=1)
-    >>> print(*batch["input_ids"][0])  # needles 3->6 at 5 and 1->6 at 8 in a haystack of 12, QUERY, key 3
-    8 8 9 9 7 3 6 9 1 6 9 8 0 3
+    >>> print(*batch["input_ids"][0])  # needles 3->6 at 5 and 1->6 at 9 in a haystack of 12, QUERY, key 3
+    8 8 9 9 7 3 6 9 7 1 6 8 0 3
     >>> print(*batch["labels"][0])
     -100 -100 -100 -100 -100 -100 -100 -100 -100 -100 -100 -100 -100 6
     >>> print(*batch["needle_depth"])  # start 5 of the last possible start 10

@@ -39,7 +39,7 @@ def generate_selective_copy(config: SelectiveCopyConfig, seed: int, num_examples
     >>> config = SelectiveCopyConfig(vocab_size=8, seq_len=10, num_tokens=3, num_noise_tokens=1)
     >>> batch = generate_selective_copy(config, seed=3, num_examples=1)
     >>> print(*batch["input_ids"][0])  # context of 7 holding 3 2 6, SEP, answer[:-1]
-    3 2 1 1 6 1 1 0 3 2
+    3 1 1 1 2 6 1 0 3 2
     >>> print(*batch["labels"][0])
     -100 -100 -100 -100 -100 -100 -100 3 2 6
     """

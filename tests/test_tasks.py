@@ -4,12 +4,15 @@ import doctest
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import tasks
+import tasks.common
 from tasks.common import IGNORE_INDEX, choose_without_replacement
 
 NUM_EXAMPLES = 64
@@ -165,14 +168,41 @@ def test_needle_labels_are_the_needle_values(num_needles, num_queries):
     assert 0 <= batch["needle_depth"].min() and batch["needle_depth"].max() <= 100
 
 
-def test_choose_without_replacement_is_distinct_and_follows_the_weights():
-    rng = np.random.default_rng(0)
-    draws = choose_without_replacement(rng, 500, 10, 10)
-    assert (np.sort(draws, axis=1) == np.arange(10)).all()
+@pytest.mark.parametrize("sparse_ratio", [1, 10 ** 9])  # every draw by redrawing repeats, every draw by sorting
+def test_choose_without_replacement_makes_every_ordered_draw_equally_likely(monkeypatch, sparse_ratio):
+    monkeypatch.setattr(tasks.common, "SPARSE_RATIO", sparse_ratio)
+    population, size, num_examples = 5, 3, 60_000  # 60 ordered draws, 1000 of each expected
+    draws = choose_without_replacement(np.random.default_rng(0), num_examples, population, size)
+    assert draws.shape == (num_examples, size) and draws.min() >= 0 and draws.max() < population
+    assert (np.sort(draws, axis=1)[:, 1:] > np.sort(draws, axis=1)[:, :-1]).all()  # distinct within each row
+    counts = np.bincount(draws @ population ** np.arange(size), minlength=population ** size)
+    counts = counts[counts > 0]
+    assert counts.size == 60
+    # chi-square with 59 degrees of freedom: mean 59, sd 11; never drawing one value (or one position's value) makes
+    # it thousands
+    assert ((counts - 1000) ** 2 / 1000).sum() < 120
+
+
+def test_choose_without_replacement_from_a_large_population_is_distinct_and_reaches_every_value():
+    population, size = 4096, 64  # MQAR keys at num_kv_pairs=64: drawn with replacement, repeats redrawn
+    draws = choose_without_replacement(np.random.default_rng(1), 5000, population, size)
+    assert (np.sort(draws, axis=1)[:, 1:] > np.sort(draws, axis=1)[:, :-1]).all()
+    counts = np.bincount(draws.ravel(), minlength=population)  # 78 of each value expected
+    assert counts.size == population and counts.min() > 30 and counts.max() < 140
+    assert np.abs(draws.mean(axis=0) - (population - 1) / 2).max() < 100  # every position uniform: sd 16
+
+
+def test_choose_without_replacement_with_weights_follows_numpy_choice():
     weights = np.array([8.0, 4.0, 2.0, 1.0, 1.0])
-    first = choose_without_replacement(rng, 20000, 5, 1, weights=weights)[:, 0]
-    frequency = np.bincount(first, minlength=5) / 20000
-    np.testing.assert_allclose(frequency, weights / weights.sum(), atol=0.015)
+    rng = np.random.default_rng(0)
+    ours = choose_without_replacement(rng, 20000, 5, 2, weights=weights)
+    numpy_draws = np.array([rng.choice(5, size=2, replace=False, p=weights / weights.sum()) for _ in range(20000)])
+    for pick in range(2):  # the first pick follows the weights, the second the weights of what is left
+        frequency, numpy_frequency = (np.bincount(draws[:, pick], minlength=5) / 20000
+                                      for draws in (ours, numpy_draws))
+        np.testing.assert_allclose(frequency, numpy_frequency, atol=0.02)  # sd of the difference <= 0.005
+    np.testing.assert_allclose(np.bincount(ours[:, 0], minlength=5) / 20000, weights / weights.sum(), atol=0.015)
+    assert (ours[:, 0] != ours[:, 1]).all()
 
 
 @pytest.mark.parametrize("name, params, message", [
@@ -213,8 +243,8 @@ def test_load_split_caches_and_does_not_regenerate(tmp_path, monkeypatch):
                                seq_len=32)
     assert first.keys() == expected.keys()
     assert all(torch.equal(first[column], expected[column]) for column in expected)
-    (entry,) = os.listdir(tmp_path)  # one entry, no temporary directory left behind
-    assert entry.startswith("mqar-")
+    entry, lock = sorted(os.listdir(tmp_path))  # one entry and its lock file, no temporary directory left behind
+    assert entry.startswith("mqar-") and lock == f"{entry}.lock"
 
     def fail(*args, **kwargs):
         raise AssertionError("regenerated a cached split")
@@ -226,21 +256,49 @@ def test_load_split_caches_and_does_not_regenerate(tmp_path, monkeypatch):
     monkeypatch.undo()
     test = tasks.load_split("mqar", **{**params, "split": "test"})
     assert not torch.equal(test["input_ids"], first["input_ids"])
-    assert len(os.listdir(tmp_path)) == 2
+    assert len(os.listdir(tmp_path)) == 4
 
 
-def test_load_split_survives_another_job_writing_the_same_entry(tmp_path, monkeypatch):
-    params = dict(split="test", seed=1, num_examples=16, cache_dir=str(tmp_path))
-    make_task = tasks.make_task
+def test_load_split_generates_an_entry_once_for_parallel_jobs(tmp_path, monkeypatch):
+    """Jobs of a sweep starting together: the first generates under the lock, the others wait for its entry."""
+    params = dict(split="train", seed=2, num_examples=16, cache_dir=str(tmp_path), num_kv_pairs=2, seq_len=16)
+    make_task, calls = tasks.make_task, []
 
-    def make_task_while_another_job_finishes(*args, **kwargs):
-        monkeypatch.setattr(tasks, "make_task", make_task)
-        tasks.load_split("copy", **params)  # the other job renames its entry into place first
+    def slow_make_task(*args, **kwargs):
+        calls.append(args)
+        time.sleep(0.5)  # the other jobs reach the lock while this one generates
         return make_task(*args, **kwargs)
-    monkeypatch.setattr(tasks, "make_task", make_task_while_another_job_finishes)
+    monkeypatch.setattr(tasks, "make_task", slow_make_task)
+    start = threading.Barrier(3)
+    results = [None] * 3
+
+    def job(index):
+        start.wait()
+        results[index] = tasks.load_split("mqar", **params)  # each job opens the lock file itself
+    threads = [threading.Thread(target=job, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    expected = make_task("mqar", seed=tasks.task_seed(2, "train"), num_examples=16, num_kv_pairs=2, seq_len=16)
+    assert all(torch.equal(result[column], expected[column]) for result in results for column in expected)
+    entry, lock = sorted(os.listdir(tmp_path))
+    assert lock == f"{entry}.lock"
+
+
+def test_load_split_replaces_what_a_dead_job_left_half_written(tmp_path):
+    params = dict(split="test", seed=1, num_examples=16, cache_dir=str(tmp_path))
+    expected = tasks.load_split("copy", **params)
+    entry = os.path.join(tmp_path, next(name for name in os.listdir(tmp_path) if not name.endswith(".lock")))
+    os.rename(entry, f"{entry}.tmp")  # as if the job died before its rename, halfway through a larger write
+    for shard in ("data-00000-of-00001.arrow", "data-00001-of-00002.arrow"):
+        with open(os.path.join(f"{entry}.tmp", shard), "wb") as partial:
+            partial.write(b"truncated")
     batch = tasks.load_split("copy", **params)
-    assert len(os.listdir(tmp_path)) == 1
-    assert torch.equal(batch["labels"], make_task("copy", seed=tasks.task_seed(1, "test"), num_examples=16)["labels"])
+    assert all(torch.equal(batch[column], expected[column]) for column in expected)
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(entry), os.path.basename(entry) + ".lock"])
+    assert "data-00001-of-00002.arrow" not in os.listdir(entry)  # the dead job's files are gone, not carried over
 
 
 @pytest.mark.parametrize("module", [tasks.copy, tasks.reverse, tasks.mqar, tasks.selective_copy, tasks.needle])
