@@ -43,6 +43,7 @@ class TrainerConfig:
     precision: str = "auto"               # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     strategy: str = "auto"                # auto (ddp under torchrun, else none) | none | ddp | fsdp (FSDP2)
     activation_checkpointing: bool = False    # recompute each block's activations in the backward pass
+    cuda_graph: bool = True               # replay each step from a CUDA graph (one CUDA device, fixed shapes)
     num_threads: Optional[int] = None     # torch CPU threads (null: torch's default)
     progress: bool = True                 # rich progress bar
 

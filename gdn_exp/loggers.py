@@ -5,9 +5,11 @@ perf/tokens_per_s, mem/peak_gib.
 """
 import json
 import math
-import sys
+import threading
 from pathlib import Path
 from typing import Optional
+
+_OPEN = threading.local()  # this thread's unfinished wandb run: jobs that share a process log to runs of their own
 
 
 class RunLogger:
@@ -37,8 +39,9 @@ class RunLogger:
             self.wandb_run = wandb.init(
                 project=logger_cfg.project, entity=logger_cfg.entity, group=logger_cfg.group,
                 tags=list(logger_cfg.tags), mode=logger_cfg.mode, dir=str(run_dir), config=config,
-                name=run_dir.name, id=wandb_id, resume="allow" if wandb_id else None,
+                name=run_dir.name, id=wandb_id, resume="allow" if wandb_id else None, reinit="create_new",
                 settings=wandb.Settings(console="off", silent=True))
+            _OPEN.run = self.wandb_run
 
     @property
     def wandb_id(self) -> Optional[str]:
@@ -55,12 +58,13 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)
             self.wandb_run.finish()
-            self.wandb_run = None
+            self.wandb_run = _OPEN.run = None
 
 
 def finish_crashed_run() -> None:
-    """Marks a wandb run that a crash left open as failed (exit code 1), so the next job in the same process
-    starts its own run and the dashboard shows the crash."""
-    wandb = sys.modules.get("wandb")  # only if this process ever started a run
-    if wandb is not None and wandb.run is not None:
-        wandb.finish(exit_code=1)
+    """Marks the wandb run that a crash left open in this thread as failed (exit code 1), so that the dashboard
+    shows the crash and the thread's next job starts a run of its own."""
+    run = getattr(_OPEN, "run", None)
+    if run is not None:
+        run.finish(exit_code=1)
+        _OPEN.run = None

@@ -23,7 +23,7 @@ import tasks
 from gdn_exp import tables
 from gdn_exp.model import GDN_SWITCHES, LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
-from gdn_exp.train.evaluate import IGNORE_INDEX
+from tasks import IGNORE_INDEX
 
 MAX_LENGTH = 32768
 

@@ -239,17 +239,20 @@ class LanguageModel(nn.Module):
             if isinstance(block.mixer, GatedDeltaNet):
                 block.mixer.set_mode(mode)
 
-    def forward(self, input_ids, *, cu_seqlens=None, cache=None, use_cache=False):
+    def forward(self, input_ids, *, positions=None, cu_seqlens=None, cache=None, use_cache=False):
         """
         Args:
             input_ids: LongTensor [B, T].
+            positions: LongTensor [B, P], or None for all T: the positions whose logits are wanted. The final
+                norm and the LM head run on those rows only (a task scores a few answer tokens, and the head
+                is the largest matrix of a small model).
             cu_seqlens: LongTensor [N + 1] of packed-sequence boundaries (B = 1): no token sees another
                 sequence. Cannot be combined with a cache.
             cache: list with one entry per layer, as returned by a previous call with use_cache=True
                 (GatedDeltaNet: conv and recurrent state; Attention: keys, values, position); None = start.
             use_cache: also return the cache after input_ids, to continue with the next tokens.
         Returns:
-            logits [B, T, vocab_size] in the lm_head's compute dtype (bfloat16 under bf16 autocast: the loss
+            logits [B, T, vocab_size] ([B, P, vocab_size] with positions) in the lm_head's compute dtype (bfloat16 under bf16 autocast: the loss
             reads them as they are, never as a float32 copy), or (logits, cache) when use_cache.
         """
         if cu_seqlens is not None and (cache is not None or use_cache):
@@ -260,6 +263,9 @@ class LanguageModel(nn.Module):
             residual, delta, layer_cache = block(residual, delta, cu_seqlens=cu_seqlens,
                                                  cache=None if cache is None else cache[i], use_cache=use_cache)
             new_cache.append(layer_cache)
+        if positions is not None:
+            index = positions[..., None].expand(-1, -1, residual.shape[-1])         # [B, P, d_model]
+            residual, delta = residual.gather(1, index), delta.gather(1, index)
         y, _ = self.norm(residual, delta)
         logits = self.lm_head(y)
         return (logits, new_cache) if use_cache else logits

@@ -16,6 +16,25 @@ os.environ["WANDB_SILENT"] = "true"
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA and compiled kernels: skipped without them."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    skip = pytest.mark.skip(reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def clear_stop_request():
+    """A stop signal is the process's for good (train.loop.StopRequest); each test starts without one."""
+    yield
+    from gdn_exp.train.loop import StopRequest
+
+    StopRequest.signal = None
+
+
 @pytest.fixture
 def compose(tmp_path):
     """compose(*overrides) -> the composed config, with the task cache under tmp_path and no progress bar."""

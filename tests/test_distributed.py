@@ -19,18 +19,18 @@ TINY = ["model=tiny", "task=copy", "task.num_train=512", "task.num_test=64", "lo
 # Runs the CLI with a SIGTERM to rank 0 alone during training step STOP_STEP; the other rank must stop with it.
 STOP_ON_RANK_0 = """
 import os, signal
-import gdn_exp.train.loop as loop
+import gdn_exp.train.step as step
 from gdn_exp.cli import main
 
-real_loss, calls = loop.lm_loss, [0]
+real_loss, calls = step.lm_loss, [0]
 
-def loss_then_sigterm(logits, labels):
+def loss_then_sigterm(logits, labels, **kwargs):
     calls[0] += 1
     if calls[0] == STOP_STEP and os.environ["RANK"] == "0":
         os.kill(os.getpid(), signal.SIGTERM)
-    return real_loss(logits, labels)
+    return real_loss(logits, labels, **kwargs)
 
-loop.lm_loss = loss_then_sigterm
+step.lm_loss = loss_then_sigterm
 main()
 """
 

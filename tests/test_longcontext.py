@@ -9,6 +9,7 @@ import tasks
 from gdn_exp.longcontext import chunked_accuracy, main, model_label, task_at_length
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import run_job
+from gdn_exp.train.data import DeviceSplit
 from gdn_exp.train.evaluate import evaluate
 
 
@@ -20,7 +21,7 @@ def test_chunked_evaluation_matches_full_forward(mixers):
     model = LanguageModel(ModelConfig(vocab_size=64, d_model=32, n_layers=2, num_heads=2, head_dim=16,
                                       **mixers), backend="torch").eval()
     batch = tasks.make_task("mqar", seed=3, num_examples=6, vocab_size=64, seq_len=100, num_kv_pairs=4)
-    full = evaluate(model, batch, batch_size=6, device="cpu")
+    full = evaluate(model, DeviceSplit.from_split(batch, torch.device("cpu")), batch_size=6)
     chunked = chunked_accuracy(model, batch["input_ids"], batch["labels"], chunk_size=32, batch_size=4)
     assert chunked["accuracy"] == pytest.approx(full["test/accuracy"])
     assert chunked["exact_match"] == pytest.approx(full["test/exact_match"])

@@ -1,14 +1,21 @@
-"""The trainer: a short run learns and writes the run directory; resume after a kill continues exactly;
-NaN stops the run as diverged and keeps the last good checkpoint; chunk and recurrent modes agree."""
+"""The trainer: a short run learns and writes the run directory; its loss curve is a plain training loop's;
+resume after a kill continues exactly; NaN stops the run as diverged and keeps the last good checkpoint; chunk and
+recurrent modes agree."""
 import json
 import os
 import signal
 
+from functools import partial
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-import gdn_exp.train.loop as loop
+import gdn_exp.train.step as step_module
+from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import run_job
+from gdn_exp.train.data import batch_indices
+from gdn_exp.train.loop import StopRequest, load_splits, lr_multiplier
 from wandb_files import wandb_history
 
 FAST = ["model=tiny", "task=copy", "task.num_train=512", "task.num_test=64", "logger=none",
@@ -41,6 +48,53 @@ def test_short_run_writes_run_directory(compose, tmp_path):
         assert "model" in state and state["config"]["model"]["name"] == "tiny"
 
 
+def plain_loop_losses(cfg, device) -> dict:
+    """{step: loss} of a plain training loop (nanoGPT's): the same data, batches, init, AdamW and schedule as
+    the trainer's, but logits at every position, torch's cross-entropy, the optimizer's default form and a host
+    read of the loss every step."""
+    tc = cfg.trainer
+    train = load_splits(cfg)["train"]
+    x, y = train["input_ids"].to(device), train["labels"].to(device)
+    torch.manual_seed(cfg.seed)
+    model = LanguageModel(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
+        lr_multiplier, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio))
+    losses = {}
+    for step in range(tc.max_steps):
+        idx = batch_indices(step, seed=cfg.seed, batch_size=tc.batch_size, num_examples=len(x)).to(device)
+        logits = model(x[idx])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y[idx].flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses[step + 1] = loss.item()
+    return losses
+
+
+EQUIVALENCE = [*FAST, "task=mqar", "task.seq_len=32", "task.num_kv_pairs=4", "trainer.log_interval=1",
+               "trainer.max_steps=30", "trainer.warmup_steps=5", "trainer.eval_interval=15",
+               "trainer.checkpoint_interval=15", "trainer.precision=fp32"]
+
+
+def test_loss_curve_matches_a_plain_training_loop(compose, tmp_path):
+    """The trainer's head at scored positions, device-resident batches and deferred loss reads change nothing."""
+    cfg = compose(*EQUIVALENCE, "trainer.device=cpu")
+    assert run_job(cfg, tmp_path / "run")["status"] == "completed"
+    assert losses(tmp_path / "run") == pytest.approx(plain_loop_losses(cfg, torch.device("cpu")), rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_loss_curve_matches_a_plain_training_loop(compose, tmp_path):
+    """The same on a GPU, with the step replayed from a CUDA graph (float32: the plain loop has no autocast)."""
+    cfg = compose(*EQUIVALENCE, "trainer.device=cuda")
+    results = run_job(cfg, tmp_path / "run")
+    assert results["status"] == "completed" and results["cuda_graph"]
+    assert losses(tmp_path / "run") == pytest.approx(plain_loop_losses(cfg, torch.device("cuda")), rel=1e-4)
+
+
 def test_training_reduces_loss(compose, tmp_path):
     cfg = compose(*FAST, "trainer.max_steps=60", "task.copy_len=4", "task.seq_len=8")
     run_job(cfg, tmp_path / "run")
@@ -52,19 +106,20 @@ def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, monkeypa
     run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "full")
 
     calls = {"n": 0}
-    real_loss = loop.lm_loss
+    real_loss = step_module.lm_loss
 
-    def loss_then_sigterm(logits, labels):  # a real SIGTERM arrives during step 25
+    def loss_then_sigterm(logits, labels, **kwargs):  # a real SIGTERM arrives during step 25
         calls["n"] += 1
         if calls["n"] == 25:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(logits, labels)
+        return real_loss(logits, labels, **kwargs)
 
-    monkeypatch.setattr(loop, "lm_loss", loss_then_sigterm)
+    monkeypatch.setattr(step_module, "lm_loss", loss_then_sigterm)
     killed = run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "killed")
     assert killed["status"] == "failed" and "SIGTERM" in killed["error"]
     assert torch.load(tmp_path / "killed/checkpoints/latest.pt", weights_only=True)["counters"]["step"] == 25
-    monkeypatch.setattr(loop, "lm_loss", real_loss)
+    monkeypatch.setattr(step_module, "lm_loss", real_loss)
+    StopRequest.signal = None  # the stopped process would have exited; this one goes on as a new one
 
     resumed = run_job(compose(*FAST, "trainer.max_steps=40", f"trainer.resume={tmp_path / 'killed'}"),
                       tmp_path / "resumed")
@@ -86,14 +141,14 @@ def test_resume_true_finds_the_matching_run(compose, tmp_path):
 
 def test_nan_loss_stops_as_diverged_and_keeps_last_good_checkpoint(compose, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = loop.lm_loss
+    real_loss = step_module.lm_loss
 
-    def nan_from_step_15(logits, labels):
+    def nan_from_step_15(logits, labels, **kwargs):
         calls["n"] += 1
-        loss = real_loss(logits, labels)
+        loss = real_loss(logits, labels, **kwargs)
         return loss * float("nan") if calls["n"] > 15 else loss
 
-    monkeypatch.setattr(loop, "lm_loss", nan_from_step_15)
+    monkeypatch.setattr(step_module, "lm_loss", nan_from_step_15)
     results = run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "run")
     assert results["status"] == "diverged" and "step 15" in results["error"]
     latest = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)
@@ -132,10 +187,10 @@ def test_wandb_offline_run_records_metrics(compose, tmp_path):
 def test_crash_records_failed_and_closes_the_wandb_run(compose, tmp_path, monkeypatch):
     import wandb
 
-    def crash(logits, labels):
+    def crash(logits, labels, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(loop, "lm_loss", crash)
+    monkeypatch.setattr(step_module, "lm_loss", crash)
     results = run_job(compose(*FAST, "trainer.max_steps=10", "logger=wandb"), tmp_path / "run")
     assert results["status"] == "failed" and not results["user_error"] and "boom" in results["error"]
     assert "RuntimeError" in json.loads((tmp_path / "run/results.json").read_text())["traceback"]

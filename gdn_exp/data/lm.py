@@ -196,7 +196,10 @@ class PackedDocuments(nn.Module):
         super().__init__()
         self.model, self.bos_id = model, bos_id
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, positions=None):
+        """input_ids [B, T]; positions [B, P] or None (all T), as in `LanguageModel.forward`."""
         B, T = input_ids.shape
-        logits = self.model(input_ids.reshape(1, B * T), cu_seqlens=document_cu_seqlens(input_ids, self.bos_id))
-        return logits.view(B, T, -1)
+        packed = None if positions is None else (positions + T * torch.arange(B, device=positions.device)[:, None])
+        logits = self.model(input_ids.reshape(1, B * T), cu_seqlens=document_cu_seqlens(input_ids, self.bos_id),
+                            positions=None if packed is None else packed.reshape(1, -1))
+        return logits.view(B, -1, logits.shape[-1])

@@ -1,13 +1,11 @@
 """Evaluation on a held-out split: loss, token accuracy on scored positions, whole-sequence exact match,
 and accuracy per value of each slice column a task provides (e.g. num_kv_pairs)."""
-from collections import defaultdict
 from contextlib import nullcontext
 
 import torch
 
 from gdn_exp.ops import cross_entropy_loss
-
-IGNORE_INDEX = -100
+from tasks import IGNORE_INDEX
 
 
 def lm_loss(logits, labels, reduction="mean"):
@@ -17,34 +15,32 @@ def lm_loss(logits, labels, reduction="mean"):
 
 
 @torch.no_grad()
-def evaluate(model, split: dict, *, batch_size: int, device, autocast=nullcontext, prefix: str = "test") -> dict:
-    """Metrics of `model` on `split` ({"input_ids", "labels", optional slice columns}), keyed `prefix/...`."""
+def evaluate(model, split, *, batch_size: int, autocast=nullcontext, prefix: str = "test") -> dict:
+    """Metrics of `model` on `split` (a `train.data.DeviceSplit`), keyed `prefix/...`. The counts stay on the
+    device until the whole split has run: one transfer to the host, not one per batch."""
     was_training = model.training
     model.eval()
-    slice_keys = [k for k in split if k not in ("input_ids", "labels")]
-    loss_sum = correct = scored = exact = 0.0
-    per_slice = defaultdict(lambda: [0.0, 0.0])  # (key, value) -> [correct, scored]
-    n = len(split["input_ids"])
+    n = len(split)
+    device = split.input_ids.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    ex_correct = torch.zeros(n, device=device, dtype=torch.long)  # per example: correct and scored positions
+    ex_scored = torch.zeros(n, device=device, dtype=torch.long)
     for i in range(0, n, batch_size):
-        x = split["input_ids"][i : i + batch_size].to(device)
-        y = split["labels"][i : i + batch_size].to(device)
+        x, positions, y = split.batch(slice(i, i + batch_size))
         with autocast():
-            logits = model(x)
+            logits = model(x, positions=positions)
         mask = y != IGNORE_INDEX
-        hits = (logits.argmax(-1) == y) & mask
-        loss_sum += lm_loss(logits, y, reduction="sum").item()
-        ex_correct, ex_scored = hits.sum(1).cpu(), mask.sum(1).cpu()
-        correct += ex_correct.sum().item()
-        scored += ex_scored.sum().item()
-        exact += (ex_correct == ex_scored).sum().item()
-        for key in slice_keys:
-            for value in split[key][i : i + batch_size].unique().tolist():
-                sel = split[key][i : i + batch_size] == value
-                per_slice[key, value][0] += ex_correct[sel].sum().item()
-                per_slice[key, value][1] += ex_scored[sel].sum().item()
+        loss_sum += lm_loss(logits, y, reduction="sum")
+        ex_correct[i : i + batch_size] = ((logits.argmax(-1) == y) & mask).sum(1)
+        ex_scored[i : i + batch_size] = mask.sum(1)
     model.train(was_training)
+    ex_correct, ex_scored, loss_sum = ex_correct.cpu(), ex_scored.cpu(), loss_sum.item()
+    correct, scored = ex_correct.sum().item(), ex_scored.sum().item()
     metrics = {f"{prefix}/loss": loss_sum / max(scored, 1), f"{prefix}/accuracy": correct / max(scored, 1),
-               f"{prefix}/exact_match": exact / max(n, 1)}
-    for (key, value), (c, s) in sorted(per_slice.items()):
-        metrics[f"{prefix}/accuracy/{key}={value}"] = c / max(s, 1)
+               f"{prefix}/exact_match": (ex_correct == ex_scored).sum().item() / max(n, 1)}
+    for key, column in sorted(split.slices.items()):
+        for value in column.unique().tolist():
+            sel = column == value
+            metrics[f"{prefix}/accuracy/{key}={value}"] = ex_correct[sel].sum().item() / max(
+                ex_scored[sel].sum().item(), 1)
     return metrics

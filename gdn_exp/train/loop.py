@@ -3,10 +3,14 @@
 One process or several (torchrun, see `gdn_exp.train.distributed`): every step draws the same global batch
 indices on every rank, each rank trains on its share in trainer.grad_accum_steps micro-batches, and the loss
 is normalised by the global number of scored tokens, so the update does not depend on the number of ranks.
+The step itself (`train.step`) reads nothing back to the host; the loop reads its losses only when it logs,
+evaluates or checkpoints, so that on a GPU the host runs ahead of the device.
 """
+import json
 import logging
 import math
 import signal
+import threading
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -22,8 +26,10 @@ from gdn_exp.data import PackedDocuments, load_lm_splits, make_tokenizer
 from gdn_exp.loggers import RunLogger
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
-from gdn_exp.train.distributed import Distributed, SilentLogger, full_value, gradient_sync, wrap_model
-from gdn_exp.train.evaluate import IGNORE_INDEX, evaluate, lm_loss
+from gdn_exp.train.data import BatchIndices, device_splits
+from gdn_exp.train.distributed import Distributed, SilentLogger, wrap_model
+from gdn_exp.train.evaluate import evaluate
+from gdn_exp.train.step import TrainStep, place_lr
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +53,36 @@ def load_splits(cfg) -> dict:
             for split, size in (("train", cfg.task.num_train), ("test", cfg.task.num_test))}
 
 
-def batch_indices(step: int, *, seed: int, batch_size: int, num_examples: int) -> torch.Tensor:
-    """The examples of a training step: a pure function of (seed, step), so resuming needs only the step."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(num_examples, (batch_size,), generator=generator)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # SIGUSR2: SLURM's warning before a time limit
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks between steps, so a kill leaves a checkpoint."""
+    """Turns SIGTERM / SIGINT / SIGUSR2 into a flag the loop checks between steps, so a kill leaves a checkpoint.
 
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
+    The flag is the process's and stays set: a sweep worker (`gdn_exp.sweep`) that got a signal between jobs, or
+    whose job was stopped, starts no other job."""
+
+    signal = None  # the name of the first stop signal this process received
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # this job owns the process's signals
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         return self
 
-    def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
+    @staticmethod
+    def _handle(signum, frame):
+        request_stop(signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def request_stop(signal_name: str) -> None:
+    """Asks every job of this process to checkpoint and stop after its current step."""
+    if StopRequest.signal is None:
+        StopRequest.signal = signal_name
 
 
 def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
@@ -89,30 +98,37 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext
+    # no weight-cast cache: a cast cached while capturing a CUDA graph would be freed under the graph
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False) if use_bf16 \
+        else nullcontext
     config = OmegaConf.to_container(cfg, resolve=True)
+    varlen = cfg.task.name == "lm" and cfg.task.varlen
 
     if not is_main:  # rank 0 fills the data cache first, the others then read it
         dist_info.barrier()
-    splits = load_splits(cfg)
+    splits = device_splits((json.dumps(config["task"], sort_keys=True), cfg.seed, cfg.task_cache_dir),
+                           partial(load_splits, cfg), device)
     if is_main:
         dist_info.barrier()
-    train_x, train_y = splits["train"]["input_ids"], splits["train"]["labels"]
-    tokens_per_step = tc.batch_size * train_x.shape[1]
+    train_split = splits["train"]
+    tokens_per_step = tc.batch_size * train_split.input_ids.shape[1]
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model_cfg = ModelConfig(**config["model"])
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = LanguageModel(model_cfg, mode=cfg.kernel.mode, backend=cfg.kernel.backend).to(device)
     num_params = model.num_params()
-    log.info("model %s: %s parameters (%s without embeddings; %s mixer, kernel %s/%s) on %s x %d (%s)",
+    # a CUDA graph needs fixed shapes and no host round trip inside the step: packed documents (their boundaries
+    # are read on the host) and several ranks (their collectives) run eagerly
+    graphed = tc.cuda_graph and device.type == "cuda" and dist_info.world_size == 1 and not varlen
+    log.info("model %s: %s parameters (%s without embeddings; %s mixer, kernel %s/%s) on %s x %d (%s%s)",
              model_cfg.name, f"{num_params:,}", f"{model.num_params(exclude_embeddings=True):,}", model_cfg.mixer,
-             cfg.kernel.mode, cfg.kernel.backend, device.type, dist_info.world_size, dist_info.strategy)
+             cfg.kernel.mode, cfg.kernel.backend, device.type, dist_info.world_size, dist_info.strategy,
+             ", CUDA graph" if graphed else "")
     network = wrap_model(model, dist_info.strategy, device, tc.activation_checkpointing)
     # varlen: the model sees each batch as packed documents that never attend across a boundary
-    forward = PackedDocuments(network, make_tokenizer(cfg.task.tokenizer).bos_id) if (
-        cfg.task.name == "lm" and cfg.task.varlen) else network
+    forward = PackedDocuments(network, make_tokenizer(cfg.task.tokenizer).bos_id) if varlen else network
     optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
-                                  fused=device.type == "cuda" and dist_info.strategy != "fsdp")
+                                  fused=dist_info.strategy != "fsdp", capturable=graphed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
         lr_multiplier, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio))
 
@@ -124,10 +140,15 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         counters.update(saved["counters"])
         checkpoint.set_rng_state(saved["rng"])
         log.info("resumed from %s at step %d", resume_path, counters["step"])
+    place_lr(optimizer, device if graphed else None)
     logger = RunLogger(run_dir, cfg.logger, config,
                        history=resume_path.parent.parent / "metrics.jsonl" if saved else None,
                        resume_step=counters["step"], wandb_id=saved.get("wandb_id") if saved else None,
                        ) if is_main else SilentLogger()
+    train_step = TrainStep(forward, optimizer, train_split, batch_size=tc.batch_size,
+                           grad_accum_steps=tc.grad_accum_steps, grad_clip=tc.grad_clip, autocast=autocast,
+                           dist_info=dist_info, cuda_graph=graphed, window=tc.log_interval)
+    indices = BatchIndices(seed=cfg.seed, batch_size=tc.batch_size, num_examples=len(train_split), device=device)
 
     def save_latest():
         checkpoint.save_latest(run_dir / "checkpoints", network, optimizer, {
@@ -135,7 +156,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
             "config": config, "wandb_id": logger.wandb_id}, dist_info)
 
     def run_eval():
-        metrics = evaluate(forward, splits["test"], batch_size=tc.eval_batch_size, device=device, autocast=autocast)
+        metrics = evaluate(forward, splits["test"], batch_size=tc.eval_batch_size, autocast=autocast)
         if cfg.task.name == "lm":
             metrics["test/perplexity"] = math.exp(min(metrics["test/loss"], 700.0))
         metrics = dist_info.broadcast(metrics)  # every rank takes rank 0's decisions below
@@ -148,57 +169,59 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                     "model": weights, "counters": dict(counters), "metrics": metrics, "config": config})
         return metrics
 
-    status, error, metrics, loss_value, last_eval_step = "completed", None, {}, float("nan"), -1
+    def stop_requested() -> bool:
+        """A signal arrived here or, with several ranks, on any rank (a collective each step: ranks stop together)."""
+        if dist_info.world_size == 1:
+            return stop.signal is not None
+        return dist_info.all_reduce_sum(torch.tensor(float(stop.signal is not None), device=device)).item() > 0
+
+    status, error, metrics, loss_value, last_eval_step, first_step_s = "completed", None, {}, float("nan"), -1, None
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     network.train()
     with StopRequest() as stop, Progress(*columns, disable=not (tc.progress and is_main)) as progress:
         bar = progress.add_task(f"{cfg.task.name}/{model_cfg.name}", total=tc.max_steps,
                                 completed=counters["step"], info="")
-        window_time, window_steps = 0.0, 0  # time spent in training steps since the last log line
+        window_start = time.perf_counter()
+        log_time, log_steps = 0.0, 0  # time in training steps and steps since the last log line
         while counters["step"] < tc.max_steps:
-            step_start = time.time()
-            step, lr = counters["step"], scheduler.get_last_lr()[0]
-            idx = batch_indices(step, seed=cfg.seed, batch_size=tc.batch_size, num_examples=len(train_x))
-            global_scored = (train_y[idx] != IGNORE_INDEX).sum().item()   # known to every rank without messages
-            micro_batches = dist_info.shard(idx).chunk(tc.grad_accum_steps)
-            loss_sum = torch.zeros((), device=device)  # this rank's summed token losses
-            for i, micro in enumerate(micro_batches):
-                scored = (train_y[micro] != IGNORE_INDEX).sum().item()  # on the CPU copy: no device sync
-                x, y = train_x[micro].to(device, non_blocking=True), train_y[micro].to(device, non_blocking=True)
-                with gradient_sync(network, enabled=i == len(micro_batches) - 1):
-                    with autocast():
-                        logits = forward(x)
-                    # summed token loss; with no scored token a zero that keeps the graph (all ranks must reduce)
-                    loss = lm_loss(logits, y) * scored if scored else logits.sum() * 0.0
-                    # DDP and FSDP average gradients over ranks: scaled so the result is the global token mean's
-                    (loss * dist_info.world_size / global_scored).backward()
-                loss_sum += loss.detach()
-            totals = dist_info.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(stop.signal is not None))]))
-            loss_value, stop_requested = totals[0].item() / global_scored, totals[1].item() > 0
-            if not math.isfinite(loss_value):
-                status, error = "diverged", f"loss became {loss_value} at step {step}"
-                break
-            grad_norm = full_value(torch.nn.utils.clip_grad_norm_(network.parameters(), tc.grad_clip)).item()
-            if not math.isfinite(grad_norm):
-                status, error = "diverged", f"gradient norm became {grad_norm} at step {step}"
-                break
-            optimizer.step()
+            step = counters["step"]
+            train_step(indices(step))
+            if first_step_s is None:  # start-up: data, model, compilation, the first step (one wait, once)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first_step_s = time.time() - start
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             counters["step"] = step = step + 1
             counters["tokens_seen"] += tokens_per_step
-            window_time += time.time() - step_start
-            window_steps += 1
+            log_steps += 1
+            stopping = stop_requested()
+            if not (stopping or step == tc.max_steps or step % tc.log_interval == 0 or step % tc.eval_interval == 0
+                    or step % tc.checkpoint_interval == 0):
+                continue
 
+            rows = train_step.read()  # waits for the steps since the last read
+            elapsed = time.perf_counter() - window_start
+            counters["train_time_s"] += elapsed
+            log_time += elapsed
+            nonfinite = (~torch.isfinite(rows)).any(1).nonzero()
+            if len(nonfinite):  # with the fused AdamW the weights are those from before this step (TrainStep)
+                bad = int(nonfinite[0])
+                counters["step"] = step - len(rows) + bad
+                counters["tokens_seen"] -= (len(rows) - bad) * tokens_per_step
+                column = 0 if not math.isfinite(rows[bad, 0]) else 1
+                what, value = ("loss", "gradient norm")[column], float(rows[bad, column])
+                status, error = "diverged", f"{what} became {value} at step {counters['step']}"
+                break
+            loss_value, grad_norm = rows[-1].tolist()
             if step % tc.log_interval == 0 or step == tc.max_steps:
-                counters["train_time_s"] += window_time
-                tokens_per_s = window_steps * tokens_per_step / max(window_time, 1e-9)
+                tokens_per_s = log_steps * tokens_per_step / max(log_time, 1e-9)
+                lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1)  # the last step's
                 logger.log(step, {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
                                   "perf/tokens_per_s": tokens_per_s})
                 acc = f"  acc {metrics['test/accuracy']:.3f}" if metrics else ""
                 progress.update(bar, completed=step, info=f"loss {loss_value:.4f}{acc}  {tokens_per_s:,.0f} tok/s")
-                window_time, window_steps = 0.0, 0
+                log_time, log_steps = 0.0, 0
             if step % tc.eval_interval == 0 or step == tc.max_steps:
                 metrics, last_eval_step = run_eval(), step
                 if tc.target_accuracy is not None and metrics["test/accuracy"] >= tc.target_accuracy:
@@ -208,11 +231,12 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                     break
             if step % tc.checkpoint_interval == 0 or step == tc.max_steps:
                 save_latest()
-            if stop_requested:
+            if stopping:
                 save_latest()
                 signal_name = stop.signal or "a signal to another rank"
                 status, error = "failed", f"stopped by {signal_name} at step {step}; resume with trainer.resume=true"
                 break
+            window_start = time.perf_counter()
 
     if last_eval_step != counters["step"]:
         metrics = run_eval()
@@ -222,8 +246,10 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         **metrics,
         "best/accuracy": counters["best_accuracy"], "best/step": counters["best_step"],
         "steps": counters["step"], "train/loss": loss_value, "num_params": num_params,
-        "wall_time_s": time.time() - start,
+        "wall_time_s": time.time() - start, "first_step_s": first_step_s,
         "tokens_per_s": counters["tokens_seen"] / max(counters["train_time_s"], 1e-9),
+        "steps_per_s": counters["tokens_seen"] / tokens_per_step / max(counters["train_time_s"], 1e-9),
+        "cuda_graph": graphed,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "world_size": dist_info.world_size, "strategy": dist_info.strategy,
         "resumed_from": str(resume_path) if resume_path else None,

@@ -1,0 +1,97 @@
+"""Task splits on the training device, each example with the positions its loss scores, and the batch indices
+of every step.
+
+A synthetic task scores a few positions per example (MQAR: the queried values, 16 of 256), so the model runs its
+final norm and LM head on those positions only (`LanguageModel.forward(positions=...)`): for a small model the
+head over all positions is most of the step. Splits stay on the device for the whole run, so a step gathers its
+batch there instead of indexing on the host and copying.
+"""
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from gdn_exp.train.evaluate import IGNORE_INDEX
+
+
+@dataclass
+class DeviceSplit:
+    """input_ids [N, T]; labels [N, P]: the targets at `positions` [N, P], each example's scored positions in
+    order (P = the most any example has; an example with fewer is padded with unscored positions, label
+    IGNORE_INDEX). positions is None where every position is scored (P = T, labels as the task gave them).
+    slices: per-example slice columns [N] (e.g. num_kv_pairs), on the host."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    positions: Optional[torch.Tensor]
+    slices: dict
+
+    @classmethod
+    def from_split(cls, split: dict, device: torch.device) -> "DeviceSplit":
+        """From a task split {"input_ids", "labels" [N, T], slice columns [N]} (host tensors)."""
+        labels = split["labels"]
+        scored = labels != IGNORE_INDEX
+        num_positions = max(1, int(scored.sum(1).max())) if len(labels) else 1
+        positions = None
+        if num_positions < labels.shape[1]:
+            # scored positions first, each group in position order (a stable sort of the unscored flags)
+            positions = torch.sort((~scored).to(torch.int8), dim=1, stable=True).indices[:, :num_positions]
+            labels = labels.gather(1, positions)
+            positions = positions.to(device)
+        return cls(split["input_ids"].to(device), labels.to(device), positions,
+                   {k: v for k, v in split.items() if k not in ("input_ids", "labels")})
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, index):
+        """(input_ids [b, T], positions [b, P] or None, labels [b, P]) of the examples at `index` (a device
+        LongTensor or a slice)."""
+        positions = None if self.positions is None else self.positions[index]
+        return self.input_ids[index], positions, self.labels[index]
+
+
+_SPLITS: "OrderedDict[tuple, dict]" = OrderedDict()
+_SPLITS_LOCK = threading.Lock()
+KEEP_SPLITS = 4  # split sets kept on each device for the next job of the same task (jobs share one process)
+
+
+def device_splits(key: tuple, load, device: torch.device) -> dict:
+    """{name: DeviceSplit} of `load()` ({name: task split}) on `device`, shared by the jobs of this process that
+    ask for the same `key` (task parameters and seed): one copy on the GPU, loaded once."""
+    with _SPLITS_LOCK:
+        if (key, device) not in _SPLITS:
+            _SPLITS[key, device] = {name: DeviceSplit.from_split(split, device) for name, split in load().items()}
+            while len(_SPLITS) > KEEP_SPLITS:
+                _SPLITS.popitem(last=False)
+        _SPLITS.move_to_end((key, device))
+        return _SPLITS[key, device]
+
+
+def batch_indices(step: int, *, seed: int, batch_size: int, num_examples: int) -> torch.Tensor:
+    """The examples of a training step: a pure function of (seed, step), so resuming needs only the step."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(num_examples, (batch_size,), generator=generator)
+
+
+class BatchIndices:
+    """`batch_indices` of every step, on `device`: made on the host a block of steps at a time and copied ahead
+    (asynchronously, from pinned memory on CUDA), so that a step reads its batch without a host round trip."""
+
+    def __init__(self, *, seed: int, batch_size: int, num_examples: int, device: torch.device, block: int = 256):
+        self.seed, self.batch_size, self.num_examples = seed, batch_size, num_examples
+        self.device, self.block = device, block
+        self.start, self.rows = None, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        """LongTensor [batch_size] on the device: the examples of `step`."""
+        if self.start is None or not self.start <= step < self.start + self.block:
+            rows = torch.stack([batch_indices(s, seed=self.seed, batch_size=self.batch_size,
+                                              num_examples=self.num_examples)
+                                for s in range(step, step + self.block)])
+            if self.device.type == "cuda":
+                rows = rows.pin_memory()
+            self.start, self.rows = step, rows.to(self.device, non_blocking=True)
+        return self.rows[step - self.start]
