@@ -17,14 +17,28 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_utils import sm_count
+
 NORM_EPS = 1e-12  # F.normalize's
 # Tokens (and channels) per program, and warps; NB: row blocks per backward program (it adds up their weight-
-# gradient sums). Swept at B8 T4096 d1024 bf16 on the H100 (v6): backward with dx 0.83 ms per layer at BT=32,
-# NB=1, 4 warps; 0.61 at BT=16, 1 warp (the sums over the block's rows stay inside one warp); 0.55 with NB=8
-# (8x fewer partial sums to write and add). The forward and dx kernels are within 5 % of their best at 2-4 warps.
+# gradient sums). Swept at B8 T4096 d1024 bf16 on the H100: backward with dx 0.83 ms per layer at BT=32, NB=1,
+# 4 warps; 0.61 at BT=16, 1 warp (the sums over the block's rows stay inside one warp); 0.55 with NB=8 (8x fewer
+# partial sums to write and add). The forward and dx kernels are within 5 % of their best at 2-4 warps.
 FWD_LAUNCH = dict(BT=32, num_warps=4)
-BWD_LAUNCH = dict(BT=16, NB=8, num_warps=1)
+BWD_LAUNCH = dict(BT=16, num_warps=1)
+MAX_NB = 8
 DX_LAUNCH = dict(BT=32, BC=128, num_warps=4)
+
+
+def backward_blocks(B: int, T: int, heads: int, sms: int) -> int:
+    """NB: up to MAX_NB row blocks per backward program, as long as the grid keeps at least 8 one-warp programs
+    per SM. A short batch gets fewer blocks per program: at B64 T256 (the MQAR grid's reference job) NB = 8 gave
+    128 programs, each walking its 8 blocks one after another (50 us per part on the H200, docs/perf.md)."""
+    blocks = triton.cdiv(T, BWD_LAUNCH["BT"])
+    NB = MAX_NB
+    while NB > 1 and triton.cdiv(blocks, NB) * B * heads < 8 * sms:
+        NB //= 2
+    return NB
 
 
 @triton.jit
@@ -171,14 +185,15 @@ class ShortConvSiluFunction(torch.autograd.Function):
         x, weight, position = ctx.saved_tensors
         B, T, C = x.shape
         W = weight.shape[1]
-        NT = triton.cdiv(T, BWD_LAUNCH["BT"] * BWD_LAUNCH["NB"])
+        NB = backward_blocks(B, T, min(heads for heads, _, _ in ctx.parts), sm_count(x.device))
+        NT = triton.cdiv(T, BWD_LAUNCH["BT"] * NB)
         dy = torch.empty_like(x)
         dw_part = torch.empty(NT * B, C, W, device=x.device, dtype=torch.float32)
         for (col0, heads, dim, norm), dout in zip(part_launches(ctx.parts), douts):
             dout = torch.zeros(B, T, heads, dim, device=x.device, dtype=x.dtype) if dout is None else dout.contiguous()
             conv_silu_bwd_kernel[(NT, B, heads)](
                 x, weight, position, dout, dy, dw_part, T, col0, C=C, H=heads, D=dim, W=W,
-                WP=triton.next_power_of_2(W), BD=triton.next_power_of_2(dim), NORM=norm,
+                WP=triton.next_power_of_2(W), BD=triton.next_power_of_2(dim), NB=NB, NORM=norm,
                 IS_VARLEN=position is not None, EPS=NORM_EPS, **BWD_LAUNCH)
         dx = torch.empty_like(x)
         conv_dx_kernel[(triton.cdiv(T, DX_LAUNCH["BT"]), B, triton.cdiv(C, DX_LAUNCH["BC"]))](
