@@ -1,15 +1,16 @@
 """Sweeps through the real `gdn-exp -m` CLI: parallel jobs each in their own run dir, a broken grid point fails
-alone, a re-run skips completed jobs (unless trainer.skip_completed=false), wandb runs of a sweep share a group,
-and parallel jobs on a multi-GPU machine each claim a GPU of their own."""
+alone and the sweep says so (summary, exit code 1), a re-run skips completed jobs (unless
+trainer.skip_completed=false), wandb runs of a sweep share a group; the local launcher's workers (jobs per GPU on
+a simulated multi-GPU machine, a worker that dies)."""
 import json
+import os
 import subprocess
 import sys
-import threading
-import time
 
 from omegaconf import OmegaConf
 
-from gdn_exp import cli, report
+from gdn_exp import report
+from gdn_exp.sweep import Job, job_config, plan_workers, run_jobs, summary
 from wandb_files import wandb_records
 
 # A copy task small enough that a job trains in about a second.
@@ -18,11 +19,13 @@ TINY = ["model=tiny", "task=copy", "task.num_train=64", "task.num_test=16", "tas
         "trainer.progress=false"]
 
 
-def gdn_exp(tmp_path, *args):
-    """Runs `gdn-exp` in a fresh process, with the task cache under tmp_path, and checks that it exits with 0."""
+def gdn_exp(tmp_path, *args, returncode=0):
+    """Runs `gdn-exp` in a fresh process, with the task cache under tmp_path, checks its exit code; returns its
+    output."""
     command = [sys.executable, "-m", "gdn_exp.cli", *args, f"task_cache_dir={tmp_path / 'cache'}"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == returncode, done.stdout + done.stderr
+    return done.stdout + done.stderr
 
 
 def job_results(sweep_dir):
@@ -34,8 +37,9 @@ def job_results(sweep_dir):
 def test_parallel_sweep_isolates_a_broken_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # seq_len=3 cannot hold copy_len=2 twice: the broken grid point, once per ablation setting
-    gdn_exp(tmp_path, "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}", *TINY,
-            "logger=none", "ablation=none,[no_conv,no_output_gate]", "task.seq_len=8,3")
+    output = gdn_exp(tmp_path, "-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}",
+                     *TINY, "logger=none", "ablation=none,[no_conv,no_output_gate]", "task.seq_len=8,3", returncode=1)
+    assert "sweep: 2 completed, 2 failed" in output
     jobs = job_results(sweep_dir)
     assert sorted(name.split("_")[0] for name in jobs) == ["0", "1", "2", "3"]  # a run dir per job
     assert any("ablation=[no_conv,no_output_gate]" in name for name in jobs)
@@ -72,34 +76,37 @@ def test_rerun_skips_completed_jobs_unless_opted_out(tmp_path):
     assert third.keys() == first.keys() and all(third[name][1] > second[name][1] for name in third)
 
 
-def test_gpu_claims_are_exclusive_and_wait_for_a_free_gpu(tmp_path):
-    with cli.claim_gpu(2, tmp_path) as first, cli.claim_gpu(2, tmp_path) as second:
-        assert (first, second) == (0, 1)
-        claimed = []
-
-        def third_job():
-            with cli.claim_gpu(2, tmp_path, poll_s=0.01) as index:
-                claimed.append(index)
-
-        waiting = threading.Thread(target=third_job)
-        waiting.start()
-        time.sleep(0.2)
-        assert not claimed  # both GPUs are held: the third job waits
-    waiting.join(timeout=5)
-    assert claimed == [0]
+def test_workers_fill_every_gpu_and_jobs_run_on_their_workers_gpu():
+    assert plan_workers(num_gpus=4, jobs_per_gpu=2, n_jobs=2) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1",
+                                                                  "cuda:2", "cuda:2", "cuda:3", "cuda:3"]
+    assert plan_workers(num_gpus=0, jobs_per_gpu=8, n_jobs=3) == ["cpu"] * 3
+    config = {"trainer": {"device": "auto", "progress": True}, "logger": {"name": "wandb", "group": None}}
+    job = Job(index=0, config_yaml=OmegaConf.to_yaml(config), run_dir="unused", name="a", group="sweep-1")
+    cfg = job_config(job, "cuda:3")
+    assert (cfg.trainer.device, cfg.trainer.progress, cfg.logger.group) == ("cuda:3", False, "sweep-1")
+    config["trainer"]["device"] = "cuda:1"  # a job that names its device keeps it
+    assert job_config(Job(0, OmegaConf.to_yaml(config), "unused", "a", "g"), "cuda:3").trainer.device == "cuda:1"
 
 
-def test_sweep_job_on_a_multi_gpu_machine_gets_its_own_device(tmp_path, monkeypatch):
-    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
-    monkeypatch.setattr(cli, "GPU_LOCK_DIR", tmp_path)
-    jobs = [OmegaConf.create({"trainer": {"device": "auto"}}) for _ in range(3)]
-    with cli.job_device(jobs[0], multirun=True), cli.job_device(jobs[1], multirun=True):
-        assert [job.trainer.device for job in jobs[:2]] == ["cuda:0", "cuda:1"]
-    with cli.job_device(jobs[2], multirun=False):  # a single run keeps trainer.device=auto
-        assert jobs[2].trainer.device == "auto"
-    pinned = OmegaConf.create({"trainer": {"device": "cuda:3"}})
-    with cli.job_device(pinned, multirun=True):  # an explicit device is left alone
-        assert pinned.trainer.device == "cuda:3"
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with cli.job_device(jobs[2], multirun=True):  # under torchrun every rank uses its LOCAL_RANK's GPU
-        assert jobs[2].trainer.device == "auto"
+class DiesInItsWorker(Job):
+    """A job whose worker process dies (exit code 7) as soon as it reads the job's config."""
+
+    @property
+    def config_yaml(self):
+        os._exit(7)
+
+    @config_yaml.setter
+    def config_yaml(self, value):
+        pass
+
+
+def test_a_dead_worker_fails_its_job_and_the_others_still_run(compose, tmp_path):
+    cfg = compose(*TINY, "task.seq_len=8", "logger=none", f"task_cache_dir={tmp_path / 'cache'}")
+    jobs = [Job(i, OmegaConf.to_yaml(cfg), str(tmp_path / f"job{i}"), f"job{i}", "g") for i in (0, 2)]
+    jobs.insert(1, DiesInItsWorker(1, "", str(tmp_path / "job1"), "job1", "g"))
+    results = run_jobs(jobs, plan_workers(num_gpus=0, jobs_per_gpu=1, n_jobs=1))
+    assert [results[i]["status"] for i in (0, 1, 2)] == ["completed", "failed", "completed"]
+    assert "exit code 7" in results[1]["error"]
+    assert json.loads((tmp_path / "job1/results.json").read_text())["status"] == "failed"
+    text, code = summary(jobs, results)
+    assert code == 1 and text.startswith("sweep: 2 completed, 1 failed") and str(tmp_path / "job1") in text

@@ -1,0 +1,1 @@
+"""gdn-exp's Hydra launcher (`hydra/launcher=local`): see `local_launcher`."""
