@@ -132,6 +132,15 @@ def fixed_params(runs: list[Run]) -> dict:
     return {key: value for key, value in runs[0].params.items() if key not in swept} if runs else {}
 
 
+def determined_by(runs: list[Run], key: str, keys: list[str]) -> bool:
+    """True when the runs' values of `keys` fix their value of `key`."""
+    seen = {}
+    for run in runs:
+        if seen.setdefault(tuple(repr(run.value(k)) for k in keys), repr(run.value(key))) != repr(run.value(key)):
+            return False
+    return True
+
+
 def best_over(runs: list[Run], key: str, metric: str) -> list[Run]:
     """One run per setting of the swept parameters other than `key`: the one with the highest `metric`
     (a setting whose runs all lack the metric keeps its first run, e.g. a failed one)."""
@@ -205,18 +214,23 @@ def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, p
     import matplotlib.pyplot as plt
 
     panel_keys = [key for key in varying(runs, ("task", *PLOT_AXES)) if key != axis]
-    line_keys = [key for key in params if key != axis and key not in panel_keys]
+    # a parameter that the panel already fixes (a preset's mqar_length sets seq_len and num_kv_pairs) draws no lines
+    line_keys = [key for key in params if key != axis and key not in panel_keys
+                 and not determined_by(runs, key, panel_keys + [axis])]
     panels = defaultdict(lambda: defaultdict(dict))  # panel -> line -> x -> best y
+    order = {}  # panel label -> its values, to order the panels by value rather than by text
     for run in runs:
         x, y = run.value(axis), run.metric(metric)
         if x is None or math.isnan(y):
             continue
-        points = panels[label(run, panel_keys)][label(run, line_keys)]
+        panel = label(run, panel_keys)
+        order[panel] = [sort_key(run.value(key)) for key in panel_keys]
+        points = panels[panel][label(run, line_keys)]
         points[x] = max(y, points.get(x, -math.inf))
     all_lines = sorted({line for lines in panels.values() for line in lines})
     colors = {line: f"C{i % 10}" for i, line in enumerate(all_lines)}  # a line has one color in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False, sharey=True)
-    for ax, (panel, lines) in zip(axes[0], sorted(panels.items())):
+    for ax, (panel, lines) in zip(axes[0], sorted(panels.items(), key=lambda item: order[item[0]])):
         xs_all = set()
         for line, points in sorted(lines.items()):
             xs = sorted(points)

@@ -90,9 +90,14 @@ def test_model_families(compose, name, layer_mixers, window):
     assert model.layer_mixers() == layer_mixers and model.attention_window == window
 
 
-def test_local_launcher_is_joblib_with_configurable_jobs():
-    launcher = compose_with_hydra("hydra/launcher=local", "hydra.launcher.n_jobs=3").hydra.launcher
-    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == 3 and int(launcher.batch_size) == 1
+def test_local_launcher_is_ours_with_configurable_jobs():
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
+    launcher = compose_with_hydra("hydra/launcher=local", "hydra.launcher.n_jobs=3",
+                                  "hydra.launcher.jobs_per_gpu=6").hydra.launcher
+    assert launcher._target_.endswith("LocalLauncher") and (launcher.n_jobs, launcher.jobs_per_gpu) == (3, 6)
+    assert "LocalLauncher" in [plugin.__name__ for plugin in Plugins.instance().discover(Launcher)]
 
 
 def test_slurm_launcher_composes():
@@ -125,11 +130,14 @@ def grid_configs(name: str):
 
 
 EXPERIMENTS = {  # name: (task, number of grid points, launcher)
-    "mqar_grid": ("mqar", 768, "BasicLauncher"),
-    "mqar_smoke": ("mqar", 32, "JoblibLauncher"),
+    "mqar_grid": ("mqar", 192, "BasicLauncher"),
+    "mqar_quick": ("mqar", 72, "LocalLauncher"),
+    "mqar_hard": ("mqar", 24, "LocalLauncher"),
+    "mqar_smoke": ("mqar", 32, "LocalLauncher"),
     "length_grid": ("copy", 64, "BasicLauncher"),
-    "length_smoke": ("copy", 24, "JoblibLauncher"),
+    "length_smoke": ("copy", 24, "LocalLauncher"),
 }
+ZOOLOGY_LENGTHS = {64: (4, 512), 128: (8, 512), 256: (16, 256), 512: (64, 128)}  # seq_len: (pairs, batch)
 
 
 def test_every_experiment_is_listed():
@@ -146,7 +154,7 @@ def test_experiment_preset_composes(name):
     assert {"ablation", "trainer.lr"} <= axes.keys()
     assert set(axes["ablation"]) == {"none", "no_delta", "no_gate", "attention"}
     if name.startswith("mqar"):
-        assert {"model.d_model", "task.seq_len", "task.num_kv_pairs"} <= axes.keys()
+        assert "model.d_model" in axes and ("mqar_length" in axes or "task.seq_len" in axes)
         assert cfg.model.num_heads == 1 and cfg.model.head_dim == cfg.model.d_model
     else:
         assert set(axes["task"]) == {"copy", "reverse"} and "task.seq_len" in axes
@@ -167,6 +175,10 @@ def test_every_grid_point_passes_start_up_checks(name):
         for key, value in point.items():
             if "." in key:
                 assert OmegaConf.select(cfg, key) == value, (point, key)
+        if "mqar_length" in point:  # Zoology's pairs per length; its batch sizes in the full grid
+            pairs, batch = ZOOLOGY_LENGTHS[cfg.task.seq_len]
+            assert point["mqar_length"] == f"len{cfg.task.seq_len}" and cfg.task.num_kv_pairs == pairs, point
+            assert name != "mqar_grid" or cfg.trainer.batch_size == batch, point
         points += 1
     assert points == EXPERIMENTS[name][1]
 
