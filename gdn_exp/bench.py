@@ -9,13 +9,15 @@
                                        our model with fla's GatedDeltaNet layer (when fla.layers imports)
     gdn-bench generate                 generation tokens/s of our GDN model, eager vs CUDA-graph decode loop
     gdn-bench profile [--seq-lens T]   the GDN model's training step: CUDA kernel time table (torch.profiler)
+    gdn-bench sweep                    the small jobs of a research grid (gdn_exp/throughput.py): ms per step
+                                       alone (eager, graphed; GPU vs host time) and steps/s of 1-16 jobs at once
     gdn-bench kernels [--sweep]        time of each chunk kernel at --shape (default B8 T4096 H16 D128);
                                        --sweep also tries the wy kernels at other num_warps and keeps the fastest
     gdn-bench check [--quick]          the kernels' correctness matrix (python -m gdn_exp.kernel_check); --jobs N
                                        worker processes
     gdn-bench all --out DIR            check, op, model and generate; writes DIR/bench.json and DIR/bench.md
     gdn-bench check op layer model     any several, in this order (check, kernels, op, decode, layer, model,
-                                       profile, generate), in one process; files rewritten after each table
+                                       profile, sweep, generate), in one process; files rewritten after each table
 
 Timings are medians of `triton.testing.do_bench` (CUDA events; a model step or a generation over 2 s of calls);
 fwd is the forward without grad (inference), train_fwd the forward of a training step (inputs that need grad),
@@ -35,6 +37,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -153,6 +156,8 @@ def bench_op_shape(B, T, H, D, fla, bandwidth, dtype=torch.bfloat16, device="cud
             row["fwd_bwd_floor_pct"] = 100 * bytes_fn(True) / bandwidth / (fwd_bwd * 1e-3) if fwd_bwd else None
         rows.append(row)
 
+    warm_up([lambda: gated_delta_rule(q, k, v, g, beta, mode=m, backend="triton")[0].backward(do)
+             for m in ("chunk", "recurrent")], device)
     gdn_f = lambda bwd: gdn_flops(B, T, H, D, D, bwd)  # noqa: E731
     gdn_b = lambda bwd: gdn_bytes(B, T, H, D, D, bwd)  # noqa: E731
     for mode in ("chunk", "recurrent"):
@@ -169,6 +174,23 @@ def bench_op_shape(B, T, H, D, fla, bandwidth, dtype=torch.bfloat16, device="cud
     add("sdpa causal", *time_fwd_bwd(sdpa, (qs, ks, vs), do.transpose(1, 2).contiguous()),
         lambda bwd: sdpa_flops(B, T, H, D, bwd))
     return rows
+
+
+def warm_up(fns, device, seconds: float = 1.0) -> None:
+    """Runs each of fns once (Triton compiles on first use), then, on a GPU, bf16 products for `seconds`: the
+    card's clocks sit low after an idle spell (compilation), and a shape timed first read 3.5x slower (4.59
+    against 1.33 ms fwd+bwd at B8 T2048 on the H200, 2026-12-04)."""
+    for fn in fns:
+        fn()
+    if torch.device(device).type != "cuda":
+        return
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def do_bench_graph(fn) -> float:
@@ -506,7 +528,7 @@ def add_ratios(rows):
             ours["fla_over_ours_fwd_bwd"] = fla["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
 
 
-BENCHES = ("op", "decode", "kernels", "layer", "model", "generate", "profile", "check", "all")
+BENCHES = ("op", "decode", "kernels", "layer", "model", "generate", "profile", "sweep", "check", "all")
 
 
 def parse_args(argv=None):
@@ -602,6 +624,12 @@ def main(argv=None):
     if "profile" in what:
         emit("profile", f"GDN model training step, T = {given_seq_lens[0]}, CUDA kernels over 2 steps:\n"
              + profile_model(T=given_seq_lens[0]))
+    if "sweep" in what:
+        from gdn_exp.throughput import bench_sweep
+
+        single, packed = bench_sweep()
+        emit("sweep", single, ["mixer", "eager_ms", "step_ms", "gpu_ms", "host_ms", "kernels", "kernel_ms", "mem_gib"])
+        emit("sweep_concurrent", packed, ["mixer"] + [k for k in packed[0] if k != "mixer"])
     if "generate" in what:
         emit("generate", bench_generate(), ["shape", "impl", "ms", "prefill_ms", "decode_ms_per_token",
                                             "tokens_per_s", "same_tokens"])
