@@ -13,7 +13,6 @@ log = logging.getLogger("gdn_exp")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (an editable install)
 register_configs()
 
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg):
     from gdn_exp.train import run_job  # imported here so --help and config errors stay fast
@@ -24,8 +23,8 @@ def main(cfg):
     if cfg.logger.name == "wandb" and cfg.logger.group is None and multirun:
         cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # one wandb group per sweep
     results = run_job(cfg, run_dir, skip_completed=cfg.trainer.skip_completed)
-    if results["status"] == "failed":
-        log.error("error: %s", results["error"])
+    if results["status"] != "completed":
+        log.error("%s: %s", "error" if results["status"] == "failed" else results["status"], results["error"])
         if not multirun:  # a sweep goes on with its other jobs; a single run exits non-zero
             sys.exit(1)
     else:

@@ -1,9 +1,13 @@
 """Typed schemas for the Hydra config, registered in Hydra's ConfigStore.
 
 With these schemas a misspelled key (`trainer.lrr=1`) or a wrong type (`trainer.lr=fast`) fails at
-composition with Hydra's own message. Cross-field checks that need several groups live in `validate`.
+composition with Hydra's own message. What a schema cannot say (a key added with `+group.key=...`, a value
+out of range, a choice among strings, checks across groups) `validate` checks at start-up, in one line.
 """
 import dataclasses
+import hashlib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -78,9 +82,31 @@ def task_schema(name: str) -> type:
          ("num_test", int, field(default=1_000))] + params)
 
 
+def dir_name(overrides: str) -> str:
+    """A run or job directory's name from its override string (hydra.job.override_dirname): shell-safe (only
+    letters, digits and ._,=+- ; the rest becomes -), at most 200 characters (a longer one ends in a hash of
+    the whole), "defaults" when there are none."""
+    name = re.sub(r"[^A-Za-z0-9._,=+-]", "-", overrides) or "defaults"
+    if len(name) > 200:
+        name = name[:187] + "-" + hashlib.md5(overrides.encode()).hexdigest()[:12]
+    return name
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """{"model": {"d_model": 64}} -> {"model.d_model": 64}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def register_configs() -> None:
     # ${floordiv:a,b} ties one size to another in a preset (copy_len = seq_len / 2 in the length grids)
     OmegaConf.register_new_resolver("floordiv", lambda a, b: int(a) // int(b), replace=True)
+    OmegaConf.register_new_resolver("dir_name", dir_name, replace=True)  # conf/hydra/default.yaml
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for name in tasks.TASKS:
@@ -93,23 +119,113 @@ def task_params(task_cfg) -> dict:
     return {k: v for k, v in task_cfg.items() if k not in ("name", "num_train", "num_test")}
 
 
+# Modes `wandb.init` accepts (offline, online and disabled are the documented ones).
+WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")
+
+
+def schema_of(group: str, cfg) -> type:
+    """The dataclass that types config node `group` ("" is the root; task: the chosen task's)."""
+    if group == "task":
+        return LMTaskConfig if cfg.task.name == "lm" else task_schema(cfg.task.name)
+    return {"": Config, "model": ModelConfig, "kernel": KernelConfig, "trainer": TrainerConfig,
+            "logger": LoggerConfig}[group]
+
+
+def check_known_keys(cfg) -> None:
+    """Hydra lets `+group.key=value` add a key to a typed node; a key its schema lacks would be ignored or
+    crash deep in the run, so it is refused here."""
+    if cfg.task.name not in tasks.TASKS and cfg.task.name != "lm":
+        raise ValueError(f"task.name={cfg.task.name} is not a task; choose one with task=NAME "
+                         f"({', '.join([*tasks.TASKS, 'lm'])})")
+    for group in ("", "model", "task", "kernel", "trainer", "logger"):
+        node = cfg[group] if group else cfg
+        known = [f.name for f in dataclasses.fields(schema_of(group, cfg))]
+        for key in node:
+            if key not in known and not (group == "" and key == "hydra"):
+                path = f"{group}.{key}" if group else key
+                value = OmegaConf.select(node, str(key), throw_on_resolution_failure=False)
+                raise ValueError(f"+{path}={value} adds a key that {group or 'the top level'} does not have; "
+                                 f"known keys: {', '.join(known)}")
+
+
+def check_range(key: str, value, *, low=None, high=None, low_open=False, high_open=False,
+                allow_none=False) -> None:
+    """ValueError `<key>=<value> must be ...` unless low <(=) value <(=) high; NaN never passes, and an open
+    bound of ±inf means "finite"."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if high == math.inf:
+            rule = f"a finite number {'>' if low_open else '>='} {low}"
+        elif low is not None and high is not None:
+            rule = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            rule = f"{'>' if low_open else '>='} {low}"
+        else:
+            rule = f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"{key}={value} must be {rule}" + (" or null" if allow_none else ""))
+
+
+def check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        shown = value if value != "" else "''"
+        raise ValueError(f"{key}={shown} must be {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def check_trainer(trainer) -> None:
+    """Every TrainerConfig field that can hold an impossible value (device and strategy: at
+    `distributed_job`, which picks them before this runs)."""
+    for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "log_interval",
+                "checkpoint_interval", "eval_batch_size"):
+        check_range(f"trainer.{key}", trainer[key], low=1)
+    check_range("trainer.lr", trainer.lr, low=0, low_open=True, high=math.inf, high_open=True)
+    check_range("trainer.min_lr_ratio", trainer.min_lr_ratio, low=0, high=1)
+    check_range("trainer.warmup_steps", trainer.warmup_steps, low=0)
+    check_range("trainer.weight_decay", trainer.weight_decay, low=0, high=math.inf, high_open=True)
+    betas = list(trainer.betas)
+    if len(betas) != 2:
+        raise ValueError(f"trainer.betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    for i, beta in enumerate(betas):
+        check_range(f"trainer.betas[{i}]", beta, low=0, high=1, high_open=True)
+    check_range("trainer.grad_clip", trainer.grad_clip, low=0, low_open=True)  # inf: no clipping
+    check_range("trainer.target_accuracy", trainer.target_accuracy, low=0, high=1, allow_none=True)
+    check_range("trainer.num_threads", trainer.num_threads, low=1, allow_none=True)
+    resume = trainer.resume
+    if not (resume is None or isinstance(resume, bool) or (isinstance(resume, str) and resume.strip())):
+        raise ValueError(f"trainer.resume={resume if resume != '' else repr(resume)} must be false, true or "
+                         f"the path of a run directory or checkpoint")
+    check_choice("trainer.precision", trainer.precision, ("auto", "fp32", "bf16"))
+
+
+def check_task_sizes(task) -> None:
+    """Split sizes of a synthetic task (task=lm checks its own node: `check_lm_config`)."""
+    check_range("task.num_train", task.num_train, low=1)
+    check_range("task.num_test", task.num_test, low=1)
+
+
 def validate(cfg) -> None:
-    """Cross-group checks at start-up; raises ValueError naming the key and value to change."""
-    if cfg.kernel.mode not in ("chunk", "recurrent"):
-        raise ValueError(f"kernel.mode={cfg.kernel.mode} must be chunk or recurrent")
-    if cfg.kernel.backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"kernel.backend={cfg.kernel.backend} must be auto, triton or torch")
-    if cfg.trainer.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"trainer.precision={cfg.trainer.precision} must be auto, fp32 or bf16")
-    if cfg.logger.name not in ("wandb", "none"):
-        raise ValueError(f"logger.name={cfg.logger.name} must be wandb or none")
+    """Start-up checks of the keys and values of every group; raises a one-line ValueError naming the key
+    and what it may be."""
+    check_known_keys(cfg)
+    check_choice("kernel.mode", cfg.kernel.mode, ("chunk", "recurrent"))
+    check_choice("kernel.backend", cfg.kernel.backend, ("auto", "triton", "torch"))
+    check_choice("logger.name", cfg.logger.name, ("wandb", "none"))
+    if cfg.logger.name == "wandb":
+        check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    check_trainer(cfg.trainer)
+    check_range("seed", cfg.seed, low=0, high=tasks.SEEDS_PER_SPLIT, high_open=True)
+    if not str(cfg.task_cache_dir).strip():
+        raise ValueError("task_cache_dir='' must be a directory path")
+    if cfg.task.name != "lm":
+        check_task_sizes(cfg.task)
     if cfg.model.vocab_size < cfg.task.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than task.vocab_size="
                          f"{cfg.task.vocab_size}")
-    for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "log_interval",
-                "checkpoint_interval"):
-        if cfg.trainer[key] <= 0:
-            raise ValueError(f"trainer.{key}={cfg.trainer[key]} must be positive")
 
 
 def validate_batch_split(trainer_cfg, world_size: int) -> None:

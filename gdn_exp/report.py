@@ -29,6 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from gdn_exp import tables
+from gdn_exp.config import flatten_config
 
 # Config keys that get a "<metric> vs <key>" plot when they take several values.
 PLOT_AXES = ("model.d_model", "task.seq_len", "task.copy_len", "task.num_kv_pairs")
@@ -83,23 +84,12 @@ def parse_overrides(lines: list[str]) -> dict:
     return params
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"model": {"d_model": 64}} -> {"model.d_model": 64}; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def load_run(run_dir: Path) -> Run:
     results = json.loads((run_dir / "results.json").read_text())
     hydra_dir = run_dir / ".hydra"
     config, params, choices, bookkeeping = {}, {}, {}, []
     if (hydra_dir / "config.yaml").is_file():
-        config = flatten(OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=True))
+        config = flatten_config(OmegaConf.to_container(OmegaConf.load(hydra_dir / "config.yaml"), resolve=True))
     if (hydra_dir / "hydra.yaml").is_file():
         hydra_cfg = OmegaConf.load(hydra_dir / "hydra.yaml").hydra
         choices = OmegaConf.to_container(hydra_cfg.runtime.choices)  # a group left at its default is only here

@@ -77,10 +77,14 @@ def job_config(job: Job, device: str):
 def run_one(job: Job, device: str) -> dict:
     """Trains `job` on `device` in this process; its log records go to <run dir>/train.log as well. Returns the
     results dict (results.json)."""
+    from gdn_exp.rundir import RunDirInUse, claim, release
     from gdn_exp.train import run_job
 
     cfg = job_config(job, device)
-    Path(job.run_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        claim(Path(job.run_dir))
+    except RunDirInUse as e:  # another process's job: its directory stays as that process leaves it
+        return {"status": "failed", "user_error": True, "error": str(e)}
     handler = logging.FileHandler(Path(job.run_dir) / "train.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
     logging.getLogger().addHandler(handler)
@@ -90,6 +94,7 @@ def run_one(job: Job, device: str) -> dict:
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
+        release(Path(job.run_dir))
 
 
 def _worker(device: str, jobs, events) -> None:

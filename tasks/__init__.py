@@ -11,6 +11,7 @@
 dataclass config (always vocab_size and seq_len, checked on construction) and a generator (config, seed,
 num_examples) -> dict of int64 numpy arrays.
 """
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -118,8 +119,26 @@ def _write_entry(batch: dict[str, torch.Tensor], path: str, fingerprint: str) ->
     tmp_path = f"{path}.tmp"
     shutil.rmtree(tmp_path, ignore_errors=True)  # left by a job that died mid-write: only the lock holder writes
     # a given fingerprint, as datasets would otherwise hash every row for one (seconds at 100K x 512)
-    datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(tmp_path)
+    with _no_progress_bars():
+        datasets.Dataset(table, fingerprint=fingerprint).save_to_disk(tmp_path)
     os.rename(tmp_path, path)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """HF datasets' progress bars ("Saving the dataset (0/1 shards)") off for a cache write or read: a split is
+    written once and read in well under a second, so they only clutter stderr. HF_DATASETS_DISABLE_PROGRESS_BARS,
+    when set, still decides."""
+    import datasets
+
+    quiet = datasets.are_progress_bars_disabled() or datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None
+    if not quiet:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
 
 
 def _read_entry(path: str) -> dict[str, torch.Tensor]:
@@ -129,7 +148,8 @@ def _read_entry(path: str) -> dict[str, torch.Tensor]:
 
     # the column buffers of the memory-mapped table as numpy, copied once: 5-10x faster than
     # with_format("torch")[:], which takes 1-2 s at 100K x 512 in a fresh process
-    table = datasets.load_from_disk(path).data.table
+    with _no_progress_bars():
+        table = datasets.load_from_disk(path).data.table
     batch = {}
     for column in table.column_names:
         chunks = table.column(column).chunks  # the record batches the file was written in

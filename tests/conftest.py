@@ -1,6 +1,7 @@
 """Shared test setup: without a GPU, Triton runs on CPU tensors (interpreter); wandb never reaches the network;
 a `compose` fixture builds the real Hydra config with overrides and points its outputs at tmp_path."""
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,29 @@ def clear_stop_request():
     from gdn_exp.train.loop import StopRequest
 
     StopRequest.signal = None
+
+
+@pytest.fixture
+def signal_during_step(monkeypatch):
+    """signal_during_step(n, sig): during the n-th training step from now on, this process receives `sig` (a real
+    signal, as from `kill`); undone by the returned function or at the end of the test."""
+    import gdn_exp.train.step as step_module
+
+    real_loss, calls = step_module.lm_loss, {"n": 0}
+
+    def arm(n, sig=signal.SIGTERM):
+        calls["n"] = 0
+
+        def loss_then_signal(logits, labels, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), sig)
+            return real_loss(logits, labels, **kwargs)
+
+        monkeypatch.setattr(step_module, "lm_loss", loss_then_signal)
+        return lambda: monkeypatch.setattr(step_module, "lm_loss", real_loss)
+
+    return arm
 
 
 @pytest.fixture

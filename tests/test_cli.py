@@ -30,6 +30,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
     assert [r["step"] for r in rows if "test/accuracy" in r] == [3, 6]
     assert torch.load(run / "checkpoints/latest.pt", weights_only=True)["counters"]["step"] == 6
     assert (tmp_path / "outputs/cache/tasks").is_dir()  # task splits cached for the next run
+    assert "Saving the dataset" not in proc.stderr  # HF datasets' progress bars stay off
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -38,8 +39,13 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
     (["task=nonexistent"], "task/nonexistent"),             # Hydra: unknown group option
     (["trainer.lrr=1"], "lrr"),                             # Hydra + schema: misspelled key
     (["trainer.lr=fast"], "trainer.lr"),                    # Hydra + schema: wrong type
+    (["trainer.device=gpu"], "trainer.device=gpu"),         # ours: picked before the other checks
+    (["+trainer.foo=1"], "+trainer.foo=1"),                 # ours: Hydra lets + add a key to a typed group
+    (["hydra.run.dir=a_file/run"], "cannot write the run directory hydra.run.dir=a_file/run"),  # before Hydra
+    (["hydra.sweep.dir=a_file/sweep", "-m"], "cannot write the sweep directory hydra.sweep.dir=a_file/sweep"),
 ], ids=lambda x: x if isinstance(x, str) else " ".join(x))
 def test_user_errors_give_one_clear_line(tmp_path, overrides, message):
+    (tmp_path / "a_file").write_text("a file where the run directory's parent should be\n")
     proc = gdn_exp(tmp_path, "model=tiny", "trainer.max_steps=1", *overrides)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -57,11 +63,60 @@ def test_user_errors_give_one_clear_line(tmp_path, overrides, message):
     (["model.vocab_size=8"], "model.vocab_size=8"),
     (["kernel.mode=parallel"], "kernel.mode=parallel"),
     (["trainer.batch_size=0"], "trainer.batch_size=0"),
+    # every impossible value of a trainer key, named with what it may be
+    (["trainer.lr=-1"], "trainer.lr=-1.0 must be a finite number > 0"),
+    (["trainer.lr=nan"], "trainer.lr=nan"),
+    (["trainer.lr=inf"], "trainer.lr=inf"),
+    (["trainer.warmup_steps=-5"], "trainer.warmup_steps=-5 must be >= 0"),
+    (["trainer.eval_batch_size=0"], "trainer.eval_batch_size=0 must be >= 1"),
+    (["trainer.num_threads=0"], "trainer.num_threads=0 must be >= 1 or null"),
+    (["trainer.min_lr_ratio=1.5"], "trainer.min_lr_ratio=1.5 must be in [0, 1]"),
+    (["trainer.min_lr_ratio=-0.1"], "trainer.min_lr_ratio=-0.1"),
+    (["trainer.grad_clip=0"], "trainer.grad_clip=0.0 must be > 0"),
+    (["trainer.weight_decay=-0.1"], "trainer.weight_decay=-0.1"),
+    (["trainer.betas=[0.9]"], "trainer.betas=[0.9]"),
+    (["trainer.betas=[0.9,1.0]"], "trainer.betas[1]=1.0 must be in [0, 1)"),
+    (["trainer.target_accuracy=1.5"], "trainer.target_accuracy=1.5 must be in [0, 1] or null"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0"),
+    (["trainer.grad_accum_steps=0"], "trainer.grad_accum_steps=0"),
+    (["trainer.log_interval=0"], "trainer.log_interval=0"),
+    (["trainer.eval_interval=-1"], "trainer.eval_interval=-1"),
+    (["trainer.checkpoint_interval=0"], "trainer.checkpoint_interval=0"),
+    (["trainer.resume=3"], "trainer.resume=3"),
+    (["trainer.resume=''"], "trainer.resume=''"),
+    (["trainer.precision=fp16"], "trainer.precision=fp16"),
+    (["trainer.strategy=zero"], "trainer.strategy=zero"),
+    (["trainer.device="], "trainer.device='' must be auto, cpu, cuda or cuda:N"),
+    (["trainer.device=gpu"], "trainer.device=gpu must be auto, cpu, cuda or cuda:N"),
+    (["trainer.device=cuda:x"], "trainer.device=cuda:x"),
+    # the other groups and the top level
+    (["seed=-1"], "seed=-1"),
+    (["task_cache_dir=''"], "task_cache_dir"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode=bogus"),
+    (["logger.name=tensorboard"], "logger.name=tensorboard"),
+    (["kernel.backend=cuda"], "kernel.backend=cuda"),
+    (["task.num_train=0"], "task.num_train=0 must be >= 1"),
+    (["task.num_test=0"], "task.num_test=0 must be >= 1"),
+    (["task=mqar", "task.power_a=0"], "task.power_a=0"),
+    (["task.name=nonexistent"], "task.name=nonexistent"),
+    (["task=lm", "task.path="], "task.path=''"),
+    (["task=lm", "task.tokenizer="], "task.tokenizer=''"),
+    (["task=lm", "task.text_field="], "task.text_field=''"),
+    (["task=lm", "task.val_fraction=0"], "task.val_fraction=0"),
+    (["task=lm", "task.num_test=0"], "task.num_test=0"),
+    # `+` adds a key to a typed group (Hydra lets it through): refused, naming the key and the known ones
+    (["+trainer.foo=1"], "+trainer.foo=1 adds a key that trainer does not have; known keys: max_steps"),
+    (["+model.bar=2"], "+model.bar=2 adds a key that model does not have"),
+    (["+task.baz=3"], "+task.baz=3 adds a key that task does not have; known keys: name, num_train"),
+    (["task=lm", "+task.baz=3"], "+task.baz=3 adds a key that task does not have; known keys: name, path"),
+    (["+kernel.x=1"], "+kernel.x=1 adds a key that kernel does not have; known keys: mode, backend"),
+    (["+logger.y=1"], "+logger.y=1 adds a key that logger does not have"),
+    (["+foo=1"], "+foo=1 adds a key that the top level does not have"),
 ], ids=lambda x: " ".join(x))
 def test_config_mistakes_fail_before_training_with_the_key_named(compose, tmp_path, overrides, message):
     results = run_job(compose("model=tiny", "logger=none", *overrides), tmp_path / "run")
-    assert results["status"] == "failed" and results["user_error"]
-    assert message in results["error"] and "\n" not in results["error"]
+    assert results["status"] == "failed" and results["user_error"], results
+    assert message in results["error"] and "\n" not in results["error"], results["error"]
     assert not (tmp_path / "run/checkpoints").exists()
 
 

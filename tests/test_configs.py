@@ -78,6 +78,13 @@ def test_every_group_option_composes_and_passes_checks(compose, group):
             assert cfg[group].name == option
 
 
+@pytest.mark.parametrize("overrides", [["+experiment=mqar_smoke"], ["+experiment=length_smoke"],
+                                       ["task=mqar", "+mqar_length=len64"], ["++trainer.lr=1e-2"]], ids=" ".join)
+def test_additions_of_whole_options_pass_the_key_check(compose, overrides):
+    """`+group=option` adds a defaults entry, not a key: the check that refuses `+trainer.foo=1` lets it be."""
+    check_config(compose(*overrides), ONE_CPU_PROCESS)
+
+
 @pytest.mark.parametrize("name, layer_mixers, window", [
     ("transformer_small", ["attention", "attention"], None),
     ("hybrid_medium", ["gdn", "attention", "gdn", "attention"], None),
@@ -130,11 +137,11 @@ def grid_configs(name: str):
 
 
 EXPERIMENTS = {  # name: (task, number of grid points, launcher)
-    "mqar_grid": ("mqar", 192, "BasicLauncher"),
+    "mqar_grid": ("mqar", 192, "LocalLauncher"),
     "mqar_quick": ("mqar", 72, "LocalLauncher"),
     "mqar_hard": ("mqar", 24, "LocalLauncher"),
     "mqar_smoke": ("mqar", 32, "LocalLauncher"),
-    "length_grid": ("copy", 64, "BasicLauncher"),
+    "length_grid": ("copy", 64, "LocalLauncher"),
     "length_smoke": ("copy", 24, "LocalLauncher"),
 }
 ZOOLOGY_LENGTHS = {64: (4, 512), 128: (8, 512), 256: (16, 256), 512: (64, 128)}  # seq_len: (pairs, batch)

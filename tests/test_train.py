@@ -2,8 +2,6 @@
 resume after a kill continues exactly; NaN stops the run as diverged and keeps the last good checkpoint; chunk and
 recurrent modes agree."""
 import json
-import os
-import signal
 
 from functools import partial
 
@@ -102,23 +100,14 @@ def test_training_reduces_loss(compose, tmp_path):
     assert curve[60] < 0.8 * curve[5], curve
 
 
-def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, monkeypatch):
+def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, signal_during_step):
     run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "full")
 
-    calls = {"n": 0}
-    real_loss = step_module.lm_loss
-
-    def loss_then_sigterm(logits, labels, **kwargs):  # a real SIGTERM arrives during step 25
-        calls["n"] += 1
-        if calls["n"] == 25:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_loss(logits, labels, **kwargs)
-
-    monkeypatch.setattr(step_module, "lm_loss", loss_then_sigterm)
+    disarm = signal_during_step(25)  # a real SIGTERM arrives during step 25
     killed = run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "killed")
     assert killed["status"] == "failed" and "SIGTERM" in killed["error"]
     assert torch.load(tmp_path / "killed/checkpoints/latest.pt", weights_only=True)["counters"]["step"] == 25
-    monkeypatch.setattr(step_module, "lm_loss", real_loss)
+    disarm()
     StopRequest.signal = None  # the stopped process would have exited; this one goes on as a new one
 
     resumed = run_job(compose(*FAST, "trainer.max_steps=40", f"trainer.resume={tmp_path / 'killed'}"),
@@ -130,13 +119,51 @@ def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, monkeypa
     assert resumed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
 
 
-def test_resume_true_finds_the_matching_run(compose, tmp_path):
+def stopped_run(compose, signal_during_step, run_dir, *overrides):
+    """A run of FAST (20 steps) that a SIGTERM during step 10 stops: unfinished, with a checkpoint at step 10."""
+    disarm = signal_during_step(10)
+    results = run_job(compose(*FAST, "trainer.max_steps=20", *overrides), run_dir)
+    disarm()
+    StopRequest.signal = None  # the stopped process would have exited; this one goes on as a new one
+    assert results["status"] == "failed" and "SIGTERM at step 10" in results["error"]
+    return results
+
+
+def test_resume_true_continues_only_an_unfinished_run_with_the_same_config(compose, tmp_path, signal_during_step):
     runs = tmp_path / "runs"
-    run_job(compose(*FAST, "trainer.max_steps=10"), runs / "a")
-    other = run_job(compose(*FAST, "trainer.max_steps=10", "seed=1", "trainer.resume=true"), runs / "b")
+    run_job(compose(*FAST, "trainer.max_steps=10"), runs / "done")  # completed: never picked up
+    stopped_run(compose, signal_during_step, runs / "stopped")
+    other = run_job(compose(*FAST, "trainer.max_steps=20", "seed=1", "trainer.resume=true"), runs / "b")
     assert other["resumed_from"] is None  # a different seed is a different run
-    same = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), runs / "c")
-    assert same["resumed_from"] == str(runs / "a/checkpoints/latest.pt") and same["steps"] == 20
+    other_lr = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.lr=1e-3", "trainer.resume=true"), runs / "c")
+    assert other_lr["resumed_from"] is None  # so is a different learning rate
+    same = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), runs / "d")
+    assert same["resumed_from"] == str(runs / "stopped/checkpoints/latest.pt") and same["steps"] == 20
+
+
+def test_resume_from_a_path_names_the_settings_that_differ(compose, tmp_path, signal_during_step):
+    stopped_run(compose, signal_during_step, tmp_path / "stopped")
+    results = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.lr=1e-3", "trainer.warmup_steps=3",
+                              f"trainer.resume={tmp_path / 'stopped'}"), tmp_path / "resumed")
+    assert results["status"] == "failed" and results["user_error"]
+    assert "trainer.lr: 0.003 -> 0.001" in results["error"] and "trainer.warmup_steps: 50 -> 3" in results["error"]
+    longer = run_job(compose(*FAST, "trainer.max_steps=30", f"trainer.resume={tmp_path / 'stopped'}"),
+                     tmp_path / "longer")  # more steps is a change a resume may make
+    assert longer["status"] == "completed" and longer["steps"] == 30
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_one_before_it(compose, tmp_path, signal_during_step, caplog):
+    stopped_run(compose, signal_during_step, tmp_path / "stopped")
+    checkpoints = tmp_path / "stopped/checkpoints"
+    assert {p.name for p in checkpoints.iterdir()} >= {"latest.pt", "previous.pt", "best.pt"}
+    (checkpoints / "latest.pt").write_bytes((checkpoints / "latest.pt").read_bytes()[:1000])  # truncated
+    junk = tmp_path / "junk/checkpoints"
+    junk.mkdir(parents=True)
+    (junk / "latest.pt").write_bytes(b"not a checkpoint")  # a sibling's damaged file must not stop the search
+    with caplog.at_level("WARNING"):
+        resumed = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), tmp_path / "again")
+    assert resumed["status"] == "completed" and resumed["resumed_from"] == str(checkpoints / "previous.pt")
+    assert any("skipping checkpoint" in r.message and "latest.pt" in r.message for r in caplog.records)
 
 
 def test_nan_loss_stops_as_diverged_and_keeps_last_good_checkpoint(compose, tmp_path, monkeypatch):

@@ -104,13 +104,20 @@ def data_format(path: Path, format: str) -> str:
 
 def check_lm_config(task) -> None:
     """Start-up checks of a task=lm config node; raises ValueError naming the key."""
-    path = Path(task.path) if task.path else CORPUS_PATH
+    for key in ("path", "text_field", "tokenizer"):  # an empty string would mean the shipped corpus / "."
+        value = task[key]
+        if value is not None and not str(value).strip():
+            raise ValueError(f"task.{key}={value!r} is empty; give "
+                             + {"path": "a file or directory, or task.path=null for the shipped corpus",
+                                "text_field": "the column holding the text",
+                                "tokenizer": "byte or a local tokenizer directory"}[key])
+    path = Path(task.path) if task.path is not None else CORPUS_PATH
     if not path.exists():
         raise ValueError(f"task.path={task.path} does not exist")
     data_format(path, task.format)
     if task.seq_len < 1:
         raise ValueError(f"task.seq_len={task.seq_len} must be >= 1")
-    if not 0 < task.val_fraction < 1:
+    if not 0 < task.val_fraction < 1:  # NaN fails too
         raise ValueError(f"task.val_fraction={task.val_fraction} must be in (0, 1)")
     if task.num_test is not None and task.num_test < 1:
         raise ValueError(f"task.num_test={task.num_test} must be >= 1 or null")

@@ -2,6 +2,7 @@
 one shared run directory for all ranks."""
 import json
 import logging
+import math
 import shutil
 import traceback
 from pathlib import Path
@@ -31,8 +32,20 @@ def check_config(cfg, dist_info: Distributed) -> None:
     if cfg.task.name == "lm":
         check_lm_config(cfg.task)
     else:
-        tasks.make_config(cfg.task.name, **task_params(cfg.task))
+        check_task_params(cfg.task)
     resolve_backend(cfg.kernel.backend, dist_info.device)
+
+
+def check_task_params(task_cfg) -> None:
+    """The synthetic task's own checks (tasks/<name>.py), with their `seq_len=...` named as `task.seq_len=...`."""
+    params = task_params(task_cfg)
+    try:
+        tasks.make_config(task_cfg.name, **params)
+    except ValueError as e:
+        message = str(e)
+        if message.split("=", 1)[0] in params:
+            raise ValueError(f"task.{message}") from None
+        raise
 
 
 def read_results(run_dir: Path) -> dict:
@@ -44,7 +57,7 @@ def shared_run_dir(run_dir: Path, dist_info: Distributed) -> Path:
     """Rank 0's run dir, on every rank. Hydra makes a timestamped dir in each process; a non-zero rank's own
     dir, if it differs and holds nothing but Hydra's files, is removed, so a job leaves exactly one."""
     shared = dist_info.broadcast(run_dir)
-    if shared != run_dir and run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log"
+    if shared != run_dir and run_dir.is_dir() and all(p.name in (".hydra", ".lock") or p.suffix == ".log"
                                                       for p in run_dir.iterdir()):
         shutil.rmtree(run_dir)
     return shared
@@ -86,6 +99,8 @@ def run_checked_job(cfg, run_dir: Path, dist_info: Distributed, skip_completed: 
 
 
 def write_results(run_dir: Path, results: dict) -> dict:
+    """Writes results.json as strict JSON: a value that is not finite (a diverged run's loss) becomes null."""
+    results = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     return results

@@ -3,14 +3,17 @@
 <run dir>/checkpoints/ holds
     latest.pt   one process or DDP: model, optimizer, scheduler, loop counters, RNG states, resolved config
                 (rank 0 writes it; loadable with `torch.load(..., weights_only=True)`);
+    previous.pt the latest.pt before it: a resume falls back to it when latest.pt is damaged;
     latest.dcp/ FSDP: model and optimizer sharded across ranks (torch.distributed.checkpoint), plus
                 train_state.pt with the rest; it resumes on any number of ranks, FSDP or not;
     best.pt     the full weights with the best test accuracy (always one file).
 Batches are a pure function of (seed, step), so the step is the whole data position.
 """
+import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -19,21 +22,27 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from gdn_exp.config import flatten_config
 from gdn_exp.train.distributed import Distributed, is_sharded, unwrap
 
 log = logging.getLogger(__name__)
 
-LATEST_NAMES = ("latest.pt", "latest.dcp")   # full and sharded form
 TRAIN_STATE = "train_state.pt"               # inside latest.dcp/: everything but the model and optimizer
 
-# The config sections that must match for trainer.resume=true to pick up an earlier run.
-IDENTITY_KEYS = ("model", "task", "kernel", "seed")
+# Config keys that a resumed run may change: they do not change what it computes (max_steps extends a run).
+RESUMABLE_CHANGES = {"logger", "task_cache_dir", "model.name", "task.num_test", "trainer.max_steps",
+                     "trainer.log_interval", "trainer.eval_interval", "trainer.eval_batch_size",
+                     "trainer.checkpoint_interval", "trainer.target_accuracy", "trainer.resume",
+                     "trainer.skip_completed", "trainer.device", "trainer.num_threads", "trainer.progress",
+                     "trainer.cuda_graph", "trainer.strategy", "trainer.activation_checkpointing"}
 
 
 def save(path: Path, state: dict) -> None:
-    """Writes `state` to `path` through a temporary file, so a kill mid-write never leaves a broken file."""
+    """Writes `state` to `path` through a temporary file of this process's own, so a kill mid-write never leaves
+    a broken file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
     torch.save(state, tmp)
     os.replace(tmp, path)
 
@@ -50,8 +59,10 @@ def save_latest(checkpoint_dir: Path, model, optimizer, train_state: dict, dist_
     """
     if dist_info.strategy != "fsdp":
         if dist_info.is_main:
-            save(checkpoint_dir / "latest.pt", {"model": unwrap(model).state_dict(),
-                                                "optimizer": optimizer.state_dict(), **train_state})
+            latest = checkpoint_dir / "latest.pt"
+            if latest.is_file():  # kept until the new one is complete: a kill in between leaves one of them
+                os.replace(latest, checkpoint_dir / "previous.pt")
+            save(latest, {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), **train_state})
         return
     final, tmp, old = (checkpoint_dir / name for name in ("latest.dcp", "latest.dcp.tmp", "latest.dcp.old"))
     if dist_info.is_main:
@@ -112,34 +123,79 @@ def set_rng_state(state: dict) -> None:
 def find_resume(resume, run_dir: Path, config: dict) -> Optional[Path]:
     """The checkpoint that `trainer.resume` asks for, or None to start from scratch.
 
-    resume: False; a path (a run dir, a latest.pt file or a latest.dcp dir); or True: this run dir's own
-    latest checkpoint (a re-run sweep job), else the newest sibling run dir whose model, task, kernel and seed
-    equal `config`'s.
+    resume: False; a path (a run dir, or a checkpoint file or latest.dcp dir), whose run must have been trained
+    with this config (RESUMABLE_CHANGES aside), else ValueError naming the keys that differ; or True: this run
+    dir's own newest readable checkpoint (a re-run sweep job), else the newest one of a sibling run dir that did
+    not complete and was trained with this config. A checkpoint that does not load is named in one log line and
+    passed over.
     """
     if resume is False or resume is None:
         return None
     if resume is not True:
         path = Path(str(resume))
-        if (path / "checkpoints").is_dir():
-            path = latest_in(path / "checkpoints")
-        if path is None or not (path.is_file() or (path / TRAIN_STATE).is_file()):
-            raise ValueError(f"trainer.resume={resume}: no checkpoint there")
-        return path
-    own = latest_in(run_dir / "checkpoints")
+        candidates = checkpoints_in(path / "checkpoints") if (path / "checkpoints").is_dir() else [path]
+        found = newest_readable(candidates, config, f"trainer.resume={resume}: that run")
+        if found is None:
+            raise ValueError(f"trainer.resume={resume}: no readable checkpoint there")
+        return found
+    own = newest_readable(checkpoints_in(run_dir / "checkpoints"), config, f"trainer.resume=true: {run_dir}'s run")
     if own is not None:
         return own
-    candidates = sorted(filter(None, (latest_in(d) for d in run_dir.parent.glob("*/checkpoints"))),
+    siblings = [d for d in run_dir.parent.iterdir() if d != run_dir and (d / "checkpoints").is_dir()
+                and not completed(d)] if run_dir.parent.is_dir() else []
+    candidates = sorted((c for d in siblings for c in checkpoints_in(d / "checkpoints")),
                         key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in candidates:  # mmap: only the config is read, not every candidate's weights
-        saved = torch.load(path / TRAIN_STATE if path.is_dir() else path, mmap=True, weights_only=True)["config"]
-        if all(saved.get(key) == config.get(key) for key in IDENTITY_KEYS):
-            return path
-    log.warning("trainer.resume=true: no earlier run with this model/task/kernel/seed under %s; "
-                "starting from scratch", run_dir.parent)
+    for candidate in candidates:
+        saved = saved_config(candidate)
+        if saved is not None and not config_differences(saved, config):
+            return candidate
+    log.warning("trainer.resume=true: no unfinished run with this config under %s; starting from scratch",
+                run_dir.parent)
     return None
 
 
-def latest_in(checkpoint_dir: Path) -> Optional[Path]:
-    """checkpoint_dir's latest.pt or latest.dcp/ (the newer if both), or None."""
-    found = [checkpoint_dir / name for name in LATEST_NAMES if (checkpoint_dir / name).exists()]
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+def newest_readable(candidates: list, config: dict, what: str) -> Optional[Path]:
+    """The first of candidates that loads, or None; ValueError naming the keys that differ (`what` was trained
+    with other settings) if that one's config is not `config`."""
+    for candidate in candidates:
+        saved = saved_config(candidate)
+        if saved is not None:
+            differences = config_differences(saved, config)
+            if differences:
+                raise ValueError(f"{what} was trained with other settings: {'; '.join(differences)} "
+                                 f"(start a new run, or set them back)")
+            return candidate
+    return None
+
+
+def checkpoints_in(checkpoint_dir: Path) -> list:
+    """checkpoint_dir's resumable checkpoints, newest first: latest.pt and latest.dcp/ (the newer first), then
+    previous.pt."""
+    latest = sorted((checkpoint_dir / name for name in ("latest.pt", "latest.dcp") if (checkpoint_dir / name).exists()),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    return latest + [p for p in [checkpoint_dir / "previous.pt"] if p.is_file()]
+
+
+def saved_config(path: Path) -> Optional[dict]:
+    """The resolved config stored in a checkpoint, or None (with one log line naming it) if it does not load."""
+    try:  # mmap: only the config is read, not the weights
+        return torch.load(path / TRAIN_STATE if path.is_dir() else path, mmap=True, weights_only=True)["config"]
+    except Exception as e:  # truncated, not a checkpoint, written by something else
+        log.warning("skipping checkpoint %s: it does not load (%s: %s)", path, type(e).__name__,
+                    str(e).splitlines()[0][:120] if str(e) else "")
+        return None
+
+
+def completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def config_differences(saved: dict, config: dict) -> list:
+    """'key: saved -> now' for each config key outside RESUMABLE_CHANGES whose value differs."""
+    saved_flat, now_flat = flatten_config(saved), flatten_config(config)
+    keys = sorted(k for k in saved_flat.keys() | now_flat.keys()
+                  if not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES))
+    return [f"{k}: {saved_flat.get(k)} -> {now_flat.get(k)}" for k in keys if saved_flat.get(k) != now_flat.get(k)]

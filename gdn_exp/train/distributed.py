@@ -60,12 +60,20 @@ class Distributed:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """trainer.device as a torch.device; "auto" and "cuda" mean this process's GPU (LOCAL_RANK)."""
+    """trainer.device as a torch.device; "auto" and "cuda" mean this process's GPU (LOCAL_RANK).
+    ValueError (one line naming trainer.device) for anything but auto, cpu, cuda or cuda:N with a GPU N here."""
+    index = str(name)[len("cuda:"):] if str(name).startswith("cuda:") else None
+    if name not in ("auto", "cpu", "cuda") and not (index and index.isascii() and index.isdigit()):
+        shown = name if name != "" else "''"
+        raise ValueError(f"trainer.device={shown} must be auto, cpu, cuda or cuda:N (N: a GPU index)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"trainer.device={name} but CUDA is not available here")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"trainer.device={name} but this machine has {torch.cuda.device_count()} GPU(s): "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -77,6 +78,10 @@ class StopRequest:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        # A handler that was there before (submitit's on SIGUSR2: requeue the job) runs now, after the checkpoint.
+        received = self._previous.get(getattr(signal, StopRequest.signal or "", None))
+        if callable(received) and received is not signal.default_int_handler:
+            received(getattr(signal, StopRequest.signal), None)
 
 
 def request_stop(signal_name: str) -> None:
@@ -103,6 +108,8 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         else nullcontext
     config = OmegaConf.to_container(cfg, resolve=True)
     varlen = cfg.task.name == "lm" and cfg.task.varlen
+    if is_main:  # beside Hydra's .hydra/config.yaml, which keeps the interpolations
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
 
     if not is_main:  # rank 0 fills the data cache first, the others then read it
         dist_info.barrier()
@@ -120,10 +127,10 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     # a CUDA graph needs fixed shapes and no host round trip inside the step: packed documents (their boundaries
     # are read on the host) and several ranks (their collectives) run eagerly
     graphed = tc.cuda_graph and device.type == "cuda" and dist_info.world_size == 1 and not varlen
-    log.info("model %s: %s parameters (%s without embeddings; %s mixer, kernel %s/%s) on %s x %d (%s%s)",
-             model_cfg.name, f"{num_params:,}", f"{model.num_params(exclude_embeddings=True):,}", model_cfg.mixer,
-             cfg.kernel.mode, cfg.kernel.backend, device.type, dist_info.world_size, dist_info.strategy,
-             ", CUDA graph" if graphed else "")
+    log.info("model %s (d_model %d, %d layers): %s parameters (%s without embeddings; %s mixer, kernel %s/%s) "
+             "on %s x %d (%s%s)", model_cfg.name, model_cfg.d_model, model_cfg.n_layers, f"{num_params:,}",
+             f"{model.num_params(exclude_embeddings=True):,}", model_cfg.mixer, cfg.kernel.mode, cfg.kernel.backend,
+             device.type, dist_info.world_size, dist_info.strategy, ", CUDA graph" if graphed else "")
     network = wrap_model(model, dist_info.strategy, device, tc.activation_checkpointing)
     # varlen: the model sees each batch as packed documents that never attend across a boundary
     forward = PackedDocuments(network, make_tokenizer(cfg.task.tokenizer).bos_id) if varlen else network
@@ -161,7 +168,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
             metrics["test/perplexity"] = math.exp(min(metrics["test/loss"], 700.0))
         metrics = dist_info.broadcast(metrics)  # every rank takes rank 0's decisions below
         logger.log(counters["step"], metrics)
-        if metrics["test/accuracy"] > counters["best_accuracy"]:
+        if math.isfinite(metrics["test/loss"]) and metrics["test/accuracy"] > counters["best_accuracy"]:
             counters.update(best_accuracy=metrics["test/accuracy"], best_step=counters["step"])
             weights = checkpoint.full_model_state(network)
             if is_main:
@@ -179,7 +186,9 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     network.train()
-    with StopRequest() as stop, Progress(*columns, disable=not (tc.progress and is_main)) as progress:
+    # a live bar on a terminal; elsewhere (a log file, a sweep worker) one plain line per log step instead
+    live_bar = tc.progress and is_main and sys.stderr.isatty()
+    with StopRequest() as stop, Progress(*columns, disable=not live_bar) as progress:
         bar = progress.add_task(f"{cfg.task.name}/{model_cfg.name}", total=tc.max_steps,
                                 completed=counters["step"], info="")
         window_start = time.perf_counter()
@@ -220,7 +229,10 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                 logger.log(step, {"train/loss": loss_value, "train/lr": lr, "train/grad_norm": grad_norm,
                                   "perf/tokens_per_s": tokens_per_s})
                 acc = f"  acc {metrics['test/accuracy']:.3f}" if metrics else ""
-                progress.update(bar, completed=step, info=f"loss {loss_value:.4f}{acc}  {tokens_per_s:,.0f} tok/s")
+                info = f"loss {loss_value:.4f}{acc}  {tokens_per_s:,.0f} tok/s"
+                progress.update(bar, completed=step, info=info)
+                if tc.progress and is_main and not live_bar:
+                    log.info("step %d/%d  %s", step, tc.max_steps, info)
                 log_time, log_steps = 0.0, 0
             if step % tc.eval_interval == 0 or step == tc.max_steps:
                 metrics, last_eval_step = run_eval(), step

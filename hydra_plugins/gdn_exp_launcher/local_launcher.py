@@ -27,7 +27,7 @@ def record_job(cfg: DictConfig):
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, jobs_per_gpu: int = 4, n_jobs: int = 2, gpus: Optional[int] = None):
+    def __init__(self, jobs_per_gpu: int = 4, n_jobs: int = 1, gpus: Optional[int] = None):
         self.jobs_per_gpu, self.n_jobs, self.gpus = jobs_per_gpu, n_jobs, gpus
         self.config = self.hydra_context = None
 
