@@ -10,7 +10,7 @@ from hydra.types import RunMode
 from gdn_exp.config import register_configs
 
 log = logging.getLogger("gdn_exp")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the repository's conf/ (an editable install)
+CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so a wheel has it (conf/ links here)
 register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -1,28 +1,79 @@
 """Typed schemas for the Hydra config, registered in Hydra's ConfigStore.
 
 With these schemas a misspelled key (`trainer.lrr=1`) or a wrong type (`trainer.lr=fast`) fails at
-composition with Hydra's own message. What a schema cannot say (a key added with `+group.key=...`, a value
-out of range, a choice among strings, checks across groups) `validate` checks at start-up, in one line.
+composition with Hydra's own message, and so does a string option (`kernel.mode=parallel`: Hydra lists chunk and
+recurrent). What a schema cannot say (a key added with `+group.key=...`, a value out of range, checks across
+groups) `validate` checks at start-up, in one line.
 """
 import dataclasses
 import hashlib
 import math
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 import tasks
-from gdn_exp.data import LMTaskConfig
+from gdn_exp.data import TASKS, task_source
 from gdn_exp.model import ModelConfig
+
+
+class Choice(str, Enum):
+    """A string option: Hydra refuses any other value at composition and lists the valid ones. A member is its
+    value to the code (`Mode.chunk == "chunk"`, f-strings, JSON)."""
+
+    def __str__(self):
+        return self.value
+
+    def __format__(self, spec):
+        return format(self.value, spec)
+
+
+class Mode(Choice):
+    chunk = "chunk"
+    recurrent = "recurrent"
+
+
+class Backend(Choice):
+    auto = "auto"
+    triton = "triton"
+    torch = "torch"
+
+
+class Precision(Choice):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Strategy(Choice):
+    auto = "auto"
+    none = "none"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class LoggerName(Choice):
+    wandb = "wandb"
+    none = "none"
+
+
+class WandbMode(Choice):  # what `wandb.init` accepts
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+    shared = "shared"
+    dryrun = "dryrun"
+    run = "run"
 
 
 @dataclass
 class KernelConfig:
-    mode: str = "chunk"      # chunk (chunkwise parallel) | recurrent (step by step)
-    backend: str = "auto"    # auto (Triton on CUDA, PyTorch otherwise) | triton | torch
+    mode: Mode = Mode.chunk              # chunkwise parallel | step by step
+    backend: Backend = Backend.auto      # auto: Triton on CUDA, PyTorch otherwise
 
 
 @dataclass
@@ -44,8 +95,8 @@ class TrainerConfig:
     resume: Any = False                   # false | true (latest matching run) | path to a run dir or .pt
     skip_completed: bool = True           # a job whose run dir already holds a completed results.json is skipped
     device: str = "auto"                  # auto (cuda if present) | cpu | cuda | cuda:N
-    precision: str = "auto"               # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    strategy: str = "auto"                # auto (ddp under torchrun, else none) | none | ddp | fsdp (FSDP2)
+    precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA, fp32 on CPU
+    strategy: Strategy = Strategy.auto    # auto: ddp under torchrun, else none; fsdp: FSDP2
     activation_checkpointing: bool = False    # recompute each block's activations in the backward pass
     cuda_graph: bool = True               # replay each step from a CUDA graph (one CUDA device, fixed shapes)
     num_threads: Optional[int] = None     # torch CPU threads (null: torch's default)
@@ -54,9 +105,9 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "wandb"                   # wandb | none
+    name: LoggerName = LoggerName.wandb
     project: str = "gdn-exp"
-    mode: str = "offline"                 # offline | online | disabled
+    mode: WandbMode = WandbMode.offline   # offline, online and disabled are the documented ones
     entity: Optional[str] = None
     group: Optional[str] = None           # null: the sweep directory's name in a multirun
     tags: List[str] = field(default_factory=list)
@@ -70,16 +121,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
-    task_cache_dir: str = "outputs/cache/tasks"   # generated task splits (HF datasets, Arrow)
-
-
-def task_schema(name: str) -> type:
-    """A dataclass for `task/<name>.yaml`: the task's own parameters plus split sizes."""
-    params = [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(tasks.config_class(name))]
-    return dataclasses.make_dataclass(
-        f"{name}_task",
-        [("name", str, field(default=name)), ("num_train", int, field(default=10_000)),
-         ("num_test", int, field(default=1_000))] + params)
+    task_cache_dir: str = "outputs/cache/tasks"   # generated task splits (Arrow) and tokenized corpora (task=lm)
 
 
 def dir_name(overrides: str) -> str:
@@ -109,24 +151,14 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("dir_name", dir_name, replace=True)  # conf/hydra/default.yaml
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for name in tasks.TASKS:
-        cs.store(group="schema/task", name=name, node=task_schema(name))
-    cs.store(group="schema/task", name="lm", node=LMTaskConfig)
-
-
-def task_params(task_cfg) -> dict:
-    """The generator's keyword arguments from a composed `task` node (drops name and split sizes)."""
-    return {k: v for k, v in task_cfg.items() if k not in ("name", "num_train", "num_test")}
-
-
-# Modes `wandb.init` accepts (offline, online and disabled are the documented ones).
-WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")
+    for name, source in TASKS.items():
+        cs.store(group="schema/task", name=name, node=source.schema)
 
 
 def schema_of(group: str, cfg) -> type:
     """The dataclass that types config node `group` ("" is the root; task: the chosen task's)."""
     if group == "task":
-        return LMTaskConfig if cfg.task.name == "lm" else task_schema(cfg.task.name)
+        return task_source(cfg.task.name).schema
     return {"": Config, "model": ModelConfig, "kernel": KernelConfig, "trainer": TrainerConfig,
             "logger": LoggerConfig}[group]
 
@@ -134,9 +166,6 @@ def schema_of(group: str, cfg) -> type:
 def check_known_keys(cfg) -> None:
     """Hydra lets `+group.key=value` add a key to a typed node; a key its schema lacks would be ignored or
     crash deep in the run, so it is refused here."""
-    if cfg.task.name not in tasks.TASKS and cfg.task.name != "lm":
-        raise ValueError(f"task.name={cfg.task.name} is not a task; choose one with task=NAME "
-                         f"({', '.join([*tasks.TASKS, 'lm'])})")
     for group in ("", "model", "task", "kernel", "trainer", "logger"):
         node = cfg[group] if group else cfg
         known = [f.name for f in dataclasses.fields(schema_of(group, cfg))]
@@ -171,12 +200,6 @@ def check_range(key: str, value, *, low=None, high=None, low_open=False, high_op
         raise ValueError(f"{key}={value} must be {rule}" + (" or null" if allow_none else ""))
 
 
-def check_choice(key: str, value, choices) -> None:
-    if value not in choices:
-        shown = value if value != "" else "''"
-        raise ValueError(f"{key}={shown} must be {', '.join(choices[:-1])} or {choices[-1]}")
-
-
 def check_trainer(trainer) -> None:
     """Every TrainerConfig field that can hold an impossible value (device and strategy: at
     `distributed_job`, which picks them before this runs)."""
@@ -199,30 +222,18 @@ def check_trainer(trainer) -> None:
     if not (resume is None or isinstance(resume, bool) or (isinstance(resume, str) and resume.strip())):
         raise ValueError(f"trainer.resume={resume if resume != '' else repr(resume)} must be false, true or "
                          f"the path of a run directory or checkpoint")
-    check_choice("trainer.precision", trainer.precision, ("auto", "fp32", "bf16"))
-
-
-def check_task_sizes(task) -> None:
-    """Split sizes of a synthetic task (task=lm checks its own node: `check_lm_config`)."""
-    check_range("task.num_train", task.num_train, low=1)
-    check_range("task.num_test", task.num_test, low=1)
 
 
 def validate(cfg) -> None:
     """Start-up checks of the keys and values of every group; raises a one-line ValueError naming the key
     and what it may be."""
     check_known_keys(cfg)
-    check_choice("kernel.mode", cfg.kernel.mode, ("chunk", "recurrent"))
-    check_choice("kernel.backend", cfg.kernel.backend, ("auto", "triton", "torch"))
-    check_choice("logger.name", cfg.logger.name, ("wandb", "none"))
-    if cfg.logger.name == "wandb":
-        check_choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     check_trainer(cfg.trainer)
     check_range("seed", cfg.seed, low=0, high=tasks.SEEDS_PER_SPLIT, high_open=True)
     if not str(cfg.task_cache_dir).strip():
         raise ValueError("task_cache_dir='' must be a directory path")
-    if cfg.task.name != "lm":
-        check_task_sizes(cfg.task)
+    task_source(cfg.task.name).check(cfg.task)
+    ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True)).validate()
     if cfg.model.vocab_size < cfg.task.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than task.vocab_size="
                          f"{cfg.task.vocab_size}")

@@ -15,27 +15,20 @@ Writes longcontext.json (one row per run and length), longcontext.md (accuracy t
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 import tasks
 from gdn_exp import tables
+from gdn_exp.data import task_params
+from gdn_exp.extras import have, missing
 from gdn_exp.model import GDN_SWITCHES, LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
 from tasks import IGNORE_INDEX
 
 MAX_LENGTH = 32768
-
-
-def task_at_length(name: str, params: dict, length: int) -> dict:
-    """The task's parameters with seq_len = length and, for copy/reverse, copy_len grown in proportion."""
-    if name not in ("copy", "reverse", "selective_copy", "mqar", "needle"):
-        raise ValueError(f"task {name!r} has no long-context form; use copy, reverse, selective_copy, mqar or needle")
-    scaled = {**params, "seq_len": length}
-    if name in ("copy", "reverse"):
-        scaled["copy_len"] = params["copy_len"] * length // params["seq_len"]
-    return scaled
 
 
 def model_label(model_cfg: dict) -> str:
@@ -94,12 +87,12 @@ def evaluate_run(run_dir: Path, factors: list, *, max_length: int, num_examples:
     task at that length, with at most min(num_examples, token_budget // length) examples."""
     model, config = load_run(run_dir)
     task = config["task"]
-    name, params = task["name"], {k: v for k, v in task.items() if k not in ("name", "num_train", "num_test")}
+    name, params = task["name"], task_params(task)
     rows = []
     for length in (params["seq_len"] * f for f in factors if params["seq_len"] * f <= max_length):
         n = max(1, min(num_examples, token_budget // length))
         batch = tasks.make_task(name, seed=tasks.task_seed(config["seed"], "test"), num_examples=n,
-                                **task_at_length(name, params, length))
+                                **tasks.at_length(name, length, **params))
         scores = chunked_accuracy(model, batch["input_ids"], batch["labels"], chunk_size=chunk_size,
                                   batch_size=batch_size)
         rows.append({"run_dir": str(run_dir), "label": model_label(config["model"]), "task": name,
@@ -109,7 +102,7 @@ def evaluate_run(run_dir: Path, factors: list, *, max_length: int, num_examples:
     return rows
 
 
-def markdown_table(rows: list) -> str:
+def accuracy_table(rows: list) -> str:
     """Accuracy per (task, model) row and evaluation-length column."""
     lengths = sorted({r["length"] for r in rows})
     lines = []
@@ -177,9 +170,12 @@ def main(argv=None) -> None:
                              token_budget=args.token_budget, chunk_size=args.chunk_size, batch_size=args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "longcontext.json").write_text(json.dumps(rows, indent=1) + "\n")
-    (args.out / "longcontext.md").write_text(markdown_table(rows))
-    plot(rows, args.out / "longcontext.png")
-    print(markdown_table(rows) + f"-> {args.out}/longcontext.{{json,md,png}}")
+    (args.out / "longcontext.md").write_text(accuracy_table(rows))
+    if have("matplotlib"):
+        plot(rows, args.out / "longcontext.png")
+    else:
+        print(missing("matplotlib", "the plot"), file=sys.stderr)
+    print(accuracy_table(rows) + f"-> {args.out}/longcontext.{{json,md{',png' if have('matplotlib') else ''}}}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn_exp.nn import Attention, GatedDeltaNet, SwiGLU, swiglu_hidden_size
-from gdn_exp.ops import resolve_backend
+from gdn_exp.ops import add_rms_norm
 
 MIXERS = ("gdn", "attention")
 GDN_SWITCHES = ("use_short_conv", "use_output_gate", "use_qk_l2norm", "use_gate", "use_delta", "use_beta",
@@ -113,14 +113,12 @@ class AutocastRMSNorm(nn.RMSNorm):
     """RMSNorm of the residual stream after the residual add: (residual, delta) -> (y, residual + delta), y in the
     autocast dtype where autocast is on. y feeds several Linears (the GDN layer's four projections, the MLP's two,
     the LM head): left in float32, autocast would cast it once per Linear, and backward would cast each gradient
-    back and add them in float32 (v7: the GDN model's step 118 -> 110 ms at T4096 on the H100).
+    back and add them in float32 (the GDN model's step 118 -> 110 ms at T4096 on the H100).
 
-    On the Triton backend under autocast one kernel (`ops.gated_norm`) reads the float32 residual and the block's
-    bf16 output, writes their float32 sum and the bf16 y; its backward adds the gradient of the sum from later
-    layers to the norm's and writes it as float32 (residual) and bf16 (delta). Eagerly the add, that gradient sum
-    and the bf16 casts are separate kernels: ~6.4 ms per step at B8 T4096 d1024 (8 layers) on the H100; fused,
-    the step went 85.4 -> 82.3 ms (v8). Elsewhere the PyTorch form (the reference): residual + delta, torch's
-    RMSNorm, one cast. Same parameters and state_dict as nn.RMSNorm; eps must be given."""
+    `ops.add_rms_norm` does the work: on the Triton backend under autocast one kernel reads the float32 residual
+    and the block's bf16 output and writes their float32 sum and the bf16 y, and its backward adds the gradient
+    of the sum from later layers to the norm's (eagerly those adds and casts cost ~6.4 ms per step at B8 T4096
+    d1024, 8 layers, on the H100). Same parameters and state_dict as nn.RMSNorm; eps must be given."""
 
     def __init__(self, dim: int, eps: float, backend: str = "auto"):
         super().__init__(dim, eps=eps)
@@ -131,17 +129,7 @@ class AutocastRMSNorm(nn.RMSNorm):
         Returns (y, the new residual = residual + delta, or residual itself without delta)."""
         device_type = residual.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        if dtype is not None and resolve_backend(self.backend, residual.device) == "triton":
-            # imports Triton, which is Linux-only
-            from gdn_exp.ops.gated_norm import triton_add_rms_norm, triton_gated_rms_norm
-
-            if delta is None:
-                return triton_gated_rms_norm(residual, self.weight, None, self.eps, out_dtype=dtype), residual
-            return triton_add_rms_norm(residual, delta, self.weight, self.eps, out_dtype=dtype)
-        if delta is not None:
-            residual = residual + delta
-        y = super().forward(residual)
-        return (y if dtype is None else y.to(dtype)), residual
+        return add_rms_norm(residual, delta, self.weight, eps=self.eps, out_dtype=dtype, backend=self.backend)
 
 
 class Block(nn.Module):

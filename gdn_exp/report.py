@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from gdn_exp import tables
 from gdn_exp.config import flatten_config
+from gdn_exp.extras import have, missing
 
 # Config keys that get a "<metric> vs <key>" plot when they take several values.
 PLOT_AXES = ("model.d_model", "task.seq_len", "task.copy_len", "task.num_kv_pairs")
@@ -159,7 +160,7 @@ def format_cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def markdown_table(runs: list[Run], params: list[str], metric: str) -> str:
+def runs_table(runs: list[Run], params: list[str], metric: str) -> str:
     columns = params + columns_for(metric)
     return tables.markdown_table(columns, [[format_cell(run.value(c)) for c in columns] for run in runs]) + "\n"
 
@@ -325,7 +326,7 @@ def main(argv=None) -> None:
     markdown = summary_line(runs)
     if args.best_over:
         markdown += f"\nEach row: the run with the best {args.metric} over {args.best_over} (see its column).\n"
-    markdown += "\n" + markdown_table(table, table_params, args.metric)
+    markdown += "\n" + runs_table(table, table_params, args.metric)
     failures = failure_summary(runs)
     if failures:
         markdown += "\n" + failures
@@ -336,7 +337,11 @@ def main(argv=None) -> None:
         (args.out / "runs.csv").write_text(csv_table(sort_runs(runs, params), params, args.metric))
         if args.best_over:
             (args.out / "best.csv").write_text(csv_table(table, table_params, args.metric))
-        plots = write_plots(table, [key for key in params if key != args.best_over], args.metric, args.out)
+        plots = []
+        if have("matplotlib"):
+            plots = write_plots(table, [key for key in params if key != args.best_over], args.metric, args.out)
+        else:
+            print(missing("matplotlib", "plots"), file=sys.stderr)
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)
         (args.out / "report.md").write_text(markdown + images)
         written = ["runs.csv"] + (["best.csv"] if args.best_over else []) + ["report.md"] + [p.name for p in plots]

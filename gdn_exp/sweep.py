@@ -14,8 +14,8 @@ trainer.resume=true continues the stopped ones.
 """
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
 import signal
 import traceback
 from dataclasses import dataclass
@@ -97,8 +97,9 @@ def run_one(job: Job, device: str) -> dict:
         release(Path(job.run_dir))
 
 
-def _worker(device: str, jobs, events) -> None:
-    """A worker process: takes jobs from `jobs` until it yields None or a stop signal came."""
+def _worker(device: str, conn) -> None:
+    """A worker process: runs the jobs its launcher sends over `conn` and sends back each one's results, until it
+    gets None or a stop signal came."""
     from gdn_exp.train.loop import StopRequest, request_stop
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(job)s] %(message)s", datefmt="%H:%M:%S")
@@ -107,16 +108,15 @@ def _worker(device: str, jobs, events) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):  # between jobs; a job installs its own
         signal.signal(sig, lambda signum, frame: request_stop(signal.Signals(signum).name))
     while StopRequest.signal is None:
-        job = jobs.get()
+        job = conn.recv()
         if job is None:
             return
-        events.put(("start", job.index, os.getpid()))
         try:
             results = run_one(job, device)
         except Exception as e:  # run_job records failures itself; this is a bug in the runner
             results = {"status": "failed", "error": f"{type(e).__name__}: {e}", "user_error": False,
                        "traceback": traceback.format_exc()}
-        events.put(("done", job.index, results))
+        conn.send(results)
         if results.get("status") == "failed" and not results.get("user_error") and not _device_healthy(device):
             os._exit(3)  # the CUDA context is lost: the launcher starts another worker
 
@@ -136,54 +136,64 @@ def _device_healthy(device: str) -> bool:
 def run_jobs(jobs: list, workers: list) -> dict:
     """Runs `jobs` on `workers` (a device per worker process, see `plan_workers`); returns {job index: results}.
 
-    Jobs that never started (the sweep was stopped) are left out of the returned dict."""
+    Each worker has its own pipe to the launcher, which hands it one job at a time: a worker that dies (even
+    while writing) blocks no other, and its pipe's end tells which job it took down. Jobs that never started
+    (the sweep was stopped) are left out of the returned dict."""
     context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    job_queue, events = context.Queue(), context.Queue()
-    for job in jobs:
-        job_queue.put(job)
-    for _ in workers:
-        job_queue.put(None)
-    by_index = {job.index: job for job in jobs}
-    results, running = {}, {}  # running: job index -> worker pid
+    pending = list(reversed(jobs))
+    results = {}
+    running = {}  # launcher's end of a worker's pipe -> (process, device, its job or None)
+    stopping = None
+
+    def hand_next(conn):
+        process, device, _ = running[conn]
+        job = pending.pop() if pending and stopping is None else None
+        try:
+            conn.send(job)
+        except (BrokenPipeError, ConnectionResetError):  # it is gone: its end of file comes next
+            pass
+        running[conn] = (process, device, job)
 
     def start(device):
-        process = context.Process(target=_worker, args=(device, job_queue, events), daemon=True)
+        conn, worker_end = context.Pipe()
+        process = context.Process(target=_worker, args=(device, worker_end), daemon=True)
         process.start()
-        return process
-
-    processes = {start(device): device for device in workers}
-    stopping = None
+        worker_end.close()  # the worker's copy is then the only one: its death closes the pipe
+        running[conn] = (process, device, None)
+        hand_next(conn)
 
     def forward(signum, frame):  # a terminal's Ctrl-C reaches the workers itself; `kill`/`timeout` does not
         nonlocal stopping
         stopping = signal.Signals(signum).name
-        for process in processes:
+        for process, _, _ in running.values():
             if process.is_alive():
                 os.kill(process.pid, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
     try:
-        while any(process.is_alive() for process in processes) or not events.empty():
-            try:
-                kind, index, payload = events.get(timeout=1.0)
-            except queue.Empty:
-                for process in [p for p in processes if not p.is_alive() and p.exitcode not in (0, None)]:
-                    device = processes.pop(process)
-                    lost = [i for i, pid in running.items() if pid == process.pid]
-                    for i in lost:
-                        running.pop(i)
-                        results[i] = _lost_job(by_index[i], process.exitcode)
-                    log.error("worker on %s died (exit code %s); failed: %s", device, process.exitcode,
-                              ", ".join(by_index[i].name for i in lost) or "no job")
-                    if stopping is None:
-                        processes[start(device)] = device
-                continue
-            if kind == "start":
-                running[index] = payload
-            else:
-                running.pop(index, None)
-                results[index] = payload
-                log.info("job %d %s: %s", index, by_index[index].name, describe(payload))
+        for device in workers:
+            start(device)
+        while running:
+            for conn in multiprocessing.connection.wait(list(running)):
+                process, device, job = running[conn]
+                try:
+                    payload = conn.recv()
+                except (EOFError, ConnectionResetError):  # the worker exited: done, stopped, or died (a reset
+                    # instead of EOF when it left unread the job we handed it)
+                    running.pop(conn)
+                    conn.close()
+                    process.join()
+                    if process.exitcode != 0:  # a worker leaves cleanly only between jobs: then `job` never began
+                        if job is not None:
+                            results[job.index] = _lost_job(job, process.exitcode)
+                        log.error("worker on %s died (exit code %s); failed: %s", device, process.exitcode,
+                                  job.name if job else "no job")
+                        if pending and stopping is None:
+                            start(device)
+                    continue
+                results[job.index] = payload
+                log.info("job %d %s: %s", job.index, job.name, describe(payload))
+                hand_next(conn)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -19,7 +19,7 @@ if [ "${E2E:-0}" = 1 ]; then
     cp /tmp/runs/e2e_$mode/results.json "$OUT/e2e_$mode.json"
   done
 fi
-timeout "${CHECK_S:-150}" python3 -m gdn_exp.bench check ${CHECK_ARGS:---jobs 16} > "$OUT/check.txt" 2>&1
+timeout "${CHECK_S:-150}" python3 -m gdn_exp.dev.bench check ${CHECK_ARGS:---jobs 16} > "$OUT/check.txt" 2>&1
 grep -E "FAIL|passed|card:" "$OUT/check.txt" | tail -20
-timeout "${BENCH_S:-400}" python3 -m gdn_exp.bench ${BENCH_WHAT:-kernels op model} ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 \
+timeout "${BENCH_S:-400}" python3 -m gdn_exp.dev.bench ${BENCH_WHAT:-kernels op model} ${BENCH_ARGS:-} --out "$OUT/bench" 2>&1 \
   | tee "$OUT/bench.txt" | tail -50

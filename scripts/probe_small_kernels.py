@@ -6,7 +6,7 @@ vocabulary 8192), one eager step per mixer, by total kernel time (docs/perf.md, 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gdn_exp.throughput import Job, reference_split
+from gdn_exp.dev.throughput import Job, reference_split
 
 
 def kernel_table(mixer, data, rows=40):

@@ -1,12 +1,12 @@
 """Launch-setting sweep for the chunk kernels, each setting checked against the default one: the sequential
-state passes (V block x num_warps x num_stages; how chunk.STATE_LAUNCH was chosen) and the per-chunk wgmma
-kernels (num_warps x num_stages; chunk.LAUNCH; for dqk_bwd also its K and V blocks, chunk.dqk_config; for
-output_fwd its V block, chunk.output_config).
+state passes (V block x num_warps x num_stages; how launch.ChunkLaunch.state was chosen) and the per-chunk wgmma
+kernels (num_warps x num_stages; ChunkLaunch.per_chunk; for dqk_bwd also its K and V blocks, dqk_wide; for
+output_fwd its V block, output_wide). Every trial passes its own ChunkLaunch to the kernel's launcher.
 
     python scripts/sweep_launch.py --out sweep.jsonl [--jobs 8] [--kernels state_bwd,wy_bwd]
 
 Triton 3.6 can miscompile Hopper wgmma for some settings (wrong numbers or illegal memory accesses, see
-chunk.LAUNCH), so every trial runs in a worker process: phase 1 compiles and checks every trial in --jobs
+launch.py), so every trial runs in a worker process: phase 1 compiles and checks every trial in --jobs
 workers (a crashed worker is restarted without the trial it died on), phase 2 times the trials that matched
 the default setting's outputs, one process, one at a time. Prints one table; writes JSON lines.
 """
@@ -21,7 +21,7 @@ SHAPES = {"B8T4096D128": (8, 4096, 16, 128), "B1T32768D128": (1, 32768, 16, 128)
           "B8T4096H8D128": (8, 4096, 8, 128)}  # the last: the model's GDN layer (d_model 1024, 8 heads)
 STATE_KERNELS = ("state_fwd", "state_bwd")
 CHUNK_KERNELS = ("output_fwd", "dqk_bwd", "wy_bwd")  # one program per chunk: the shape only sets the work
-DQK_BLOCKS = ((64, 64), (128, 64), (128, 32), (64, 32))  # (K, V) block caps of dqk_bwd (chunk.dqk_config)
+DQK_BLOCKS = ((64, 64), (128, 64), (128, 32), (64, 32))  # (K, V) block caps of dqk_bwd (ChunkLaunch.dqk_config)
 
 
 def trials(state_warps=(4,), state_stages=(1, 2, 3)):
@@ -43,47 +43,49 @@ def trials(state_warps=(4,), state_stages=(1, 2, 3)):
     return out
 
 
-def run_trial(trial, fns, time_it):
-    import torch
-    from gdn_exp.bench import do_bench
-    from gdn_exp.ops import chunk
+def trial_settings(trial):
+    """The default launch settings with this trial's (V block or K/V block caps, num_warps, num_stages) for its
+    kernel, whatever the shape would pick."""
+    from gdn_exp.ops.gated_delta_rule.launch import DEFAULT_LAUNCH
     name = trial["kernel"]
-    fn = fns[trial["shape"]][name]
-    default, default_launch = chunk.state_pass_config, dict(chunk.LAUNCH)
-    default_dqk, default_output = chunk.dqk_config, chunk.output_config
-
-    def outputs():  # dqk_bwd's dG parts (one per K block) compare as their sum
-        out = [x.float() for x in fn() if x is not None]
-        return out[:-1] + [out[-1].sum(0)] if name == "dqk_bwd" else out
-
-    ref = outputs()
     setting = dict(num_warps=trial["num_warps"], num_stages=trial["num_stages"])
     if name in STATE_KERNELS:
-        chunk.state_pass_config = lambda *args: (trial["BV"], setting)
-    elif name == "dqk_bwd":
+        return DEFAULT_LAUNCH.replace(state={**DEFAULT_LAUNCH.state, name: {trial["BV"]: setting}},
+                                      wide_state={**DEFAULT_LAUNCH.wide_state, name: (trial["BV"], setting)},
+                                      one_wave_state_bwd=None)
+    if name == "dqk_bwd":
         bk, bv = trial["blocks"]
-        chunk.dqk_config = lambda K, V, dtype: dict(BK=chunk.block_size(K, bk), BV=chunk.block_size(V, bv),
-                                                    **setting)
-    elif name == "output_fwd":
-        chunk.output_config = lambda V, dtype: dict(BV=chunk.block_size(V, trial["BV"]), **setting)
-    else:
-        chunk.LAUNCH[name] = setting
-    try:
-        out = outputs()
-        torch.cuda.synchronize()
-        err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(out, ref))
-        nan = any(bool(a.isnan().any()) for a in out)
-        res = dict(trial, err=err, nan=nan)
-        if time_it:
-            res["ms"] = do_bench(fn)
-        return res
-    finally:
-        chunk.state_pass_config, chunk.dqk_config, chunk.output_config = default, default_dqk, default_output
-        chunk.LAUNCH.update(default_launch)
+        return DEFAULT_LAUNCH.replace(dqk_wide=dict(BK=bk, BV=bv, **setting))
+    if name == "output_fwd":
+        return DEFAULT_LAUNCH.replace(output_wide=dict(BV=trial["BV"], **setting))
+    return DEFAULT_LAUNCH.replace(per_chunk={**DEFAULT_LAUNCH.per_chunk, name: setting})
+
+
+def run_trial(trial, fns, time_it):
+    import torch
+    from gdn_exp.dev.bench import do_bench
+    from gdn_exp.ops.gated_delta_rule.launch import DEFAULT_LAUNCH
+    name = trial["kernel"]
+    fn = fns[trial["shape"]][name]
+
+    def outputs(settings):  # dqk_bwd's dG parts (one per K block) compare as their sum
+        out = [x.float() for x in fn(settings) if x is not None]
+        return out[:-1] + [out[-1].sum(0)] if name == "dqk_bwd" else out
+
+    ref = outputs(DEFAULT_LAUNCH)
+    settings = trial_settings(trial)
+    out = outputs(settings)
+    torch.cuda.synchronize()
+    err = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(out, ref))
+    nan = any(bool(a.isnan().any()) for a in out)
+    res = dict(trial, err=err, nan=nan)
+    if time_it:
+        res["ms"] = do_bench(lambda: fn(settings))
+    return res
 
 
 def child(indices, time_it, all_trials):
-    from gdn_exp.bench import chunk_kernel_launches
+    from gdn_exp.dev.bench import chunk_kernel_launches
     fns = {}
     for i in indices:
         t = all_trials[i]

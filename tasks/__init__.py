@@ -59,6 +59,16 @@ def make_config(name: str, **params):
     return cls(**params)
 
 
+def at_length(name: str, length: int, **params) -> dict:
+    """Task `name`'s parameters at seq_len = length: the fields its config lists in LENGTH_SCALED (e.g. copy_len)
+    grow in proportion, the rest stay as given (e.g. mqar's num_kv_pairs: more distance, same load)."""
+    config = make_config(name, **params)
+    scaled = {**dataclasses.asdict(config), "seq_len": length}
+    for field in getattr(config, "LENGTH_SCALED", ()):
+        scaled[field] = getattr(config, field) * length // config.seq_len
+    return scaled
+
+
 def task_seed(seed: int, split: str) -> int:
     """The generator seed of `split` for a user seed: train and test seeds come from disjoint ranges."""
     if split not in SPLITS:
@@ -163,5 +173,5 @@ def _read_entry(path: str) -> dict[str, torch.Tensor]:
     return batch
 
 
-__all__ = ["TASKS", "SPLITS", "IGNORE_INDEX", "config_class", "make_config", "task_seed", "make_task",
+__all__ = ["TASKS", "SPLITS", "IGNORE_INDEX", "config_class", "make_config", "at_length", "task_seed", "make_task",
            "load_split"]

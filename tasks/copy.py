@@ -3,6 +3,7 @@
 Vocabulary: 0 = PAD, 1 = SEP, string tokens are uniform over [2, vocab_size).
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -17,8 +18,9 @@ class CopyConfig:
     """vocab_size: model vocabulary (every id < vocab_size); seq_len: input length, at least 2 * copy_len (the
     positions after the answer hold PAD, unscored); copy_len: tokens in the string to reproduce."""
     vocab_size: int = 16
-    seq_len: int = 16
-    copy_len: int = 8
+    seq_len: int = 32
+    copy_len: int = 16
+    LENGTH_SCALED: ClassVar[tuple] = ("copy_len",)  # grown with seq_len by tasks.at_length
 
     def __post_init__(self):
         self.validate()

@@ -2,29 +2,30 @@
 a `compose` fixture builds the real Hydra config with overrides and points its outputs at tmp_path."""
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 
-# Before the kernel modules are imported (Triton reads this at @triton.jit time): on a machine without CUDA
-# the kernels then run on CPU tensors (float32); on a GPU machine they compile for real.
+# The one place the interpreter is switched on, before the kernel modules are imported (Triton reads it at
+# @triton.jit time): on a machine without CUDA the kernels run on CPU tensors (float32); on a GPU they compile.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA and compiled kernels: skipped without them."""
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    skip = pytest.mark.skip(reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0)")
+    """Tests marked `gpu` need CUDA and compiled kernels, tests marked `interpreter` the Triton interpreter: each
+    kind is skipped where it cannot run."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    skips = {"gpu": None if torch.cuda.is_available() and not interpreted else
+             pytest.mark.skip(reason="needs CUDA and compiled kernels (TRITON_INTERPRET unset or 0)"),
+             "interpreter": None if interpreted else pytest.mark.skip(reason="needs TRITON_INTERPRET=1")}
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +66,7 @@ def compose(tmp_path):
     from hydra import compose as hydra_compose  # here, not at import: GPU-only runs need no Hydra
     from hydra import initialize_config_dir
 
+    from gdn_exp.cli import CONF_DIR
     from gdn_exp.config import register_configs
 
     register_configs()

@@ -39,6 +39,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
     (["task=nonexistent"], "task/nonexistent"),             # Hydra: unknown group option
     (["trainer.lrr=1"], "lrr"),                             # Hydra + schema: misspelled key
     (["trainer.lr=fast"], "trainer.lr"),                    # Hydra + schema: wrong type
+    (["kernel.mode=parallel"], "expected one of [chunk, recurrent]"),  # Hydra + schema: not an option
     (["trainer.device=gpu"], "trainer.device=gpu"),         # ours: picked before the other checks
     (["+trainer.foo=1"], "+trainer.foo=1"),                 # ours: Hydra lets + add a key to a typed group
     (["hydra.run.dir=a_file/run"], "cannot write the run directory hydra.run.dir=a_file/run"),  # before Hydra
@@ -51,7 +52,7 @@ def test_user_errors_give_one_clear_line(tmp_path, overrides, message):
     assert proc.returncode != 0
     assert message in output, output
     assert "Traceback" not in output, output
-    if not message.startswith(("task/", "lrr", "trainer.lr")):  # Hydra's own messages list the options
+    if not message.startswith(("task/", "lrr", "trainer.lr", "expected")):  # Hydra's own messages list the options
         assert [line for line in output.splitlines() if "error" in line.lower()] == [
             line for line in output.splitlines() if message in line]
 
@@ -61,7 +62,6 @@ def test_user_errors_give_one_clear_line(tmp_path, overrides, message):
     (["task.seq_len=10"], "seq_len=10"),
     (["task.vocab_size=2"], "vocab_size=2"),
     (["model.vocab_size=8"], "model.vocab_size=8"),
-    (["kernel.mode=parallel"], "kernel.mode=parallel"),
     (["trainer.batch_size=0"], "trainer.batch_size=0"),
     # every impossible value of a trainer key, named with what it may be
     (["trainer.lr=-1"], "trainer.lr=-1.0 must be a finite number > 0"),
@@ -84,17 +84,12 @@ def test_user_errors_give_one_clear_line(tmp_path, overrides, message):
     (["trainer.checkpoint_interval=0"], "trainer.checkpoint_interval=0"),
     (["trainer.resume=3"], "trainer.resume=3"),
     (["trainer.resume=''"], "trainer.resume=''"),
-    (["trainer.precision=fp16"], "trainer.precision=fp16"),
-    (["trainer.strategy=zero"], "trainer.strategy=zero"),
     (["trainer.device="], "trainer.device='' must be auto, cpu, cuda or cuda:N"),
     (["trainer.device=gpu"], "trainer.device=gpu must be auto, cpu, cuda or cuda:N"),
     (["trainer.device=cuda:x"], "trainer.device=cuda:x"),
     # the other groups and the top level
     (["seed=-1"], "seed=-1"),
     (["task_cache_dir=''"], "task_cache_dir"),
-    (["logger=wandb", "logger.mode=bogus"], "logger.mode=bogus"),
-    (["logger.name=tensorboard"], "logger.name=tensorboard"),
-    (["kernel.backend=cuda"], "kernel.backend=cuda"),
     (["task.num_train=0"], "task.num_train=0 must be >= 1"),
     (["task.num_test=0"], "task.num_test=0 must be >= 1"),
     (["task=mqar", "task.power_a=0"], "task.power_a=0"),
@@ -118,6 +113,32 @@ def test_config_mistakes_fail_before_training_with_the_key_named(compose, tmp_pa
     assert results["status"] == "failed" and results["user_error"], results
     assert message in results["error"] and "\n" not in results["error"], results["error"]
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+@pytest.mark.parametrize("override,choices", [
+    ("kernel.mode=parallel", "chunk, recurrent"),
+    ("kernel.backend=cuda", "auto, triton, torch"),
+    ("trainer.precision=fp16", "auto, fp32, bf16"),
+    ("trainer.strategy=zero", "auto, none, ddp, fsdp"),
+    ("logger.name=tensorboard", "wandb, none"),
+    ("logger.mode=bogus", "offline, online, disabled"),
+])
+def test_a_string_option_is_checked_by_hydra_which_lists_the_valid_ones(compose, override, choices):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as error:
+        compose("model=tiny", override)
+    assert f"expected one of [{choices}" in str(error.value.__cause__), error.value.__cause__
+
+
+def test_a_string_option_reaches_the_run_as_its_plain_value(compose, tmp_path):
+    cfg = compose("model=tiny", "logger=none", "task=copy", "kernel.mode=recurrent", "trainer.max_steps=1")
+    assert cfg.kernel.mode == "recurrent" and f"{cfg.kernel.mode}" == "recurrent"
+    results = run_job(cfg, tmp_path / "run")
+    assert results["status"] == "completed", results
+    saved = torch.load(tmp_path / "run/checkpoints/latest.pt", weights_only=True)["config"]  # no Enum pickled
+    assert saved["kernel"] == {"mode": "recurrent", "backend": "auto"} and type(saved["kernel"]["mode"]) is str
+    assert "mode: recurrent" in (tmp_path / "run/config.yaml").read_text()
 
 
 def test_missing_cuda_is_a_user_error(compose, tmp_path):

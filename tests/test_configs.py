@@ -4,6 +4,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,11 @@ def test_smoke_experiment_runs_through_the_cli(tmp_path, name, one_point):
     assert done.returncode == 0, done.stderr
     results = [json.loads(path.read_text()) for path in tmp_path.glob("*/results.json")]
     assert [(r["status"], r["steps"]) for r in results] == [("completed", 4)]
+
+
+def test_the_config_reference_is_up_to_date():
+    """docs/config.md is what `python -m gdn_exp.dev.config_reference` prints: regenerate it after changing a
+    config dataclass or a group's options."""
+    from gdn_exp.dev.config_reference import reference
+
+    assert (Path(__file__).resolve().parents[1] / "docs/config.md").read_text() == reference()

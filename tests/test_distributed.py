@@ -4,11 +4,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from gdn_exp.cli import CONF_DIR
 from gdn_exp.train import run_job
 
 TINY = ["model=tiny", "task=copy", "task.num_train=512", "task.num_test=64", "logger=none",
@@ -40,7 +40,7 @@ def torchrun(tmp_path, nproc, *overrides, script=None):
     target = [str(script)] if script else ["-m", "gdn_exp.cli"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                *target, *TINY, f"task_cache_dir={tmp_path / 'cache'}", "trainer.progress=false", *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(CONF_DIR.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
 

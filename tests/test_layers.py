@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from gdn_exp.nn import Attention, GatedDeltaNet, ShortConvolution
-from gdn_exp.ops import triton_available
 
 D_MODEL, HEADS, HEAD_DIM = 32, 2, 16
 
@@ -178,7 +177,7 @@ def test_sizes_are_checked():
 
 
 
-@pytest.mark.skipif(not triton_available(torch.device("cpu")), reason="needs TRITON_INTERPRET=1 (set by conftest)")
+@pytest.mark.interpreter
 def test_triton_backend_matches_torch_backend():
     # a chunked prefill, then a one-token step; the kernels get the layer's non-contiguous q, k, v views
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tasks
-from gdn_exp.longcontext import chunked_accuracy, main, model_label, task_at_length
+from gdn_exp.longcontext import chunked_accuracy, main, model_label
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import run_job
 from gdn_exp.train.data import DeviceSplit
@@ -28,12 +28,13 @@ def test_chunked_evaluation_matches_full_forward(mixers):
 
 
 def test_tasks_grow_with_the_evaluation_length():
-    assert task_at_length("copy", {"vocab_size": 16, "seq_len": 32, "copy_len": 16}, 128) == {
+    assert tasks.at_length("copy", 128, vocab_size=16, seq_len=32, copy_len=16) == {
         "vocab_size": 16, "seq_len": 128, "copy_len": 64}
-    needle = task_at_length("needle", {"vocab_size": 64, "seq_len": 64, "num_needles": 2, "num_queries": 1}, 4096)
+    assert tasks.at_length("reverse", 64, seq_len=32, copy_len=10)["copy_len"] == 20
+    needle = tasks.at_length("needle", 4096, vocab_size=64, seq_len=64, num_needles=2, num_queries=1)
     assert needle["seq_len"] == 4096 and needle["num_needles"] == 2
     with pytest.raises(ValueError, match="'lm'"):
-        task_at_length("lm", {"seq_len": 64}, 128)
+        tasks.at_length("lm", 128, seq_len=64)
 
 
 def test_model_labels_name_the_mixer_and_ablations():

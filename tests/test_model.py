@@ -1,6 +1,5 @@
 """LanguageModel: shapes, causality, cached decoding == full forward, generate (eager, static buffers, CUDA
 graphs), param groups, configs, training."""
-import os
 
 import pytest
 import torch
@@ -95,8 +94,7 @@ def test_sampling_with_top_1_is_greedy():
 
 @pytest.mark.parametrize("backend", [
     "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1")),
+    pytest.param("triton", marks=pytest.mark.interpreter),
 ])
 def test_static_decoder_matches_eager_generate_and_updates_the_cache_in_place(backend):
     """The decode step on fixed buffers (what a CUDA graph replays), run eagerly: the same greedy tokens as the
@@ -123,7 +121,7 @@ def test_static_decoder_matches_eager_generate_and_updates_the_cache_in_place(ba
         assert current is tensor and current.data_ptr() == pointer and not torch.equal(current, before)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.interpreter
 @pytest.mark.parametrize("family", ["gdn", "attention"])
 def test_fused_residual_adds_equal_the_torch_backend_under_autocast(family, monkeypatch):
     """The residual-stream norms on the Triton backend, each adding the residual in (the first block's mixer norm
@@ -133,15 +131,15 @@ def test_fused_residual_adds_equal_the_torch_backend_under_autocast(family, monk
     nearest), which moves the gradients by percents; float16 it rounds as torch does, and what is left is float32
     sums in another order now and then rounding to the neighbouring float16."""
     from gdn_exp.model import AutocastRMSNorm
-    from gdn_exp.ops import gated_norm
+    from gdn_exp.ops.gated_norm import kernel
 
-    calls, add_rms_norm = [], gated_norm.triton_add_rms_norm
+    calls, add_rms_norm = [], kernel.triton_add_rms_norm
 
     def counted(*args, **kwargs):
         calls.append(args)
         return add_rms_norm(*args, **kwargs)
 
-    monkeypatch.setattr(gated_norm, "triton_add_rms_norm", counted)
+    monkeypatch.setattr(kernel, "triton_add_rms_norm", counted)
     net = tiny_model(torch.float32, mixer=family, n_layers=3)
     nn.init.normal_(net.norm.weight, 1.0, 0.1, generator=torch.Generator().manual_seed(2))  # not all 1: dw shows
     tokens = random_tokens(2, 24)
@@ -186,8 +184,6 @@ def test_static_decoder_rejects_attention_layers():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
-                    reason="needs CUDA and compiled kernels (TRITON_INTERPRET=0)")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-autocast"])
 def test_cuda_graph_generate_equals_eager_on_gpu(precision):
     """Greedy tokens from replayed CUDA-graph steps equal the eager loop's (same kernels, same inputs), with
@@ -242,7 +238,10 @@ def test_validate_names_the_bad_field(overrides, message):
 
 
 def test_gdn_model_needs_no_attention_head_divisibility():
+    """d_model 130 has no even attention head size: fine for a model of GDN layers only, refused with attention."""
     ModelConfig(d_model=130).validate()
+    with pytest.raises(ValueError, match="model.d_model=130"):
+        ModelConfig(d_model=130, attention_every=2).validate()
 
 
 @pytest.mark.parametrize("mixer", ["gdn", "attention"])

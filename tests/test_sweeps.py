@@ -52,7 +52,7 @@ def test_parallel_sweep_isolates_a_broken_job(tmp_path):
         else:
             assert results["status"] == "completed" and results["steps"] == 3, name
     runs = [report.load_run(run_dir) for run_dir in report.find_run_dirs([str(sweep_dir)])]
-    table = report.markdown_table(runs, report.swept_keys(runs), "test/accuracy")
+    table = report.runs_table(runs, report.swept_keys(runs), "test/accuracy")
     assert table.count("| completed |") == 2 and table.count("| failed |") == 2
 
 

@@ -10,10 +10,11 @@ import torch
 from omegaconf import OmegaConf
 
 import gdn_exp.train.step as step_module
+from gdn_exp.data import task_source
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import run_job
 from gdn_exp.train.data import batch_indices
-from gdn_exp.train.loop import StopRequest, load_splits, lr_multiplier
+from gdn_exp.train.loop import StopRequest, lr_multiplier
 from wandb_files import wandb_history
 
 FAST = ["model=tiny", "task=copy", "task.num_train=512", "task.num_test=64", "logger=none",
@@ -51,7 +52,7 @@ def plain_loop_losses(cfg, device) -> dict:
     the trainer's, but logits at every position, torch's cross-entropy, the optimizer's default form and a host
     read of the loss every step."""
     tc = cfg.trainer
-    train = load_splits(cfg)["train"]
+    train = task_source(cfg.task.name).load(cfg)["train"]
     x, y = train["input_ids"].to(device), train["labels"].to(device)
     torch.manual_seed(cfg.seed)
     model = LanguageModel(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))).to(device)

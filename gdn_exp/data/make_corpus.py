@@ -2,11 +2,15 @@
 hand-written templates and word lists (no downloaded text), one document per blank-line-separated paragraph.
 
     python -m gdn_exp.data.make_corpus          # rewrites the file; the same seed gives the same bytes
+    python -m gdn_exp.data.make_corpus --documents 1000000 --out /tmp/stories.txt   # a larger one (~390 MB)
+                                                # for task.path=...: throughput runs on a machine without internet
 
 The text is simple but varied (stories, letters, notes on places and recipes), with recurring names and
 places across documents, so a small model lowers its perplexity within minutes on a CPU.
 """
+import argparse
 import random
+from pathlib import Path
 
 from gdn_exp.data.lm import CORPUS_PATH
 
@@ -99,17 +103,31 @@ def recipe(rng):
             f" {rng.choice(NAMES)} says it tastes best with {rng.choice(FOODS)}.")
 
 
-def corpus_text() -> str:
-    """The whole corpus: NUM_DOCUMENTS paragraphs (stories are three times as common as each other kind)."""
-    rng = random.Random(SEED)
+def documents(num_documents: int, seed: int = SEED):
+    """num_documents paragraphs (stories are three times as common as each other kind), one at a time."""
+    rng = random.Random(seed)
     kinds = [story, story, story, letter, place_note, recipe]
-    return "\n\n".join(rng.choice(kinds)(rng) for _ in range(NUM_DOCUMENTS)) + "\n"
+    for _ in range(num_documents):
+        yield rng.choice(kinds)(rng)
 
 
-def main() -> None:
-    CORPUS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    CORPUS_PATH.write_text(corpus_text())
-    print(f"wrote {CORPUS_PATH} ({CORPUS_PATH.stat().st_size:,} bytes, {NUM_DOCUMENTS} documents)")
+def corpus_text() -> str:
+    """The whole shipped corpus: NUM_DOCUMENTS paragraphs separated by blank lines."""
+    return "\n\n".join(documents(NUM_DOCUMENTS)) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--documents", type=int, default=NUM_DOCUMENTS, help="how many paragraphs")
+    parser.add_argument("--out", type=Path, default=CORPUS_PATH, help="the file to write (default: the shipped one)")
+    parser.add_argument("--seed", type=int, default=SEED)
+    args = parser.parse_args(argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as file:  # a paragraph at a time: a large corpus is never held in memory
+        for i, document in enumerate(documents(args.documents, args.seed)):
+            file.write(("\n\n" if i else "") + document)
+        file.write("\n")
+    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes, {args.documents:,} documents)")
 
 
 if __name__ == "__main__":

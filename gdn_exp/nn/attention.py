@@ -57,6 +57,7 @@ class Attention(nn.Module):
         self.window, self.rope_theta = window, rope_theta
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.record = None  # for analysis, gdn_exp.analyze: called with the rotated q, k and v
 
     def forward(self, x, *, cu_seqlens=None, cache=None, use_cache=False):
         """
@@ -77,6 +78,8 @@ class Attention(nn.Module):
         positions = torch.arange(start, start + T, device=x.device)
         q, k, v = self.qkv_proj(x).view(B, T, 3, H, D).unbind(dim=2)          # [B, T, H, D] each
         q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
+        if self.record is not None:  # for analysis, gdn_exp.analyze (causal; each query sees `window` keys)
+            self.record({"q": q, "k": k, "v": v, "window": self.window, "scale": D ** -0.5})
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # [B, H, T, D]
         if cache is not None:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)   # [B, H, L + T, D]

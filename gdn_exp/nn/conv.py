@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from gdn_exp.ops.short_conv.reference import causal_conv
+
 
 def packed_sequence_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """Index of the packed sequence each of the T tokens belongs to: LongTensor [T].
@@ -15,31 +17,6 @@ def packed_sequence_ids(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
 def positions_in_sequence(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """How many tokens of its own packed sequence precede each of the T tokens: LongTensor [T]."""
     return torch.arange(T, device=cu_seqlens.device) - cu_seqlens[packed_sequence_ids(cu_seqlens, T)]
-
-
-def causal_conv(x, weight, past=None, position=None):
-    """Causal depthwise convolution y_t = sum_{i < W} weight[:, W-1-i] * x_{t-i}, computed in x's dtype.
-
-    Args:
-        x: [B, T, D]; weight: [D, W] (cast to x's dtype: under autocast x is bf16, and a float32 y would
-            send everything after it down float32 paths).
-        past: [B, W-1, D], the inputs before x (oldest first), or None for zeros.
-        position: LongTensor [T], tokens of its own sequence before each token (packed sequences): a tap
-            further back reads zero. None: one sequence per row.
-    Returns:
-        y: [B, T, D]; padded: [B, W-1+T, D], past and x (its last W-1 rows continue the sequence).
-    """
-    B, T, D = x.shape
-    W = weight.shape[1]
-    padded = torch.cat([x.new_zeros(B, W - 1, D) if past is None else past, x], dim=1)
-    weight = weight.to(x.dtype)
-    y = torch.zeros_like(x)
-    for i in range(W):  # tap i reads the input i steps back
-        tap = padded[:, W - 1 - i : W - 1 - i + T]                             # [B, T, D]
-        if position is not None:
-            tap = tap * (position >= i)[:, None].to(x.dtype)
-        y = y + tap * weight[:, W - 1 - i]
-    return y, padded
 
 
 class ShortConvolution(nn.Module):

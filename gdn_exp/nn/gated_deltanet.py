@@ -5,46 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gdn_exp.ops import BACKENDS, MODES, gated_delta_rule, gated_linear_attention, resolve_backend
+from gdn_exp.ops import (BACKENDS, MODES, decode_step, gated_delta_rule, gated_linear_attention, gated_rms_norm,
+                         resolve_backend, short_conv_silu)
 
-from .conv import ShortConvolution, causal_conv, positions_in_sequence
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """x / |x| over the last dim, computed in float32 and returned in x's dtype (under autocast F.normalize
-    returns float32, which would send the op down its much slower float32 path)."""
-    return F.normalize(x.float(), dim=-1).to(x.dtype)
-
-
-def qkv_pointwise(qkv, conv_weight, past, position, H: int, K: int, V: int, use_l2norm: bool):
-    """From the fused projection to the op's inputs: short convolution, SiLU, split into heads, L2 norms. The
-    PyTorch path (CPU, generation with a conv cache) and the reference of `ops.short_conv`, its Triton form.
-
-    Args:
-        qkv: [B, T, H(2K + V)]; conv_weight: [H(2K + V), W], or None for no convolution; past, position: as in
-            `causal_conv` (the conv cache; token positions of packed sequences).
-    Returns:
-        q, k: [B, T, H, K]; v: [B, T, H, V] (qkv's dtype; views where no norm applies: the ops copy what they
-        need contiguous); padded: `causal_conv`'s [B, W-1+T, ...] (its last W-1 rows are the next conv cache), or
-        None without convolution.
-    """
-    B, T, _ = qkv.shape
-    padded = None
-    if conv_weight is not None:
-        qkv, padded = causal_conv(qkv, conv_weight, past, position)
-    q, k, v = F.silu(qkv).split([H * K, H * K, H * V], dim=-1)
-    q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, H, V)
-    if use_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
-    return q, k, v, padded
-
-
-def output_norm(o, weight, gate, eps: float):
-    """RMSNorm(o) * weight over the last dim, times silu(gate) if gate is not None: the PyTorch path and the
-    reference of `ops.gated_norm`, its Triton form. o, gate: [..., V]; weight: [V]. Returns o's shape and dtype."""
-    # the weight in o's dtype: torch's fused RMSNorm kernel needs matching dtypes (bf16 o under autocast)
-    o = F.rms_norm(o, o.shape[-1:], weight.to(o.dtype), eps)
-    return o if gate is None else o * F.silu(gate)
+from .conv import ShortConvolution, positions_in_sequence
 
 
 class GatedDeltaNet(nn.Module):
@@ -84,10 +48,9 @@ class GatedDeltaNet(nn.Module):
     Args:
         mode: "chunk" or "recurrent" form of the op for T > 1. A T = 1 step always runs "recurrent",
             which is the same computation as a one-token chunk without padding it to the chunk size.
-        backend: the op's backend ("auto", "triton", "torch"); use_delta=False always runs PyTorch. With
-            Triton, training and uncached forward passes also run the short conv, SiLU and q/k norms as one
-            fused kernel (`ops.short_conv`); `qkv_pointwise` is the PyTorch path. The output's RMSNorm and gate
-            run as one fused kernel too (`ops.gated_norm`; PyTorch path: `output_norm`).
+        backend: the ops' backend ("auto", "triton", "torch"): the short conv with SiLU and q/k norms
+            (`ops.short_conv_silu`), the op (`ops.gated_delta_rule`; use_delta=False always runs PyTorch) and
+            the output's RMSNorm and gate (`ops.gated_rms_norm`).
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, expand_v: float = 1.0, conv_size: int = 4,
@@ -127,6 +90,7 @@ class GatedDeltaNet(nn.Module):
             self.g_proj = nn.Linear(d_model, num_heads * value_dim, bias=False)
         self.o_norm = nn.RMSNorm(value_dim, eps=norm_eps)
         self.o_proj = nn.Linear(num_heads * value_dim, d_model, bias=False)
+        self.record = None  # for analysis, gdn_exp.analyze: called with the op's inputs
 
     def set_mode(self, mode: str) -> None:
         """Chooses the op's form for T > 1: "chunk" or "recurrent"."""
@@ -156,19 +120,11 @@ class GatedDeltaNet(nn.Module):
             raise ValueError("GatedDeltaNet: cu_seqlens cannot be combined with a cache")
         qkv = self.qkv_proj(x)                                                 # [B, T, H(2K + V)]
         position = None if cu_seqlens is None or not self.use_short_conv else positions_in_sequence(cu_seqlens, T)
-        conv_cache = None
-        if (self.use_short_conv and cache is None and not use_cache
-                and resolve_backend(self.backend, x.device) == "triton"):
-            from gdn_exp.ops.short_conv import triton_short_conv_silu  # imports Triton, which is Linux-only
-
-            norm = self.use_qk_l2norm
-            q, k, v = triton_short_conv_silu(qkv, self.conv.weight, ((H, K, norm), (H, K, norm), (H, V, False)),
-                                             position)
-        else:
-            q, k, v, padded = qkv_pointwise(qkv, self.conv.weight if self.use_short_conv else None,
-                                            None if cache is None else cache["conv"], position, H, K, V,
-                                            self.use_qk_l2norm)
-            conv_cache = padded[:, T:] if use_cache and padded is not None else None
+        norm = self.use_qk_l2norm
+        (q, k, v), conv_cache = short_conv_silu(                               # [B, T, H, K] x 2, [B, T, H, V]
+            qkv, self.conv.weight if self.use_short_conv else None, ((H, K, norm), (H, K, norm), (H, V, False)),
+            position=position, cache=None if cache is None else cache["conv"], use_cache=use_cache,
+            backend=self.backend)
         if self.use_gate:  # float32 under autocast: the parameters are float32
             g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H]
         else:
@@ -176,26 +132,21 @@ class GatedDeltaNet(nn.Module):
         beta = self.b_proj(x).sigmoid() if self.use_beta else q.new_ones(B, T, H)
         if self.allow_neg_eigval:
             beta = 2 * beta
+        if self.record is not None:  # for analysis, gdn_exp.analyze
+            self.record({"q": q, "k": k, "v": v, "g": g, "beta": beta, "scale": K ** -0.5})
 
         op_args = dict(initial_state=None if cache is None else cache["recurrent"], output_final_state=use_cache,
                        cu_seqlens=cu_seqlens, mode="recurrent" if T == 1 else self.mode)
         if self.use_delta and self.is_decode_step(x, cache, use_cache):
             # generation: the fused kernel updates the cached state in place, no new [B, H, K, V] per token
-            from gdn_exp.ops.recurrent import triton_decode_step  # imports Triton, which is Linux-only
-
             recurrent_state = cache["recurrent"].contiguous()
-            o = triton_decode_step(q, k, v, g, beta, recurrent_state, scale=K ** -0.5)
+            o = decode_step(q, k, v, g, beta, recurrent_state, scale=K ** -0.5)
         elif self.use_delta:
             o, recurrent_state = gated_delta_rule(q, k, v, g, beta, backend=self.backend, **op_args)
         else:
             o, recurrent_state = gated_linear_attention(q, k, v, g, beta, **op_args)
 
         gate = self.g_proj(x).view(B, T, H, V) if self.use_output_gate else None
-        if resolve_backend(self.backend, x.device) == "triton":
-            from gdn_exp.ops.gated_norm import triton_gated_rms_norm  # imports Triton, which is Linux-only
-
-            o = triton_gated_rms_norm(o, self.o_norm.weight, gate, self.o_norm.eps)
-        else:
-            o = output_norm(o, self.o_norm.weight, gate, self.o_norm.eps)      # [B, T, H, V]
+        o = gated_rms_norm(o, self.o_norm.weight, gate, eps=self.o_norm.eps, backend=self.backend)  # [B, T, H, V]
         y = self.o_proj(o.reshape(B, T, H * V))
         return y, ({"conv": conv_cache, "recurrent": recurrent_state} if use_cache else None)

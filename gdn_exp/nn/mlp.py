@@ -1,10 +1,9 @@
 """SwiGLU feed-forward block."""
 import math
 
-import torch.nn.functional as F
 from torch import nn
 
-from gdn_exp.ops import resolve_backend
+from gdn_exp.ops import swiglu
 
 
 def swiglu_hidden_size(d_model: int, mlp_ratio: float, multiple_of: int = 16) -> int:
@@ -19,8 +18,7 @@ def swiglu_hidden_size(d_model: int, mlp_ratio: float, multiple_of: int = 16) ->
 class SwiGLU(nn.Module):
     """y = down_proj(silu(gate_proj(x)) * up_proj(x)); x, y: [B, T, d_model]. 3 * d_model * hidden_size params.
 
-    backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch". On Triton, silu(.) * .
-    is one kernel each way (`ops.swiglu`); the PyTorch expression is its reference.
+    backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch" (`ops.swiglu`).
     """
 
     def __init__(self, d_model: int, hidden_size: int, backend: str = "auto"):
@@ -32,8 +30,4 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         a, b = self.gate_proj(x), self.up_proj(x)                               # [B, T, hidden_size]
-        if resolve_backend(self.backend, x.device) == "triton":
-            from gdn_exp.ops.swiglu import triton_swiglu  # imports Triton, which is Linux-only
-
-            return self.down_proj(triton_swiglu(a, b))
-        return self.down_proj(F.silu(a) * b)
+        return self.down_proj(swiglu(a, b, backend=self.backend))

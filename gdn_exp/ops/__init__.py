@@ -1,126 +1,22 @@
-"""The gated delta rule op: one entry point that dispatches to the Triton kernels or the PyTorch forms.
+"""The ops, one folder each, every one a Triton form (`kernel.py` or, for the gated delta rule, `chunk.py` and
+`recurrent.py`), its PyTorch reference (`reference.py`) and one public function that takes `backend=`
+(`backend.py`: "auto" runs Triton on CUDA, PyTorch elsewhere):
 
-    o, final_state = gated_delta_rule(q, k, v, g, beta, mode="chunk", backend="auto")
+    gated_delta_rule    the recurrence S <- exp(g) S + k beta (v - S^T k)^T, o = S^T q (and the no-delta form)
+    short_conv          causal depthwise conv + SiLU + per-head L2 norms (the GDN layer's q, k, v)
+    gated_norm          RMSNorm with a SiLU gate (the layer's output), and the residual add + RMSNorm (the model)
+    swiglu              silu(a) * b (the MLP)
+    cross_entropy       the language-model loss
 
-backend "auto" runs Triton for CUDA tensors and PyTorch otherwise; "triton" also runs on CPU tensors under
-TRITON_INTERPRET=1 (float32 only), which is how CI tests the kernels without a GPU.
+Layers and the model call only these functions.
 """
-import os
+from .backend import BACKENDS, KernelUnavailableError, resolve_backend, triton_available
+from .cross_entropy import cross_entropy_loss
+from .gated_delta_rule import MODES, decode_step, gated_delta_rule, gated_linear_attention
+from .gated_norm import add_rms_norm, gated_rms_norm
+from .short_conv import short_conv_silu
+from .swiglu import swiglu
 
-import torch
-
-from . import reference
-
-MODES = ("chunk", "recurrent")
-BACKENDS = ("auto", "triton", "torch")
-
-
-class KernelUnavailableError(RuntimeError):
-    """The requested backend cannot run here (e.g. Triton without CUDA)."""
-
-
-def triton_available(device: torch.device) -> bool:
-    """True when Triton kernels can run on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Maps "auto" to "triton" or "torch" for `device`; raises KernelUnavailableError if Triton can't run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and not triton_available(device):
-        raise KernelUnavailableError(
-            f"backend=triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got device {device}")
-    return backend
-
-
-def _check(q, k, v, g, beta, initial_state, cu_seqlens, mode):
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, T, H, _ = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape)}; got {tuple(v.shape)}")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != (B, T, H):
-            raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}; got {tuple(x.shape)}")
-    N = B
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"cu_seqlens needs B = 1 (packed sequences); got B = {B}")
-        if cu_seqlens[0] != 0 or cu_seqlens[-1] != T:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}")
-        N = len(cu_seqlens) - 1
-    if initial_state is not None and initial_state.shape != (N, H, q.shape[-1], v.shape[-1]):
-        raise ValueError(f"initial_state must be [N, H, K, V] = {(N, H, q.shape[-1], v.shape[-1])}; "
-                         f"got {tuple(initial_state.shape)}")
-
-
-def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                     cu_seqlens=None, mode="chunk", backend="auto"):
-    """Gated delta rule over a sequence, per head:
-
-        S <- exp(g_t) S;  u_t = beta_t (v_t - S^T k_t);  S <- S + k_t u_t^T;  o_t = S^T (scale q_t)
-
-    Args:
-        q, k: [B, T, H, K]; v: [B, T, H, V]; g (log decay, <= 0) and beta: [B, T, H].
-        scale: multiplies q, default K ** -0.5. No normalisation happens inside the op.
-        initial_state: [N, H, K, V] float32 (N = B, or len(cu_seqlens) - 1 with B = 1), or None for zeros.
-        output_final_state: also return the state after the last token.
-        cu_seqlens: LongTensor [N + 1], boundaries of packed sequences in a B = 1 batch, or None.
-        mode: "chunk" (chunkwise parallel) or "recurrent" (step by step); both are differentiable.
-        backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
-    Returns:
-        o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] float32 (float64 for float64 inputs), or None.
-
-    Example:
-        >>> B, T, H, K, V = 2, 100, 4, 32, 32
-        >>> q, k = torch.randn(B, T, H, K), torch.nn.functional.normalize(torch.randn(B, T, H, K), dim=-1)
-        >>> v, g, beta = torch.randn(B, T, H, V), -torch.rand(B, T, H), torch.rand(B, T, H)
-        >>> o, S = gated_delta_rule(q, k, v, g, beta, output_final_state=True)
-        >>> o.shape, S.shape
-        (torch.Size([2, 100, 4, 32]), torch.Size([2, 4, 32, 32]))
-    """
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, mode)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  cu_seqlens=cu_seqlens)
-    if resolve_backend(backend, q.device) == "triton":
-        if mode == "chunk":
-            from .chunk import triton_chunk_gated_delta_rule as fn
-        else:
-            from .recurrent import triton_recurrent_gated_delta_rule as fn
-    else:
-        fn = reference.chunk_gated_delta_rule if mode == "chunk" else reference.recurrent_gated_delta_rule
-    return fn(q, k, v, g, beta, **kwargs)
-
-
-def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, mode="chunk"):
-    """The no-delta ablation, S <- exp(g_t) S + k_t (beta_t v_t)^T, in PyTorch on any device.
-
-    Same arguments and returns as `gated_delta_rule` (no backend: there is no Triton kernel for it).
-    """
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, mode)
-    fn = reference.chunk_gated_delta_rule if mode == "chunk" else reference.recurrent_gated_delta_rule
-    return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-              cu_seqlens=cu_seqlens, use_delta=False)
-
-
-def cross_entropy_loss(logits, labels, ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
-    """Cross-entropy of logits [N, V] against labels [N] (ignore_index: not scored), "mean" over the scored rows
-    or "sum", in float32 whatever the logits' dtype; the gradient comes in the logits' dtype.
-
-    backend "triton" (CUDA by default) runs `ops.cross_entropy`, which never makes a float32 copy of the logits;
-    "torch" runs F.cross_entropy on float32 logits, its reference.
-    """
-    if resolve_backend(backend, logits.device) == "triton":
-        from .cross_entropy import triton_cross_entropy  # imports Triton, which is Linux-only
-
-        return triton_cross_entropy(logits, labels, ignore_index, reduction)
-    return torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
+__all__ = ["BACKENDS", "KernelUnavailableError", "MODES", "add_rms_norm", "cross_entropy_loss", "decode_step",
+           "gated_delta_rule", "gated_linear_attention", "gated_rms_norm", "resolve_backend", "short_conv_silu",
+           "swiglu", "triton_available"]

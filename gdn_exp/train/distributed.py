@@ -21,8 +21,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-STRATEGIES = ("auto", "none", "ddp", "fsdp")
-
 
 @dataclass
 class Distributed:
@@ -78,13 +76,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def resolve_strategy(strategy: str, world_size: int) -> str:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"trainer.strategy={strategy} must be one of {', '.join(STRATEGIES)}")
     if strategy == "auto":
         return "ddp" if world_size > 1 else "none"
     if strategy == "none" and world_size > 1:
         raise ValueError(f"trainer.strategy=none but torchrun started {world_size} processes; use ddp or fsdp")
-    return strategy
+    return str(strategy)
 
 
 @contextmanager
@@ -153,15 +149,3 @@ def is_sharded(model: nn.Module) -> bool:
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a possibly sharded one (FSDP's clip_grad_norm_ returns a DTensor)."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-class SilentLogger:
-    """Stands in for RunLogger on ranks other than 0: they log nothing."""
-
-    wandb_id = None
-
-    def log(self, step: int, metrics: dict) -> None:
-        pass
-
-    def finish(self, summary: dict) -> None:
-        pass

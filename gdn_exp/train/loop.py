@@ -21,15 +21,13 @@ import torch
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-import tasks
-from gdn_exp.config import task_params
-from gdn_exp.data import PackedDocuments, load_lm_splits, make_tokenizer
-from gdn_exp.loggers import RunLogger
+from gdn_exp.data import PackedDocuments, make_tokenizer, task_source
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
-from gdn_exp.train.data import BatchIndices, device_splits
-from gdn_exp.train.distributed import Distributed, SilentLogger, wrap_model
+from gdn_exp.train.data import BatchIndices, DeviceSplit, StreamedSplit, device_splits
+from gdn_exp.train.distributed import Distributed, wrap_model
 from gdn_exp.train.evaluate import evaluate
+from gdn_exp.train.loggers import RunLogger, SilentLogger
 from gdn_exp.train.step import TrainStep, place_lr
 
 log = logging.getLogger(__name__)
@@ -41,17 +39,6 @@ def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def load_splits(cfg) -> dict:
-    """{"train": ..., "test": ...} task tensors, generated (or, for task=lm, tokenized and packed) once per
-    parameter set and cached on disk."""
-    if cfg.task.name == "lm":
-        return load_lm_splits(cfg.task, cache_dir=cfg.task_cache_dir)
-    params = task_params(cfg.task)
-    return {split: tasks.load_split(cfg.task.name, split=split, seed=cfg.seed, num_examples=size,
-                                    cache_dir=cfg.task_cache_dir, **params)
-            for split, size in (("train", cfg.task.num_train), ("test", cfg.task.num_test))}
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # SIGUSR2: SLURM's warning before a time limit
@@ -106,23 +93,27 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     # no weight-cast cache: a cast cached while capturing a CUDA graph would be freed under the graph
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False) if use_bf16 \
         else nullcontext
-    config = OmegaConf.to_container(cfg, resolve=True)
-    varlen = cfg.task.name == "lm" and cfg.task.varlen
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    varlen = cfg.task.get("varlen", False)  # task=lm: documents packed with their boundaries
     if is_main:  # beside Hydra's .hydra/config.yaml, which keeps the interpolations
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
 
     if not is_main:  # rank 0 fills the data cache first, the others then read it
         dist_info.barrier()
     splits = device_splits((json.dumps(config["task"], sort_keys=True), cfg.seed, cfg.task_cache_dir),
-                           partial(load_splits, cfg), device)
+                           partial(task_source(cfg.task.name).load, cfg), device)
     if is_main:
         dist_info.barrier()
     train_split = splits["train"]
+    if isinstance(train_split, DeviceSplit):  # each step's examples are gathered on the device
+        indices = BatchIndices(seed=cfg.seed, batch_size=tc.batch_size, num_examples=len(train_split), device=device)
+    else:  # rows read on the host (task=lm's memory-mapped tokens): each step copies its own into a device buffer
+        train_split = indices = StreamedSplit(train_split, seed=cfg.seed, batch_size=tc.batch_size, device=device)
     tokens_per_step = tc.batch_size * train_split.input_ids.shape[1]
 
     model_cfg = ModelConfig(**config["model"])
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = LanguageModel(model_cfg, mode=cfg.kernel.mode, backend=cfg.kernel.backend).to(device)
+    model = LanguageModel(model_cfg, mode=config["kernel"]["mode"], backend=config["kernel"]["backend"]).to(device)
     num_params = model.num_params()
     # a CUDA graph needs fixed shapes and no host round trip inside the step: packed documents (their boundaries
     # are read on the host) and several ranks (their collectives) run eagerly
@@ -155,7 +146,6 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     train_step = TrainStep(forward, optimizer, train_split, batch_size=tc.batch_size,
                            grad_accum_steps=tc.grad_accum_steps, grad_clip=tc.grad_clip, autocast=autocast,
                            dist_info=dist_info, cuda_graph=graphed, window=tc.log_interval)
-    indices = BatchIndices(seed=cfg.seed, batch_size=tc.batch_size, num_examples=len(train_split), device=device)
 
     def save_latest():
         checkpoint.save_latest(run_dir / "checkpoints", network, optimizer, {
@@ -164,7 +154,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
 
     def run_eval():
         metrics = evaluate(forward, splits["test"], batch_size=tc.eval_batch_size, autocast=autocast)
-        if cfg.task.name == "lm":
+        if task_source(cfg.task.name).text:
             metrics["test/perplexity"] = math.exp(min(metrics["test/loss"], 700.0))
         metrics = dist_info.broadcast(metrics)  # every rank takes rank 0's decisions below
         logger.log(counters["step"], metrics)

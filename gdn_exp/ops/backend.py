@@ -1,0 +1,46 @@
+"""Which implementation of an op runs: every op's public function takes `backend=` and asks `resolve_backend`.
+
+    "auto"    Triton for CUDA tensors, PyTorch otherwise
+    "triton"  Triton; also on CPU tensors under TRITON_INTERPRET=1 (float32 only), which is how CI tests kernels
+    "torch"   the op's PyTorch reference
+"""
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+class KernelUnavailableError(RuntimeError):
+    """The requested backend cannot run here (e.g. Triton without CUDA)."""
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when Triton kernels can run on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Maps "auto" to "triton" or "torch" for `device`; raises KernelUnavailableError if Triton can't run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and not triton_available(device):
+        raise KernelUnavailableError(
+            f"backend=triton needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); got device {device}")
+    return backend
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs one program at a time)."""
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

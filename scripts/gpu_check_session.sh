@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU call's checks after a change that moves code (run from the repository root; ../shared/tools/device-wheels.sh
+# --with-fla fills .whl/): PART=1 the GPU tests, the fla export check and the quickstart; PART=2 the LM data path
+# and a gdn_400m run on it. Logs and JSON go to $OUT.
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN | tail -2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=offline TRITON_INTERPRET=0
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton, numpy; print(torch.__version__, triton.__version__, numpy.__version__)"
+date -u
+if [ "${PART:-1}" = 1 ]; then
+  echo "== pytest -m gpu"
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/test_model.py tests/test_train.py 2>&1 \
+    | tail -8 | tee "$OUT/pytest_gpu.txt"
+  echo "== export to fla"
+  timeout 200 python3 scripts/check_export_gpu.py 2>&1 | grep -v Loading | tee "$OUT/export.txt" | tail -30
+  echo "== quickstart"
+  timeout 90 python3 -m gdn_exp.cli model=small task=copy logger=none trainer.progress=false \
+    hydra.run.dir=/tmp/runs/e2e 2>&1 | tail -2
+else
+  echo "== data path"
+  timeout 60 python3 -m gdn_exp.dev.bench data --no-fla --out "$OUT/data" 2>&1 | tail -12
+  echo "== gdn_400m on the memory-mapped path"
+  timeout 60 python3 -m gdn_exp.data.make_corpus --documents 1000000 --out /tmp/stories.txt 2>&1 | tail -2
+  timeout 200 python3 -m gdn_exp.cli model=gdn_400m task=lm task.path=/tmp/stories.txt task.seq_len=2048 \
+    task.num_test=16 trainer.batch_size=16 trainer.grad_accum_steps=2 trainer.max_steps=50 trainer.lr=1e-3 \
+    trainer.warmup_steps=10 trainer.log_interval=10 trainer.eval_interval=1000000 trainer.checkpoint_interval=1000000 \
+    trainer.eval_batch_size=4 trainer.target_accuracy=null logger=none trainer.progress=false \
+    task_cache_dir=/tmp/cache hydra.run.dir=/tmp/runs/lm400m 2>&1 | grep -v Generating | tail -12
+  cp /tmp/runs/lm400m/results.json /tmp/runs/lm400m/metrics.jsonl "$OUT/" 2>/dev/null
+  python3 - <<'PY'
+import json, os
+rows = [json.loads(line) for line in open("/tmp/runs/lm400m/metrics.jsonl")]
+tps = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r][1:]  # the first window compiles
+step_ms = 16 * 2048 / (sum(tps) / len(tps)) * 1e3
+print(f"gdn_400m step {step_ms:.1f} ms")
+for r in json.load(open(os.environ["OUT"] + "/data/bench.json"))["data"]:
+    if r["batch"] == "16x2048":
+        print(r["page_cache"], f"host {r['host_ms']:.3f} ms = {100 * r['host_ms'] / step_ms:.4f} %, to device "
+              f"{r['to_device_ms']:.3f} ms = {100 * r['to_device_ms'] / step_ms:.4f} %")
+PY
+fi
+date -u
