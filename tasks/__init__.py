@@ -106,14 +106,22 @@ def load_split(name: str, *, split: str, seed: int, num_examples: int, cache_dir
                       "num_examples": num_examples, "format": CACHE_FORMAT}, sort_keys=True)
     digest = hashlib.md5(key.encode()).hexdigest()
     path = os.path.join(cache_dir, f"{name}-{digest}")
-    if not os.path.isdir(path):  # a finished entry needs no lock: it only ever appears whole, by the rename
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(f"{path}.lock", "a") as lock:  # closing releases the lock; the file stays (unlinking it would race)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not os.path.isdir(path):  # else the job that held the lock before this one wrote it
-                batch = make_task(name, seed=split_seed, num_examples=num_examples, **params)
-                _write_entry(batch, path, fingerprint=digest)
+    write_once(path, lambda path: _write_entry(make_task(name, seed=split_seed, num_examples=num_examples,
+                                                         **params), path, fingerprint=digest))
     return _read_entry(path)
+
+
+def write_once(path: str, write) -> None:
+    """Calls write(path) unless the cache entry (a directory) `path` exists. The first process to need it writes
+    it under an exclusive flock on <path>.lock while the others wait there, then find it; the OS drops the lock
+    if the writer dies. `write` must make `path` appear whole (write <path>.tmp, then rename it)."""
+    if os.path.isdir(path):  # a finished entry needs no lock: it only ever appears whole, by the rename
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:  # closing releases the lock; the file stays (unlinking it would race)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isdir(path):  # else the process that held the lock before this one wrote it
+            write(path)
 
 
 def _write_entry(batch: dict[str, torch.Tensor], path: str, fingerprint: str) -> None:
@@ -174,4 +182,4 @@ def _read_entry(path: str) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["TASKS", "SPLITS", "IGNORE_INDEX", "config_class", "make_config", "at_length", "task_seed", "make_task",
-           "load_split"]
+           "load_split", "write_once"]

@@ -32,7 +32,6 @@ Evaluation uses the first `num_test` rows of the held-out split, kept in memory;
 the memory map, so the corpus is never held in RAM.
 """
 import contextlib
-import fcntl
 import hashlib
 import itertools
 import json
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import tasks
 from gdn_exp.extras import have, missing
 
 log = logging.getLogger(__name__)
@@ -333,12 +333,7 @@ def token_cache(task, cache_dir: str) -> Path:
     key = json.dumps({"source": source, "text_field": task.text_field, "tokenizer": tokenizer.description,
                       "format": CACHE_FORMAT}, sort_keys=True)
     path = Path(cache_dir) / f"lm-{hashlib.md5(key.encode()).hexdigest()}"
-    if not path.is_dir():  # a finished entry needs no lock: it only ever appears whole, by the rename
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(f"{path}.lock", "a") as lock:  # closing releases the lock; the file stays (unlinking it would race)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not path.is_dir():  # else the job that held the lock before this one wrote it
-                write_entry(task, tokenizer, source, path, cache_dir)
+    tasks.write_once(str(path), lambda _: write_entry(task, tokenizer, source, path, cache_dir))
     return path
 
 
