@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call's checks after a change that moves code (run from the repository root; ../shared/tools/device-wheels.sh
 # --with-fla fills .whl/): PART=1 the GPU tests, the fla export check and the quickstart; PART=2 the LM data path
-# and a gdn_400m run on it. Logs and JSON go to $OUT.
+# and a gdn_400m run on it; PART=3 the small jobs' cold start and `gdn-bench sweep`. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN | tail -2
@@ -18,6 +18,21 @@ if [ "${PART:-1}" = 1 ]; then
   echo "== quickstart"
   timeout 90 python3 -m gdn_exp.cli model=small task=copy logger=none trainer.progress=false \
     hydra.run.dir=/tmp/runs/e2e 2>&1 | tail -2
+elif [ "$PART" = 3 ]; then
+  echo "== cold start: the reference job's kernels, one at a time vs all at once (each in an empty Triton cache)"
+  for how in sequential ahead; do
+    TRITON_CACHE_DIR=/tmp/triton_$how timeout 120 python3 scripts/probe_cold_start.py $how 2>&1 | tail -1
+  done | tee "$OUT/cold_start.txt"
+  echo "== cold start of the CLI: a fresh process, empty Triton and task caches, to the first step"
+  export TRITON_CACHE_DIR=/tmp/triton_cli
+  begin=$(date +%s.%N)
+  timeout 200 python3 -m gdn_exp.cli +experiment=mqar_grid model.d_model=128 trainer.max_steps=300 \
+    trainer.target_accuracy=null logger=none trainer.progress=false task_cache_dir=/tmp/cache_cli \
+    hydra.run.dir=/tmp/runs/cold 2>&1 | tail -2
+  python3 -c "import json; r = json.load(open('/tmp/runs/cold/results.json')); print('first_step_s (from the loop start)', r['first_step_s'], 'wall_time_s', r['wall_time_s'])" | tee -a "$OUT/cold_start.txt"
+  echo "process start to exit: $(python3 -c "import time; print(round(time.time() - $begin, 1))") s" | tee -a "$OUT/cold_start.txt"
+  echo "== gdn-bench sweep"
+  timeout 330 python3 -m gdn_exp.dev.bench sweep --no-fla --out "$OUT/sweep" 2>&1 | tail -14
 else
   echo "== data path"
   timeout 60 python3 -m gdn_exp.dev.bench data --no-fla --out "$OUT/data" 2>&1 | tail -12

@@ -10,6 +10,7 @@ run stops with the weights from before its first non-finite step.
 """
 import torch
 
+from gdn_exp.ops.backend import compile_ahead
 from gdn_exp.train.distributed import full_value, gradient_sync
 from gdn_exp.train.evaluate import lm_loss
 from tasks import IGNORE_INDEX
@@ -47,6 +48,7 @@ class TrainStep:
         self.grad_accum_steps, self.grad_clip = grad_accum_steps, grad_clip
         self.autocast, self.dist = autocast, dist_info
         self.cuda_graph, self.graph, self.eager_steps = cuda_graph, None, 0
+        self.kernels_compiled = False
         self.indices = torch.zeros(batch_size, dtype=torch.long, device=device)   # the step's input
         self.record = torch.zeros(2, device=device)                # its output: loss share, gradient norm
         self.history = torch.zeros(window, 2, device=device)       # the records since the last read
@@ -54,21 +56,41 @@ class TrainStep:
         if optimizer.defaults.get("fused"):  # the fused AdamW skips its update where found_inf is 1
             optimizer.found_inf = torch.zeros((), device=device)
 
-    def compute(self) -> None:
-        """One step on self.indices; writes (this rank's share of the global token-mean loss, gradient norm)
-        into self.record."""
+    def forward_backward(self, sync: bool = True):
+        """Forward and backward on self.indices, the gradients synchronised over ranks at the last micro-batch
+        (with `sync`); returns (this rank's summed token loss, the global number of scored tokens)."""
         micro_batches = self.dist.shard(self.indices).chunk(self.grad_accum_steps)
         global_scored = (self.data.labels[self.indices] != IGNORE_INDEX).sum().clamp(min=1)
         loss_sum = torch.zeros((), device=self.record.device)
         for i, micro in enumerate(micro_batches):
             input_ids, positions, labels = self.data.batch(micro)
-            with gradient_sync(self.network, enabled=i == len(micro_batches) - 1):
+            with gradient_sync(self.network, enabled=sync and i == len(micro_batches) - 1):
                 with self.autocast():
                     logits = self.network(input_ids, positions=positions)
                 loss = lm_loss(logits, labels, reduction="sum")
                 # DDP and FSDP average gradients over ranks: scaled so the result is the global token mean's
                 (loss * self.dist.world_size / global_scored).backward()
             loss_sum += loss.detach()
+        return loss_sum, global_scored
+
+    def compile_kernels(self) -> int:
+        """Compiles the step's and evaluation's Triton kernels in parallel (`ops.compile_ahead`) before the first
+        step, which would compile them one by one; returns how many. The recording pass's gradients are
+        garbage and dropped."""
+        def step_and_evaluation():
+            self.forward_backward(sync=False)
+            input_ids, positions, _ = self.data.batch(self.indices[:1])
+            with torch.no_grad(), self.autocast():
+                self.network(input_ids, positions=positions)
+        compiled = compile_ahead(step_and_evaluation)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.kernels_compiled = True
+        return compiled
+
+    def compute(self) -> None:
+        """One step on self.indices; writes (this rank's share of the global token-mean loss, gradient norm)
+        into self.record."""
+        loss_sum, global_scored = self.forward_backward()
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip))
         if hasattr(self.optimizer, "found_inf"):  # the norm is global, so every rank skips alike; once set, it
             # stays set until `read`, so the weights stay those before the first non-finite step
@@ -83,6 +105,8 @@ class TrainStep:
 
     def __call__(self, indices: torch.Tensor) -> None:
         self.indices.copy_(indices)
+        if not self.kernels_compiled and self.indices.is_cuda:
+            self.compile_kernels()
         if self.graph is not None:
             self.graph.replay()
         elif not self.cuda_graph:

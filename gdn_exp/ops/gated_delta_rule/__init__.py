@@ -90,9 +90,14 @@ def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, 
     Same arguments and returns as `gated_delta_rule` (no backend: there is no Triton kernel for it).
     """
     _check(q, k, v, g, beta, initial_state, cu_seqlens, mode)
-    fn = reference.chunk_gated_delta_rule if mode == "chunk" else reference.recurrent_gated_delta_rule
-    return fn(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-              cu_seqlens=cu_seqlens, use_delta=False)
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens, use_delta=False)
+    if mode == "recurrent":
+        return reference.recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
+    # Without the delta rule a chunk needs no triangular solve, so up to 256 tokens are one chunk: no sequential
+    # loop (a small step's launches), [C, C] matrices of at most 256 x 256
+    chunk_size = q.shape[1] if q.shape[1] <= 256 else 64
+    return reference.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
 
 
 def decode_step(q, k, v, g, beta, state, *, scale):

@@ -90,7 +90,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     pad = N * C - T  # zero padding: g = 0, beta = 0 leave the state untouched
 
     def chunks(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
-        x = torch.nn.functional.pad(x.to(dt), (0, 0) * (x.dim() - 3) + (0, 0, 0, pad))
+        x = torch.nn.functional.pad(x.to(dt), (0, 0) * (x.dim() - 3) + (0, 0, 0, pad)) if pad else x.to(dt)
         x = x.reshape(B, N, C, H, *x.shape[3:])
         return x.movedim(3, 1)
 
@@ -107,14 +107,17 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     else:
         U_tilde, W = beta[..., None] * v, None
     qk = (q @ k.transpose(-1, -2)) * decay                                     # [B, H, N, C, C]
-    q_decayed = q * G.exp()[..., None]
-    k_to_end = k * (G[..., -1:] - G).exp()[..., None]                          # decay from t to chunk end
+    carries_state = N > 1 or initial_state is not None  # else one chunk from a zero state: o = qk u only
+    q_decayed = q * G.exp()[..., None] if carries_state else None
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None] if carries_state or output_final_state else None  # to chunk end
 
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
+    S = None if initial_state is None else initial_state.to(dt)  # None: a zero state (its terms are skipped)
     outs = []
     for n in range(N):
-        u = U_tilde[:, :, n] if W is None else U_tilde[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
-        outs.append(q_decayed[:, :, n] @ S + qk[:, :, n] @ u)
-        S = S * G[:, :, n, -1].exp()[..., None, None] + k_to_end[:, :, n].transpose(-1, -2) @ u
+        u = U_tilde[:, :, n] if W is None or S is None else U_tilde[:, :, n] - W[:, :, n] @ S  # [B, H, C, V]
+        outs.append(qk[:, :, n] @ u if S is None else q_decayed[:, :, n] @ S + qk[:, :, n] @ u)
+        if n < N - 1 or output_final_state:
+            S_in = k_to_end[:, :, n].transpose(-1, -2) @ u
+            S = S_in if S is None else S * G[:, :, n, -1].exp()[..., None, None] + S_in
     o = torch.stack(outs, dim=2).movedim(1, 3).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
     return o.to(out_dtype), (S if output_final_state else None)

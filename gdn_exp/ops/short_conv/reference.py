@@ -30,9 +30,9 @@ def causal_conv(x, weight, past=None, position=None):
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """x / |x| over the last dim, computed in float32 and returned in x's dtype (under autocast F.normalize
-    returns float32, which would send the op down its much slower float32 path)."""
-    return F.normalize(x.float(), dim=-1).to(x.dtype)
+    """x / |x| over the last dim, computed in at least float32 (float64 stays float64) and returned in x's dtype
+    (under autocast F.normalize returns float32, which would send the op down its much slower float32 path)."""
+    return F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
 
 
 def short_conv_silu(x, weight, parts, *, position=None, cache=None, use_cache=False):
