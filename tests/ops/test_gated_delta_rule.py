@@ -392,9 +392,9 @@ def test_chunk_matches_recurrent_oracle_in_float64(T, K, V, decay, use_delta):
 
 @pytest.mark.parametrize("final_state", [False, True], ids=["no_final_state", "final_state"])
 @pytest.mark.parametrize("T", [40, 130, 256, 300])
-def test_chunk_from_a_zero_state_matches_the_oracle(T, final_state):
+def test_chunk_from_a_zero_state_matches_the_oracle(T, final_state, monkeypatch):
     """The training path: no initial state (the chunk form skips the zero state's terms), with and without the
-    final state; GDN's chunk form and gated_linear_attention (one chunk up to 256 tokens, chunks of 64 beyond)."""
+    final state; GDN's chunk form and gated_linear_attention (one chunk, or chunks of 64 where one would be big)."""
     q, k, v, g, beta, _ = inputs = random_inputs(2, T, 2, 16, 8, decay=0.05, seed=T)
     do = torch.randn(2, T, 2, 8, dtype=torch.float64)
 
@@ -403,11 +403,13 @@ def test_chunk_from_a_zero_state_matches_the_oracle(T, final_state):
         loss = (o * do).sum() + (ht.square().sum() if final_state else 0)
         return [o, *torch.autograd.grad(loss, inputs[:5]), *([ht] if final_state else [])]
 
-    for fn, use_delta in ((chunk_gated_delta_rule, True), (gated_linear_attention, False)):
-        ref = run(recurrent_gated_delta_rule, use_delta=use_delta)
-        out = run(fn) if fn is gated_linear_attention else run(fn, use_delta=use_delta)
+    delta_ref, gla_ref = (run(recurrent_gated_delta_rule, use_delta=use_delta) for use_delta in (True, False))
+    results = [(run(chunk_gated_delta_rule), delta_ref), (run(gated_linear_attention), gla_ref)]
+    monkeypatch.setattr(sys.modules[gated_delta_rule.__module__], "GLA_ONE_CHUNK_ELEMENTS", 0)  # chunks of 64
+    results.append((run(gated_linear_attention), gla_ref))
+    for i, (out, ref) in enumerate(results):
         for x, r in zip(out, ref):
-            assert torch.isfinite(x).all() and rms_ratio(x, r) < 1e-10, (fn.__name__, rms_ratio(x, r))
+            assert torch.isfinite(x).all() and rms_ratio(x, r) < 1e-10, (i, rms_ratio(x, r))
 
 
 def test_varlen_equals_separate_sequences():

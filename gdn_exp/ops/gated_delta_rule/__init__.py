@@ -83,6 +83,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     return fn(q, k, v, g, beta, **kwargs)
 
 
+# Without the delta rule a chunk needs no triangular solve, so a whole sequence can be one chunk (no sequential
+# loop: most of a small step's launches) while its [B, H, T, T] matrices stay within this many elements
+GLA_ONE_CHUNK_ELEMENTS = 2**25
+
+
 def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None, mode="chunk"):
     """The no-delta ablation, S <- exp(g_t) S + k_t (beta_t v_t)^T, in PyTorch on any device.
@@ -94,9 +99,8 @@ def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, 
                   cu_seqlens=cu_seqlens, use_delta=False)
     if mode == "recurrent":
         return reference.recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
-    # Without the delta rule a chunk needs no triangular solve, so up to 256 tokens are one chunk: no sequential
-    # loop (a small step's launches), [C, C] matrices of at most 256 x 256
-    chunk_size = q.shape[1] if q.shape[1] <= 256 else 64
+    B, T, H = q.shape[:3]
+    chunk_size = T if B * H * T * T <= GLA_ONE_CHUNK_ELEMENTS else 64
     return reference.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
 
 
