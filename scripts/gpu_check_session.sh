@@ -10,6 +10,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, numpy; print(torch.__version__, triton.__version__, numpy.__version__)"
 date -u
 if [ "${PART:-1}" = 1 ]; then
+  echo "== cold start, by part"
+  for how in sequential ahead; do
+    TRITON_CACHE_DIR=/tmp/triton_parts_$how timeout 120 python3 scripts/probe_cold_start.py $how 2>&1 | tail -1
+  done | tee "$OUT/cold_start_parts.txt"
   echo "== pytest -m gpu"
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/ops tests/test_model.py tests/test_train.py 2>&1 \
     | tail -8 | tee "$OUT/pytest_gpu.txt"

@@ -3,12 +3,19 @@ time (as launched) against `TrainStep.compile_kernels` (all at once, in threads)
 
     TRITON_CACHE_DIR=<empty dir> python scripts/probe_cold_start.py {sequential|ahead} [mixer]
 """
+import gc
 import sys
 import time
 
 import torch
+from triton.runtime.jit import JITFunction
 
 from gdn_exp.dev.throughput import Job, reference_split
+
+
+def compiled_kernels() -> int:
+    return sum(len(c[0]) for f in gc.get_objects() if isinstance(f, JITFunction) for c in f.device_caches.values())
+
 
 how, mixer = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "gdn")
 data = reference_split(torch.device("cuda"))
@@ -20,7 +27,24 @@ if how == "ahead":
     compiled = time.perf_counter() - start
 else:
     job.train_step.kernels_compiled, launches, compiled = True, 0, 0.0
-job.run(1)  # the first eager step (compiles what is missing)
+cached = compiled_kernels()
+step = job.train_step
+step.indices.copy_(job.indices(0))
+begin = time.perf_counter()
+loss_sum, _ = step.forward_backward()  # the first step's parts, each waited for
 torch.cuda.synchronize()
-print(f"{mixer} {how}: {launches} launches compiled ahead in {compiled:.1f} s; first step after "
-      f"{time.perf_counter() - start:.1f} s")
+parts = {"forward_backward": time.perf_counter() - begin}
+begin = time.perf_counter()
+torch.nn.utils.clip_grad_norm_(job.model.parameters(), 1.0)
+job.optimizer.step()
+torch.cuda.synchronize()
+parts["clip_and_adamw"] = time.perf_counter() - begin
+job.optimizer.zero_grad(set_to_none=True)
+begin = time.perf_counter()
+job.run(3)  # the loop's first steps: two eager on a side stream, then the capture
+torch.cuda.synchronize()
+parts["warm_up_and_capture"] = time.perf_counter() - begin
+print(f"{mixer} {how}: {launches} launches compiled ahead in {compiled:.1f} s; then "
+      + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+      + f"; Triton kernels compiled during the steps: {compiled_kernels() - cached}; "
+      f"total {time.perf_counter() - start:.1f} s")
