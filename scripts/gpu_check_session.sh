@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call's checks after a change that moves code (run from the repository root; ../shared/tools/device-wheels.sh
 # --with-fla fills .whl/): PART=1 the GPU tests, the fla export check and the quickstart; PART=2 the LM data path
-# and a gdn_400m run on it; PART=3 the small jobs' cold start and `gdn-bench sweep`. Logs and JSON go to $OUT.
+# and a gdn_400m run on it; PART=3 the small jobs' cold start, k jobs in k processes (with MPS where there is
+# one) and `gdn-bench sweep`. Logs and JSON go to $OUT.
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN | tail -2
@@ -28,13 +29,32 @@ elif [ "$PART" = 3 ]; then
     TRITON_CACHE_DIR=/tmp/triton_$how timeout 120 python3 scripts/probe_cold_start.py $how 2>&1 | tail -1
   done | tee "$OUT/cold_start.txt"
   echo "== cold start of the CLI: a fresh process, empty Triton and task caches, to the first step"
+  python3 -m compileall -q /tmp/site > /dev/null  # as `pip install` leaves them: the wheels' .pyc written
   export TRITON_CACHE_DIR=/tmp/triton_cli
   begin=$(date +%s.%N)
   timeout 200 python3 -m gdn_exp.cli +experiment=mqar_grid model.d_model=128 trainer.max_steps=300 \
     trainer.target_accuracy=null logger=none trainer.progress=false task_cache_dir=/tmp/cache_cli \
     hydra.run.dir=/tmp/runs/cold 2>&1 | tail -2
-  python3 -c "import json; r = json.load(open('/tmp/runs/cold/results.json')); print('first_step_s (from the loop start)', r['first_step_s'], 'wall_time_s', r['wall_time_s'])" | tee -a "$OUT/cold_start.txt"
-  echo "process start to exit: $(python3 -c "import time; print(round(time.time() - $begin, 1))") s" | tee -a "$OUT/cold_start.txt"
+  python3 - "$begin" <<'PY' | tee -a "$OUT/cold_start.txt"
+import json, os, sys, time
+path = "/tmp/runs/cold/results.json"  # written at the end: its mtime - wall_time_s is when train() began
+r, begin = json.load(open(path)), float(sys.argv[1])
+first_step = os.path.getmtime(path) - r["wall_time_s"] + r["first_step_s"]
+print(f"process start to the first step's end: {first_step - begin:.1f} s (of which train() to it "
+      f"{r['first_step_s']:.1f} s); process start to exit: {time.time() - begin:.1f} s")
+PY
+  echo "== k jobs in k processes (the launcher's way): time-sliced, then under the CUDA MPS daemon if there is one"
+  timeout 150 python3 scripts/probe_processes.py gdn 1 4 8 2>&1 | grep steps/s | tee "$OUT/processes.txt"
+  if command -v nvidia-cuda-mps-control >/dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps_pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps_log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    if nvidia-cuda-mps-control -d; then
+      echo "MPS:" | tee -a "$OUT/processes.txt"
+      timeout 150 python3 scripts/probe_processes.py gdn 1 4 8 2>&1 | grep steps/s | tee -a "$OUT/processes.txt"
+      echo quit | nvidia-cuda-mps-control
+    fi
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
   echo "== gdn-bench sweep"
   timeout 330 python3 -m gdn_exp.dev.bench sweep --no-fla --out "$OUT/sweep" 2>&1 | tail -14
 else

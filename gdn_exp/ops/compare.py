@@ -11,8 +11,9 @@ GPU_TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 def compare(got: dict, ref: dict, tolerance, label: str = "", verbose: bool = False) -> list:
     """The names of ref's tensors that got fails: None where ref has a tensor (or the reverse), another shape, a
-    non-finite element, or ||got - ref|| / ||ref|| above `tolerance` (a number, or a dict by name). Prints the
-    max-abs error and the ratio of each tensor with verbose, and of each failure always."""
+    non-finite element, or ||got - ref|| / ||ref|| above `tolerance` (a number, or a dict by name; ||ref|| counts as
+    at least got's dtype's smallest normal number in every element). Prints the max-abs error and the ratio of
+    each tensor with verbose, and of each failure always."""
     failed = []
     for name, b in ref.items():
         a = got.get(name)
@@ -22,9 +23,12 @@ def compare(got: dict, ref: dict, tolerance, label: str = "", verbose: bool = Fa
                 print(f"  {label:52s} {name:12s} {'missing' if a is None else 'unexpected'} FAIL")
             continue
         limit = tolerance[name] if isinstance(tolerance, dict) else tolerance
+        # got's dtype holds nothing below its smallest normal number to relative precision (float16's is 6e-5:
+        # a dg of ~1e-12 under a strong decay flushes to 0), so errors count relative to at least that RMS
+        floor = torch.finfo(a.dtype).smallest_normal * a.numel() ** 0.5 if a.is_floating_point() else 0.0
         a, b = a.detach().double().cpu(), b.detach().double().cpu()
         finite = a.shape == b.shape and bool(torch.isfinite(a).all())
-        ratio = ((a - b).norm() / b.norm().clamp_min(1e-30)).item() if finite else float("nan")
+        ratio = ((a - b).norm() / b.norm().clamp_min(max(floor, 1e-30))).item() if finite else float("nan")
         max_abs = (a - b).abs().max().item() if finite and a.numel() else 0.0
         ok = finite and ratio <= limit
         if not ok:

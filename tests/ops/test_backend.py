@@ -15,10 +15,21 @@ def add_one(x_ptr, n, BLOCK: tl.constexpr):
 
 
 def test_compile_ahead_records_the_launches_and_compiles_each_once(monkeypatch):
-    """fn's launches do not run; each distinct one is compiled once (warmup=True), in a pool."""
-    compiled = []
-    monkeypatch.setattr(JITFunction, "run", lambda kernel, *args, grid, warmup, **kwargs: compiled.append(
-        (kernel.fn.__name__, args[1], kwargs["BLOCK"], warmup)))
+    """fn's launches do not run; each distinct one is compiled once (warmup=True), in a pool, and loaded."""
+    compiled, loaded = [], []
+
+    class Compiled:
+        def __init__(self, launch):
+            self.launch = launch
+
+        def _init_handles(self):
+            loaded.append(self.launch)
+
+    def run(kernel, *args, grid, warmup, **kwargs):
+        compiled.append((kernel.fn.__name__, args[1], kwargs["BLOCK"], warmup))
+        return Compiled(compiled[-1])
+
+    monkeypatch.setattr(JITFunction, "run", run)
     kernel = JITFunction(add_one)  # a compiled-kernel object even where the interpreter is on
     x = torch.zeros(8)
 
@@ -29,15 +40,16 @@ def test_compile_ahead_records_the_launches_and_compiles_each_once(monkeypatch):
 
     assert compile_ahead(step) == 2
     assert sorted(compiled) == [("add_one", 5, 16, True), ("add_one", 8, 8, True)]
+    assert sorted(loaded) == sorted(compiled)
     assert (x == 0).all()  # nothing ran
     kernel[(1,)](x, 8, BLOCK=8)  # the recorder is gone: a launch reaches `run` again
     assert compiled[-1] == ("add_one", 8, 8, False)
 
 
-def compiled_kernels() -> int:
+def compiled_kernels() -> list:
     """Kernels in the in-memory caches of every Triton function (a launch not found there compiles)."""
-    return sum(len(cache[0]) for fn in gc.get_objects() if isinstance(fn, JITFunction)
-               for cache in fn.device_caches.values())
+    return [kernel for fn in gc.get_objects() if isinstance(fn, JITFunction)
+            for cache in fn.device_caches.values() for kernel in cache[0].values()]
 
 
 @pytest.mark.gpu
@@ -54,12 +66,14 @@ def test_after_compile_ahead_the_first_step_compiles_nothing():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(x).float().square().mean().backward()
 
-    cached = compiled_kernels()
+    cached = {id(kernel) for kernel in compiled_kernels()}
     assert compile_ahead(step) > 5
-    assert compiled_kernels() > cached
+    new = [kernel for kernel in compiled_kernels() if id(kernel) not in cached]
+    assert len(new) > 5
+    assert all(kernel.module is not None for kernel in new)  # loaded: the first launch builds no launcher
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     model.zero_grad(set_to_none=True)
-    cached = compiled_kernels()
+    cached = len(compiled_kernels())
     step()
-    assert compiled_kernels() == cached
+    assert len(compiled_kernels()) == cached
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -59,6 +59,19 @@ def test_float16_inputs_cpu(mode):
     assert_matches_oracle(Case(B=1, T=65, H=1, K=16, V=32), mode, torch.float16, CPU)
 
 
+# A known limit (docs/kernels.md): under a fully forgetting gate (g ~ -30) dh0 is ~1e-13, and the chunk backward
+# takes the decayed rows of W, stored in float16 for float16 inputs, and its gradient planes in float16, whose range
+# ends at 6e-8: those rows flush to 0. bfloat16 and float32 inputs, and the recurrent mode, keep them.
+FLOAT16_FORGET = "float16 chunk backward flushes dh0 ~1e-13 under a fully forgetting gate (docs/kernels.md)"
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("mode", ["recurrent", pytest.param(
+    "chunk", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=FLOAT16_FORGET))])
+def test_float16_inputs_under_a_forgetting_gate_cpu(mode):
+    assert_matches_oracle(Case(B=1, T=65, H=1, K=16, V=32, gate="forget"), mode, torch.float16, CPU)
+
+
 @pytest.mark.interpreter
 def test_decode_step_updates_state_in_place():
     torch.manual_seed(0)
@@ -323,7 +336,9 @@ def test_dispatch_runs_triton_kernels(mode):
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("case", check.full_matrix(), ids=lambda c: c.name)
 @pytest.mark.gpu
-def test_kernel_matches_oracle_gpu(case, mode, dtype):
+def test_kernel_matches_oracle_gpu(case, mode, dtype, request):
+    if mode == "chunk" and dtype == torch.float16 and case.gate == "forget" and case.initial_state:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=FLOAT16_FORGET))
     assert_matches_oracle(case, mode, dtype, torch.device("cuda"))
 
 
