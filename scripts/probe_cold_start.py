@@ -3,19 +3,13 @@ time (as launched) against `TrainStep.compile_kernels` (all at once, in threads)
 
     TRITON_CACHE_DIR=<empty dir> python scripts/probe_cold_start.py {sequential|ahead} [mixer]
 """
-import gc
 import sys
 import time
 
 import torch
-from triton.runtime.jit import JITFunction
 
 from gdn_exp.dev.throughput import Job, reference_split
-
-
-def compiled_kernels() -> int:
-    return sum(len(c[0]) for f in gc.get_objects() if isinstance(f, JITFunction) for c in f.device_caches.values())
-
+from gdn_exp.ops.backend import compiled_kernels
 
 how, mixer = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "gdn")
 data = reference_split(torch.device("cuda"))
@@ -27,7 +21,7 @@ if how == "ahead":
     compiled = time.perf_counter() - start
 else:
     job.train_step.kernels_compiled, launches, compiled = True, 0, 0.0
-cached = compiled_kernels()
+cached = len(compiled_kernels())
 step = job.train_step
 step.indices.copy_(job.indices(0))
 begin = time.perf_counter()
@@ -46,5 +40,5 @@ torch.cuda.synchronize()
 parts["warm_up_and_capture"] = time.perf_counter() - begin
 print(f"{mixer} {how}: {launches} launches compiled ahead in {compiled:.1f} s; then "
       + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
-      + f"; Triton kernels compiled during the steps: {compiled_kernels() - cached}; "
+      + f"; Triton kernels compiled during the steps: {len(compiled_kernels()) - cached}; "
       f"total {time.perf_counter() - start:.1f} s")

@@ -5,6 +5,7 @@
     "torch"   the op's PyTorch reference
 """
 import functools
+import gc
 import os
 
 import torch
@@ -83,3 +84,11 @@ def compile_ahead(fn, workers: int = 16) -> int:
     with ThreadPoolExecutor(min(workers, os.cpu_count() or 1, max(len(launches), 1))) as pool:
         list(pool.map(compile_and_load, launches.values()))
     return len(launches)
+
+
+def compiled_kernels() -> list:
+    """The compiled kernels in every Triton function's in-memory cache (a launch not found there compiles)."""
+    from triton.runtime.jit import JITFunction
+
+    return [kernel for fn in gc.get_objects() if isinstance(fn, JITFunction)
+            for cache in fn.device_caches.values() for kernel in cache[0].values()]

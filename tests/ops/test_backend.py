@@ -1,12 +1,10 @@
 """ops.backend: compiling every Triton kernel of a step ahead, in parallel."""
-import gc
-
 import pytest
 import torch
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from gdn_exp.ops.backend import compile_ahead
+from gdn_exp.ops.backend import compile_ahead, compiled_kernels
 
 
 def add_one(x_ptr, n, BLOCK: tl.constexpr):
@@ -44,12 +42,6 @@ def test_compile_ahead_records_the_launches_and_compiles_each_once(monkeypatch):
     assert (x == 0).all()  # nothing ran
     kernel[(1,)](x, 8, BLOCK=8)  # the recorder is gone: a launch reaches `run` again
     assert compiled[-1] == ("add_one", 8, 8, False)
-
-
-def compiled_kernels() -> list:
-    """Kernels in the in-memory caches of every Triton function (a launch not found there compiles)."""
-    return [kernel for fn in gc.get_objects() if isinstance(fn, JITFunction)
-            for cache in fn.device_caches.values() for kernel in cache[0].values()]
 
 
 @pytest.mark.gpu
