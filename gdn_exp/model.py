@@ -186,8 +186,8 @@ class LanguageModel(nn.Module):
     ~ N(0, init_std) as in GPT-2 and Zoology. The choice changes what learns: on MQAR, attention forms no
     previous-token head under the default init and solves the task under 0.02 (docs/results/mqar.md).
     Either way the projections that write into the residual stream (mixer o_proj, MLP down_proj) get their
-    std divided by sqrt(2 * n_layers), so the residual stream's variance does not grow with depth. Norms start at 1; the short conv and the GDN decay parameters
-    keep their layer's own init.
+    std divided by sqrt(2 * n_layers), so the residual stream's variance does not grow with depth. Norms start
+    at 1; the short conv and the GDN decay parameters keep their layer's own init.
 
     Args:
         mode: Gated DeltaNet op form, "chunk" or "recurrent" (see `set_mode`).

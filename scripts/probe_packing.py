@@ -9,22 +9,14 @@ import sys
 
 import torch
 
-from gdn_exp.dev.throughput import MIXERS, REFERENCE, Job, reference_split
+from gdn_exp.dev.throughput import MIXERS, REFERENCE, Job, reference_split, replay_ms
 
 PACKS = (1, 2, 4, 8, 16, 32)
 
 
-def gpu_ms(job: Job, n: int = 100) -> float:
+def gpu_ms(job: Job) -> float:
     job.run(60)  # compile, capture, a window of replays
-    graph = job.train_step.graph
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / n
+    return replay_ms(job.train_step.graph, 100)
 
 
 def main(mixers) -> None:

@@ -23,7 +23,7 @@ def kernel_table(mixer, data, batch, rows=40):
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70))
 
 
-def main(batch=64, mixers=("gdn", "no_delta", "attention")):
+def main(batch, mixers):
     print(torch.cuda.get_device_name(), torch.__version__)
     data = reference_split(torch.device("cuda"), num_examples=max(8192, batch))
     for mixer in mixers:
@@ -31,4 +31,4 @@ def main(batch=64, mixers=("gdn", "no_delta", "attention")):
 
 
 if __name__ == "__main__":
-    main(*([int(sys.argv[1])] if len(sys.argv) > 1 else []), *([sys.argv[2:]] if len(sys.argv) > 2 else []))
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 64, sys.argv[2:] or ("gdn", "no_delta", "attention"))

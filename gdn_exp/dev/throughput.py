@@ -79,6 +79,18 @@ def wall_ms(fn, n: int) -> float:
     return (time.perf_counter() - start) / n * 1e3
 
 
+def replay_ms(graph, n: int) -> float:
+    """The GPU's time per replay of a captured step over n back-to-back replays (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def kernel_profile(job: Job) -> tuple:
     """(kernel launches, summed kernel ms) of one eager step."""
     from torch.profiler import ProfilerActivity, profile
@@ -101,15 +113,7 @@ def single_job(mixer: str, data: DeviceSplit) -> dict:
     job = Job(mixer, data)
     job.run(LOG_INTERVAL)  # warm-up, capture, and a window of replays
     row["step_ms"] = wall_ms(job.run, 10 * LOG_INTERVAL)
-    graph = job.train_step.graph
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(200):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    row["gpu_ms"] = start.elapsed_time(end) / 200
+    row["gpu_ms"] = replay_ms(job.train_step.graph, 200)
     torch.cuda.synchronize()
     begin = time.perf_counter()
     job.run(10, read_every=10**9)  # the queue is empty: issuing does not wait for the GPU
