@@ -27,7 +27,7 @@ class GatedDeltaNet(nn.Module):
         use_short_conv=False: no convolution; q, k, v still pass through SiLU, so only the conv is removed.
         use_qk_l2norm=False:  q and k are not normalised.
         use_gate=False:       g = 0 (no decay, i.e. DeltaNet); no W_a, A_log, dt_bias.
-        use_delta=False:      gated linear attention, S <- exp(g) S + k (beta v)^T (PyTorch op on any device).
+        use_delta=False:      gated linear attention, S <- exp(g) S + k (beta v)^T (`ops.gated_linear_attention`).
         use_beta=False:       beta = 1; no W_b.
         allow_neg_eigval:     beta in [0, 2], so the transition I - beta k k^T may have negative eigenvalues.
         use_output_gate=False: y = RMSNorm(o) W_o; no W_g.
@@ -49,8 +49,8 @@ class GatedDeltaNet(nn.Module):
         mode: "chunk" or "recurrent" form of the op for T > 1. A T = 1 step always runs "recurrent",
             which is the same computation as a one-token chunk without padding it to the chunk size.
         backend: the ops' backend ("auto", "triton", "torch"): the short conv with SiLU and q/k norms
-            (`ops.short_conv_silu`), the op (`ops.gated_delta_rule`; use_delta=False always runs PyTorch) and
-            the output's RMSNorm and gate (`ops.gated_rms_norm`).
+            (`ops.short_conv_silu`), the op (`ops.gated_delta_rule`, or without the delta rule
+            `ops.gated_linear_attention`) and the output's RMSNorm and gate (`ops.gated_rms_norm`).
     """
 
     def __init__(self, d_model: int, num_heads: int, head_dim: int, expand_v: float = 1.0, conv_size: int = 4,
@@ -144,7 +144,7 @@ class GatedDeltaNet(nn.Module):
         elif self.use_delta:
             o, recurrent_state = gated_delta_rule(q, k, v, g, beta, backend=self.backend, **op_args)
         else:
-            o, recurrent_state = gated_linear_attention(q, k, v, g, beta, **op_args)
+            o, recurrent_state = gated_linear_attention(q, k, v, g, beta, backend=self.backend, **op_args)
 
         gate = self.g_proj(x).view(B, T, H, V) if self.use_output_gate else None
         o = gated_rms_norm(o, self.o_norm.weight, gate, eps=self.o_norm.eps, backend=self.backend)  # [B, T, H, V]

@@ -1,6 +1,7 @@
 """The gated delta rule: its PyTorch forms (the chunkwise form equals the token-by-token oracle in float64:
 outputs, final state and every gradient, on awkward lengths, K != V, strong and zero decay, beta in [0, 2],
-varlen), the dispatcher, and the Triton kernels (chunk, recurrent, decode) against the float64 oracle.
+varlen), the dispatcher, and the Triton kernels (chunk, recurrent, decode, and the chunk form without the delta
+rule, "gla") against the float64 oracle.
 
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py) in float32 on small
 shapes. The `gpu` tests run the full matrix in bfloat16 and float32 with compiled kernels. Every comparison prints
@@ -45,7 +46,7 @@ def assert_matches_oracle(case, mode, dtype, device, settings=None):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("mode", list(check.KERNELS))
 @pytest.mark.parametrize("case", CPU_CASES + [pytest.param(c, marks=pytest.mark.slow) for c in SLOW_CPU_CASES],
                          ids=lambda c: c.name)
 def test_kernel_matches_oracle_cpu(case, mode):
@@ -53,23 +54,43 @@ def test_kernel_matches_oracle_cpu(case, mode):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("mode", list(check.KERNELS))
 def test_float16_inputs_cpu(mode):
     """float16 (numpy has it, unlike bfloat16) runs the 16-bit input path under the interpreter too."""
     assert_matches_oracle(Case(B=1, T=65, H=1, K=16, V=32), mode, torch.float16, CPU)
 
 
-# A known limit (docs/kernels.md): under a fully forgetting gate (g ~ -30) dh0 is ~1e-13, and the chunk backward
-# takes the decayed rows of W, stored in float16 for float16 inputs, and its gradient planes in float16, whose range
-# ends at 6e-8: those rows flush to 0. bfloat16 and float32 inputs, and the recurrent mode, keep them.
+# Known limits of float16 inputs (docs/kernels.md), both in dh0, the float32 gradient of the initial state:
+# - under a fully forgetting gate (g ~ -30) dh0 is ~1e-13, and the chunk backward (with or without the delta rule)
+#   takes its gradient planes in float16, whose range ends at 6e-8 (and, with the delta rule, the decayed rows of
+#   W, stored in float16): those rows flush to 0. bfloat16 and float32 inputs, and the recurrent mode, keep them.
+# - upstream gradients of a real loss's size (1e-6, no loss scaling) are float16 subnormals once the kernels
+#   take dO in the input dtype: dh0 is off by 2-20 % in every mode. Float16 training needs a loss scale.
 FLOAT16_FORGET = "float16 chunk backward flushes dh0 ~1e-13 under a fully forgetting gate (docs/kernels.md)"
+FLOAT16_SMALL_GRADIENTS = "float16 holds upstream gradients of 1e-6 as subnormals: dh0 off (docs/kernels.md)"
+
+
+def float16_limit(case, mode, dtype):
+    """The reason a case cannot pass in float16 (above), or None."""
+    if dtype != torch.float16:
+        return None
+    if case.grad_scale < 1e-3:
+        return FLOAT16_SMALL_GRADIENTS
+    if mode != "recurrent" and case.gate == "forget" and case.initial_state:
+        return FLOAT16_FORGET
+    return None
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("mode", ["recurrent", pytest.param(
-    "chunk", marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=FLOAT16_FORGET))])
-def test_float16_inputs_under_a_forgetting_gate_cpu(mode):
-    assert_matches_oracle(Case(B=1, T=65, H=1, K=16, V=32, gate="forget"), mode, torch.float16, CPU)
+@pytest.mark.parametrize("mode", list(check.KERNELS))
+@pytest.mark.parametrize("case", [Case(B=1, T=65, H=1, K=16, V=32, gate="forget"),
+                                  Case(B=1, T=65, H=1, K=16, V=32, grad_scale=1e-6)], ids=lambda c: c.name)
+def test_float16_limits_cpu(case, mode, request):
+    """The float16 limits hold (strict expected failures: a fix shows), and only where float16_limit says."""
+    reason = float16_limit(case, mode, torch.float16)
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
+    assert_matches_oracle(case, mode, torch.float16, CPU)
 
 
 @pytest.mark.interpreter
@@ -321,24 +342,34 @@ def test_decode_launch_rejects_a_block_that_is_not_a_power_of_two():
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-def test_dispatch_runs_triton_kernels(mode):
-    """gated_delta_rule(backend="triton") reaches our kernels and agrees with the PyTorch path."""
+@pytest.mark.parametrize("op, mode, function", [
+    (gated_delta_rule, "chunk", "ChunkFunction"),
+    (gated_delta_rule, "recurrent", "RecurrentGatedDeltaRuleFunction"),
+    (gated_linear_attention, "chunk", "ChunkFunction")])
+def test_dispatch_runs_triton_kernels(op, mode, function):
+    """backend="triton" reaches our kernels (their autograd Function) and agrees with the PyTorch path."""
     torch.manual_seed(1)
     q, k = (torch.nn.functional.normalize(torch.randn(1, 20, 1, 16), dim=-1) for _ in range(2))
     v, g, beta = torch.randn(1, 20, 1, 16), -torch.rand(1, 20, 1), torch.rand(1, 20, 1)
-    o_triton, _ = gated_delta_rule(q, k, v, g, beta, mode=mode, backend="triton")
-    o_torch, _ = gated_delta_rule(q, k, v, g, beta, mode=mode, backend="torch")
+    v.requires_grad_()
+    o_triton, _ = op(q, k, v, g, beta, mode=mode, backend="triton")
+    assert o_triton.grad_fn.name() == function + "Backward"
+    o_triton.sum().backward()
+    dv_triton, v.grad = v.grad, None
+    o_torch, _ = op(q, k, v, g, beta, mode=mode, backend="torch")
+    o_torch.sum().backward()
     torch.testing.assert_close(o_triton, o_torch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv_triton, v.grad, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("mode", list(check.KERNELS))
 @pytest.mark.parametrize("case", check.full_matrix(), ids=lambda c: c.name)
 @pytest.mark.gpu
 def test_kernel_matches_oracle_gpu(case, mode, dtype, request):
-    if mode == "chunk" and dtype == torch.float16 and case.gate == "forget" and case.initial_state:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=FLOAT16_FORGET))
+    reason = float16_limit(case, mode, dtype)
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
     assert_matches_oracle(case, mode, dtype, torch.device("cuda"))
 
 

@@ -3,6 +3,7 @@
     o, final_state = gated_delta_rule(q, k, v, g, beta, mode="chunk", backend="auto")
 
     chunk.py        chunkwise Triton kernels (UT/WY form), forward and backward, and their launch settings
+    chunk_gla.py    the chunk kernels without the delta rule (gated linear attention, the no_delta ablation)
     recurrent.py    step-by-step Triton kernels, and the in-place decode step
     reference.py    the PyTorch forms: the token-by-token oracle (float64-capable) and the chunkwise form
     triton_utils.py the sequence layout and dot helpers both kernel files share
@@ -72,9 +73,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
                   cu_seqlens=cu_seqlens)
     if resolve_backend(backend, q.device) == "triton":
         if mode == "chunk":
-            if q.shape[-1] > 256:  # the state passes hold all of K in one block
-                raise ValueError(f"the Triton chunk kernels take head dims K <= 256, got K={q.shape[-1]}; use "
-                                 f"mode='recurrent' or backend='torch'")
+            _check_chunk_head_dim(q)
             from .chunk import triton_chunk_gated_delta_rule as fn  # imports Triton, which is Linux-only
         else:
             from .recurrent import triton_recurrent_gated_delta_rule as fn
@@ -83,18 +82,32 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     return fn(q, k, v, g, beta, **kwargs)
 
 
+def _check_chunk_head_dim(q):
+    if q.shape[-1] > 256:  # the state passes hold all of K in one block
+        raise ValueError(f"the Triton chunk kernels take head dims K <= 256, got K={q.shape[-1]}; use "
+                         f"mode='recurrent' or backend='torch'")
+
+
 # Without the delta rule a chunk needs no triangular solve, so a whole sequence can be one chunk (no sequential
 # loop: most of a small step's launches) while its [B, H, T, T] matrices stay within this many elements
 GLA_ONE_CHUNK_ELEMENTS = 2**25
 
 
 def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
-                           cu_seqlens=None, mode="chunk"):
-    """The no-delta ablation, S <- exp(g_t) S + k_t (beta_t v_t)^T, in PyTorch on any device.
+                           cu_seqlens=None, mode="chunk", backend="auto"):
+    """The no-delta ablation, S <- exp(g_t) S + k_t (beta_t v_t)^T.
 
-    Same arguments and returns as `gated_delta_rule` (no backend: there is no Triton kernel for it).
+    Same arguments and returns as `gated_delta_rule`. The chunk form runs in Triton (`chunk_gla.py`) where the
+    backend resolves to it; the recurrent form is always PyTorch's token loop.
     """
     _check(q, k, v, g, beta, initial_state, cu_seqlens, mode)
+    if mode == "chunk" and resolve_backend(backend, q.device) == "triton":
+        _check_chunk_head_dim(q)
+        from .chunk_gla import triton_chunk_gated_linear_attention
+
+        return triton_chunk_gated_linear_attention(
+            q, k, v, g, beta, scale=q.shape[-1] ** -0.5 if scale is None else scale, initial_state=initial_state,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens, use_delta=False)
     if mode == "recurrent":

@@ -1,12 +1,13 @@
 """Correctness matrix of the Triton gated-delta kernels against the float64 oracle (`gdn-bench check`).
 
-    python -m gdn_exp.ops.gated_delta_rule.check            # full matrix on CUDA: both modes, bfloat16, float32
+    python -m gdn_exp.ops.gated_delta_rule.check            # full matrix on CUDA: every kernel, bfloat16, float32
     python -m gdn_exp.ops.gated_delta_rule.check --quick    # the short cases only
     TRITON_INTERPRET=1 python -m gdn_exp.ops.gated_delta_rule.check --quick --device cpu   # without a GPU
 
 Cases run in --jobs worker processes sharing the GPU (Triton compilation dominates the run time).
 
-Every case draws fresh seeded inputs (L2-normalised q and k, beta in [0, 2], g in the case's regime), runs
+Kernels: the chunk and recurrent forms of the gated delta rule, the chunk form without the delta rule ("gla",
+gated linear attention, against the oracle's no-delta loop) and the decode step. Every case draws fresh seeded inputs (L2-normalised q and k, beta in [0, 2], g in the case's regime), runs
 the kernel with NaN-poisoned allocations and random upstream gradients on o and final_state, and compares
 o, final_state and every gradient with the oracle run in float64 on the same (dtype-rounded) inputs, by
 ||x - ref|| / ||ref||. A case that raises (an illegal memory access from a miscompiled kernel) fails alone; the
@@ -30,13 +31,15 @@ import triton
 from gdn_exp.ops.compare import compare, nan_poisoned_allocations
 from gdn_exp.ops.gated_delta_rule import reference
 from gdn_exp.ops.gated_delta_rule.chunk import triton_chunk_gated_delta_rule
+from gdn_exp.ops.gated_delta_rule.chunk_gla import triton_chunk_gated_linear_attention
 from gdn_exp.ops.gated_delta_rule.recurrent import triton_decode_step, triton_recurrent_gated_delta_rule
 
 TENSORS = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
 BF16_THRESHOLDS = dict(o=5e-3, final_state=5e-3, dq=8e-3, dk=8e-3, dv=8e-3, dh0=8e-3, dg=2e-2, dbeta=2e-2)
 THRESHOLDS = {torch.bfloat16: BF16_THRESHOLDS, torch.float16: BF16_THRESHOLDS,
               torch.float32: {name: 1e-4 for name in TENSORS}}
-KERNELS = {"chunk": triton_chunk_gated_delta_rule, "recurrent": triton_recurrent_gated_delta_rule}
+KERNELS = {"chunk": triton_chunk_gated_delta_rule, "recurrent": triton_recurrent_gated_delta_rule,
+           "gla": triton_chunk_gated_linear_attention}  # gla: no delta rule (the no_delta ablation)
 # log decay g per token: "none" ~ 0 (no decay), "mixed" log-uniform in [-30, -1e-3], "forget" ~ -30
 GATE_REGIMES = ("none", "mixed", "forget")
 
@@ -119,24 +122,25 @@ def run_with_grads(fn, x, compute_dtype=None):
     return out
 
 
-def oracle(x):
+def oracle(x, use_delta: bool = True):
     """float64 oracle on x's inputs: the token-by-token loop, whose autograd keeps every state, or for the
     largest cases (over 1.5e8 state elements in total) the float64 chunk form. The chunk form matches the loop
     to ~1e-15 absolute, but its dg is off by ~1e-3 relative when g ~ -30 makes dg itself ~1e-12, so the
-    matrix runs that regime only at loop-sized shapes."""
+    matrix runs that regime only at loop-sized shapes. use_delta=False: gated linear attention."""
     B, T, H, K = x["q"].shape
     fn = (reference.recurrent_gated_delta_rule if B * T * H * K * x["v"].shape[-1] <= 1.5e8
           else reference.chunk_gated_delta_rule)
-    return run_with_grads(fn, x, compute_dtype=torch.float64)
+    return run_with_grads(functools.partial(fn, use_delta=use_delta), x, compute_dtype=torch.float64)
 
 
 def check_case(case: Case, mode: str, dtype: torch.dtype, device, seed: int = 0, reference_result=None,
                verbose: bool = True, settings=None):
-    """Runs one case (the chunk kernels with `settings`, a `launch.ChunkLaunch`, if given); returns (failed
-    tensor names, the oracle result for reuse with the other mode)."""
+    """Runs one case with the kernels of `mode` (a key of KERNELS; the chunk kernels with `settings`, a
+    `launch.ChunkLaunch`, if given); returns (failed tensor names, the oracle result for reuse with another mode
+    of the same rule)."""
     x = make_inputs(case, dtype, device, seed)
     if reference_result is None:
-        reference_result = oracle(x)
+        reference_result = oracle(x, use_delta=mode != "gla")
     kernel = KERNELS[mode] if settings is None else functools.partial(KERNELS[mode], settings=settings)
     with nan_poisoned_allocations():
         got = run_with_grads(kernel, x)

@@ -239,11 +239,13 @@ def load_a_inv(a_inv, bos, i_h, i_c, seq_len, H: tl.constexpr, BT: tl.constexpr)
 def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, h0, ht, scale, cu_seqlens,
                            chunk_offsets, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, APPLY_AINV: tl.constexpr):
+                           STORE_FINAL_STATE: tl.constexpr, OUTPUT: tl.constexpr, APPLY_AINV: tl.constexpr,
+                           DELTA: tl.constexpr):
     """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
     S <- exp(G_last) S + (exp(G_last - G) K)^T U. W and U~ are read from w and u, or (APPLY_AINV) never
     formed: U = Ainv diag(beta) (V - diag(exp(G)) K S) from Ainv, K and V (one more dependent product per
-    chunk, which pays only in blocks of 32-64 columns: applies_a_inv). With OUTPUT it also writes the chunk's
+    chunk, which pays only in blocks of 32-64 columns: applies_a_inv). Without DELTA (gated linear attention)
+    U = u = beta V as read, no W. With OUTPUT it also writes the chunk's
     output O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores
     the chunk-start states in h (rounded to h's dtype, float16 for 16-bit inputs, as the products use them)
     and U in v_new. BK covers all of K."""
@@ -259,7 +261,8 @@ def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, h0, h
             b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
             b_v = load_tokens(v, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
         else:
-            b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
+            if DELTA:
+                b_w = load_tokens(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
             b_u = load_tokens(u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
         if OUTPUT:
             b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
@@ -269,13 +272,13 @@ def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, h0, h
         if APPLY_AINV:
             b_x = (b_v - forward_state_mma(b_k, b_S, DTYPE) * tl.exp(b_G)[:, None]) * b_beta[:, None]
             b_u = forward_state_mma(b_A, b_x, DTYPE)
-        else:
+        elif DELTA:
             b_u -= forward_state_mma(b_w, b_S, DTYPE)
         if OUTPUT:
             b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
             b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
             store_tokens(o, b_o, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        else:
+        elif DELTA:  # without, U is u as read: backward reads that
             store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
@@ -311,9 +314,10 @@ def chunk_output_fwd_kernel(q, k, v_new, g_cum, h, o, scale, cu_seqlens, chunk_i
 def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqlens, chunk_offsets,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                            BK: tl.constexpr, BV: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-                           USE_FINAL_STATE_GRADIENT: tl.constexpr):
+                           USE_FINAL_STATE_GRADIENT: tl.constexpr, DELTA: tl.constexpr):
     """Reverse over the chunks of one sequence: dS (gradient of the chunk-end state) into dh, and
-    dU = P^T dO + (exp(G_last - G) K) dS into du, where P = scale Q K^T * D. BK covers all of K."""
+    dU = P^T dO + (exp(G_last - G) K) dS into du, where P = scale Q K^T * D. BK covers all of K. With DELTA
+    the chunk-start state also reaches U through U = U~ - W S: dS gets -W^T dU."""
     DTYPE: tl.constexpr = q.dtype.element_ty
     i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
     b_dS = start_state(dht, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_FINAL_STATE_GRADIENT)
@@ -324,7 +328,8 @@ def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqle
         b_G, m_t, _, b_G_last = chunk_gates(g_cum, bos, i_h, i_c, seq_len, H, BT)
         b_qt = load_tokens_t(q, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)         # Q^T [BK, BT]
         b_k = load_tokens(k, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)
-        b_wt = load_tokens_t(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)         # W^T [BK, BT]
+        if DELTA:
+            b_wt = load_tokens_t(w, bos, i_h, seq_len, H, K, i_c * BT, 0, BT, BK)     # W^T [BK, BT]
         b_do = load_tokens(do, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # P^T = (scale Q K^T * D)^T, formed as K Q^T: no transposes in registers
         o_i = tl.arange(0, BT)
@@ -335,8 +340,9 @@ def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqle
         b_du = mma(b_Pt, b_do, DTYPE) + state_mma(b_k, b_dS, DTYPE) * b_kdecay[:, None]
         store_tokens(du, b_du, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         b_dos = b_do * (scale * tl.exp(b_G))[:, None]
-        b_dS = (b_dS * tl.exp(b_G_last) + state_mma(b_qt, b_dos, DTYPE)
-                - state_mma(b_wt, b_du, DTYPE))
+        b_dS = b_dS * tl.exp(b_G_last) + state_mma(b_qt, b_dos, DTYPE)
+        if DELTA:
+            b_dS -= state_mma(b_wt, b_du, DTYPE)
     if USE_INITIAL_STATE:
         store_state(dh0, b_dS, i_n, i_h, H, K, V, 0, i_v * BV, BK, BV)
 
@@ -345,10 +351,10 @@ def chunk_state_bwd_kernel(q, k, w, g_cum, do, dht, dh, du, dh0, scale, cu_seqle
 def chunk_dqk_bwd_kernel(q, k, v_new, g_cum, h, do, dh, du, dq, dk_part, dw, dG_part, scale,
                          cu_seqlens, chunk_indices, T_total,
                          H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr):
+                         BK: tl.constexpr, BV: tl.constexpr, DELTA: tl.constexpr):
     """Per chunk and K block: gradients through the output and the state pass.
-    dq (final); dk from P and the state update (dk_part); dW = -dU S^T; dG (w.r.t. the cumsum G) from
-    those terms into dG_part[i_k]."""
+    dq (final); dk from P and the state update (dk_part: all of dk without DELTA); dW = -dU S^T (DELTA only);
+    dG (w.r.t. the cumsum G) from those terms into dG_part[i_k]."""
     DTYPE: tl.constexpr = q.dtype.element_ty
     i_k, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     _, i_c, bos, seq_len = chunk_position(cu_seqlens, chunk_indices, i_t)
@@ -367,13 +373,15 @@ def chunk_dqk_bwd_kernel(q, k, v_new, g_cum, h, do, dh, du, dq, dk_part, dw, dG_
     for i_v in range(tl.cdiv(V, BV)):
         b_u = load_tokens(v_new, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         b_do = load_tokens(do, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        b_du = load_tokens(du, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
+        if DELTA:
+            b_du = load_tokens(du, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         b_S = load_state(h, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV)
         b_dS = load_state(dh, i_t, i_h, H, K, V, i_k * BK, i_v * BV, BK, BV)
         b_dP += mma(b_do, tl.trans(b_u), DTYPE)
         b_dqs += mma(b_do, tl.trans(b_S), DTYPE)
         b_dkd += mma(b_u, tl.trans(b_dS), DTYPE)
-        b_dw -= mma(b_du, tl.trans(b_S), DTYPE)
+        if DELTA:
+            b_dw -= mma(b_du, tl.trans(b_S), DTYPE)
         b_dgamma += tl.sum(b_S * b_dS)
     if BK < K:
         b_q = load_tokens(q, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
@@ -386,7 +394,8 @@ def chunk_dqk_bwd_kernel(q, k, v_new, g_cum, h, do, dh, du, dq, dk_part, dw, dG_
     b_dk = b_dkd * b_kdecay[:, None] + mma(tl.trans(b_dqk), b_q, DTYPE)
     store_tokens(dq, b_dq, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
     store_tokens(dk_part, b_dk, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
-    store_tokens(dw, b_dw, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
+    if DELTA:
+        store_tokens(dw, b_dw, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
 
     # dG: each decay exp(G_a - G_b) adds its gradient x to dG_a and -x to dG_b. Self-pairs (a = b) cancel
     # exactly and are left out, so tiny gradients (g << 0) do not drown in rounding of large cancelling terms.
@@ -449,7 +458,14 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
         b_dk += (b_dkb * b_kscale[:, None] + mma(b_dA_kk, b_k, DTYPE)
                  + mma(tl.trans(b_dA_kk), b_k, DTYPE))
         store_tokens(dk, b_dk, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
-    # g_t enters G_s for every s >= t of the chunk: dg_t = sum_{s >= t} dG_s
+    store_gate_grads(dg, dbeta, b_dG, b_dbeta, o_gate, m_t, BT)
+
+
+@triton.jit
+def store_gate_grads(dg, dbeta, b_dG, b_dbeta, o_gate, m_t, BT: tl.constexpr):
+    """Stores a chunk's dbeta and dg, turning dG (w.r.t. the cumsum G) into dg: g_t enters G_s for every
+    s >= t of the chunk, so dg_t = sum_{s >= t} dG_s."""
+    o_i = tl.arange(0, BT)
     b_dg = tl.sum(tl.where(o_i[None, :] >= o_i[:, None], b_dG[None, :], 0.0), 1)
     tl.store(dg + o_gate, b_dg.to(dg.dtype.element_ty), mask=m_t)
     tl.store(dbeta + o_gate, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
@@ -495,25 +511,26 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 def run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_state, layout, q=None, scale=1.0,
                   out_dtype=None, settings=DEFAULT_LAUNCH):
     """Launches chunk_state_fwd_kernel; returns (o, h, U, final state), the ones not asked for None.
-    W and U~ come from w and u, or (w None) the pass applies a_inv (with beta) to K and V itself.
+    W and U~ come from w and u, or (w None) the pass applies a_inv (with beta) to K and V itself; with w and
+    a_inv both None it is gated linear attention's pass (no delta rule: U = u, returned as it is).
     With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; else the chunk-start states h
     [NT, H, K, V] in state_dtype and U [tokens, H, V] in k's dtype. The final state is float32
     (output_final_state) or None."""
-    output = out_dtype is not None
+    output, delta = out_dtype is not None, w is not None or a_inv is not None
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = len(layout.cu_seqlens) - 1
     o = torch.empty_like(v, dtype=out_dtype) if output else None
     h = None if output else torch.empty(layout.num_chunks, H, K, V, device=k.device, dtype=state_dtype(k.dtype))
-    v_new = None if output else torch.empty_like(v, dtype=k.dtype)
+    v_new = None if output or not delta else torch.empty_like(v, dtype=k.dtype)
     final_state = torch.empty(N, H, K, V, device=k.device, dtype=torch.float32) if output_final_state else None
     BV, config = settings.state_pass_config("state_fwd", N * H, K, V, k.dtype, k.device)
     chunk_state_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, initial_state, final_state, scale,
         layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, OUTPUT=output,
-        APPLY_AINV=w is None, **config)
-    return o, h, v_new, final_state
+        APPLY_AINV=delta and w is None, DELTA=delta, **config)
+    return o, h, v_new if delta or output else u, final_state
 
 
 def chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, out_dtype, settings=DEFAULT_LAUNCH):
@@ -528,12 +545,13 @@ def chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, out_dtype, settings=D
 
 
 def chunk_state_output_fwd(q, k, v, w, u, a_inv, beta, g_cum, scale, initial_state, output_final_state, layout,
-                           out_dtype, writes_output: bool, keep_states: bool, settings=DEFAULT_LAUNCH):
+                           out_dtype, keep_states: bool, settings=DEFAULT_LAUNCH):
     """The forward's state pass and output: returns o [tokens, H, V] in out_dtype, the final state (float32, or
     None) and, with keep_states (training), the chunk-start states h [NT, H, K, V] (state_dtype) and U
-    [tokens, H, V] (k's dtype) for backward (else None, None). With writes_output (float32 inference, see
-    forward_writes_output) the state pass writes O itself; else it stores the states for the output kernel."""
-    if writes_output:
+    [tokens, H, V] (k's dtype) for backward (else None, None). Where inference's state pass writes O itself
+    (float32 in wide blocks, forward_writes_output) no states are stored; else the output kernel reads them."""
+    num_states, K, V = (len(layout.cu_seqlens) - 1) * k.shape[2], k.shape[3], v.shape[3]
+    if not keep_states and settings.forward_writes_output(num_states, K, V, k.dtype, k.device):
         o, _, _, final_state = run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_state,
                                              layout, q=q, scale=scale, out_dtype=out_dtype, settings=settings)
         return o, final_state, None, None
@@ -545,7 +563,7 @@ def chunk_state_output_fwd(q, k, v, w, u, a_inv, beta, g_cum, scale, initial_sta
 
 def chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout, settings=DEFAULT_LAUNCH):
     """Returns dh [NT, H, K, V] (gradient of each chunk's end state) and dU [tokens, H, V] in q's dtype, and
-    dh0 (float32, or None)."""
+    dh0 (float32, or None). w None: gated linear attention (no delta rule)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     N = len(layout.cu_seqlens) - 1
@@ -556,22 +574,22 @@ def chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout, s
     chunk_state_bwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, w, g_cum, do, dht, dh, du, dh0, scale, layout.cu_seqlens, layout.chunk_offsets,
         H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV, USE_INITIAL_STATE=has_initial_state,
-        USE_FINAL_STATE_GRADIENT=dht is not None, **config)
+        USE_FINAL_STATE_GRADIENT=dht is not None, DELTA=w is not None, **config)
     return dh, du, dh0
 
 
-def chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout, settings=DEFAULT_LAUNCH):
-    """Returns dq, the output/state part of dk, dW (all three in q's dtype) and the per-K-block dG parts
-    [NK, tokens, H] (float32)."""
+def chunk_dqk_bwd(q, k, v_new, g_cum, h, do, dh, du, scale, layout, settings=DEFAULT_LAUNCH, delta=True):
+    """Returns dq, the output/state part of dk, dW (all three in q's dtype; dW None without delta, gated linear
+    attention, whose dk this part is all of) and the per-K-block dG parts [NK, tokens, H] (float32)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     config = settings.dqk_config(K, V, q.dtype)
     NK = triton.cdiv(K, config["BK"])
-    dq, dk_part, dw = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    dq, dk_part, dw = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q) if delta else None
     dG_part = torch.empty(NK, B, T, H, device=q.device, dtype=torch.float32)
     chunk_dqk_bwd_kernel[(NK, layout.num_chunks, H)](
         q, k, v_new, g_cum, h, do, dh, du, dq, dk_part, dw, dG_part, scale, layout.cu_seqlens,
-        layout.chunk_indices, B * T, H=H, K=K, V=V, BT=CHUNK_SIZE, **config)
+        layout.chunk_indices, B * T, H=H, K=K, V=V, BT=CHUNK_SIZE, DELTA=delta, **config)
     return dq, dk_part, dw, dG_part
 
 
@@ -594,13 +612,12 @@ def chunk_gated_delta_rule_fwd(q, k, v, g, beta, scale, initial_state, output_fi
     """Returns o, the final state (or None) and, with for_backward, what backward keeps: Ainv, the chunk-start
     states h and U (else None, None, None)."""
     num_states, K, V = (len(layout.cu_seqlens) - 1) * k.shape[2], k.shape[3], v.shape[3]
-    writes_output = not for_backward and settings.forward_writes_output(num_states, K, V, k.dtype, k.device)
     apply = settings.applies_a_inv(num_states, K, V, k.dtype, k.device)
     g_cum, a_inv, w, u = chunk_wy_fwd(k, v, g, beta, layout, store_a_inv=for_backward or apply,
                                       write_w=not apply, write_u=not apply, settings=settings)
     o, final_state, h, v_new = chunk_state_output_fwd(q, k, v, w, u, a_inv, beta, g_cum, scale, initial_state,
-                                                      output_final_state, layout, v.dtype, writes_output,
-                                                      keep_states=for_backward, settings=settings)
+                                                      output_final_state, layout, v.dtype, keep_states=for_backward,
+                                                      settings=settings)
     return o, final_state, a_inv if for_backward else None, h, v_new
 
 
@@ -616,31 +633,42 @@ def chunk_gated_delta_rule_bwd(q, k, v, g, beta, a_inv, h, v_new, scale, has_ini
     return dq, dk, dv, dg, dbeta, dh0
 
 
-class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Saves the inputs, Ainv ([tokens, H, 64] in state_dtype), the chunk-start states h and U (the state pass's
-    outputs, which backward would otherwise recompute with a second state pass); backward recomputes G and W."""
+class ChunkFunction(torch.autograd.Function):
+    """The chunk form's autograd function, with and without the delta rule: `fwd` is chunk_gated_delta_rule_fwd
+    (or `chunk_gla.chunk_gla_fwd_all`) and returns o, the final state and three tensors backward keeps (Ainv or
+    G, the chunk-start states h and U: the state pass's outputs, which backward would otherwise recompute with a
+    second state pass); `bwd` (chunk_gated_delta_rule_bwd, `chunk_gla.chunk_gla_bwd_all`) takes them back."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward, settings):
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward, settings,
+                fwd, bwd):
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
         initial_state = None if initial_state is None else initial_state.float().contiguous()
         layout = sequence_layout(q.shape[0], q.shape[1], cu_seqlens, CHUNK_SIZE, q.device)
-        o, final_state, a_inv, h, v_new = chunk_gated_delta_rule_fwd(
-            q, k, v, g, beta, scale, initial_state, output_final_state, layout, for_backward, settings)
-        ctx.save_for_backward(q, k, v, g, beta, a_inv, h, v_new, *layout[:3])
+        o, final_state, *kept = fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout, for_backward,
+                                    settings)
+        ctx.save_for_backward(q, k, v, g, beta, *kept, *layout[:3])
         ctx.num_chunks, ctx.scale, ctx.has_initial_state = layout.num_chunks, scale, initial_state is not None
-        ctx.settings = settings
+        ctx.settings, ctx.bwd = settings, bwd
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, a_inv, h, v_new, *layout = ctx.saved_tensors
-        layout = SequenceLayout(*layout, ctx.num_chunks)
+        *inputs_and_kept, cu_seqlens, chunk_indices, chunk_offsets = ctx.saved_tensors
+        layout = SequenceLayout(cu_seqlens, chunk_indices, chunk_offsets, ctx.num_chunks)
         dht = None if dht is None else dht.float().contiguous()
-        dq, dk, dv, dg, dbeta, dh0 = chunk_gated_delta_rule_bwd(
-            q, k, v, g, beta, a_inv, h, v_new, ctx.scale, ctx.has_initial_state, do.contiguous(), dht, layout,
-            ctx.settings)
-        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None
+        dq, dk, dv, dg, dbeta, dh0 = ctx.bwd(*inputs_and_kept, ctx.scale, ctx.has_initial_state, do.contiguous(),
+                                              dht, layout, ctx.settings)
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None, None
+
+
+def run_chunk(fwd, bwd, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, settings):
+    """ChunkFunction with fwd and bwd; whether backward can run is asked here, since inside forward autograd has
+    already turned grad mode off."""
+    for_backward = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
+    return ChunkFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward,
+                               settings, fwd, bwd)
 
 
 def triton_chunk_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False,
@@ -657,8 +685,5 @@ def triton_chunk_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] float32, or None.
     """
-    # whether backward can run: inside forward, autograd has already turned grad mode off
-    for_backward = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
-    return ChunkGatedDeltaRuleFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                             cu_seqlens, for_backward, settings)
+    return run_chunk(chunk_gated_delta_rule_fwd, chunk_gated_delta_rule_bwd, q, k, v, g, beta, scale, initial_state,
+                     output_final_state, cu_seqlens, settings)

@@ -31,7 +31,8 @@ def _per_chunk():
             "wy_recompute": dict(num_warps=4, num_stages=1),    # the wy kernel applying a stored Ainv
             "output_fwd": dict(num_warps=4, num_stages=3),      # V blocks of 64, for V < 128 (output_config)
             "dqk_bwd": dict(num_warps=4, num_stages=2),
-            "wy_bwd": dict(num_warps=4, num_stages=3)}
+            "wy_bwd": dict(num_warps=4, num_stages=3),
+            "gla": dict(num_warps=4, num_stages=1)}             # chunk_gla.py's elementwise kernels
 
 
 def _state_passes():
