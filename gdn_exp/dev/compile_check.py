@@ -1,4 +1,4 @@
-"""Compiles the chunk kernels (and the layer's fused short conv, the norms, the MLP's SwiGLU and the loss) for
+"""Compiles the chunk kernels, with and without the delta rule (and the layer's fused short conv, the norms, the MLP's SwiGLU and the loss) for
 Hopper (sm_90) without a GPU and reports each kernel's registers, stack (spills) and shared memory: catches compile
 errors and shared-memory or register blow-ups before GPU time.
 
@@ -70,7 +70,7 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
     """Compiles every kernel the chunk op (and the layer's fused short conv and output norm, the MLP's SwiGLU and
     the loss over a 32 K vocabulary) launches at this shape; returns one dict per distinct compile."""
     from gdn_exp.ops.cross_entropy.kernel import triton_cross_entropy
-    from gdn_exp.ops.gated_delta_rule import chunk
+    from gdn_exp.ops.gated_delta_rule import chunk, chunk_gla
     from gdn_exp.ops.gated_delta_rule.launch import DEFAULT_LAUNCH
     from gdn_exp.ops.gated_delta_rule.triton_utils import sequence_layout
     from gdn_exp.ops.gated_norm.kernel import triton_add_rms_norm, triton_gated_rms_norm
@@ -110,6 +110,12 @@ def compile_chunk_kernels(B, T, H, K, V, dtype, launch_overrides=()) -> list:
                                          settings=settings)
         chunk.chunk_gated_delta_rule_fwd(q, k, v, g, beta, K**-0.5, h0, True, layout, for_backward=False,
                                          settings=settings)
+        # the same without the delta rule (the no_delta ablation)
+        _, _, g_cum, h, u = chunk_gla.chunk_gla_fwd_all(q, k, v, g, beta, K**-0.5, h0, True, layout,
+                                                        for_backward=True, settings=settings)
+        chunk_gla.chunk_gla_bwd_all(q, k, v, g, beta, g_cum, h, u, K**-0.5, True, do, h0, layout, settings=settings)
+        chunk_gla.chunk_gla_fwd_all(q, k, v, g, beta, K**-0.5, h0, True, layout, for_backward=False,
+                                    settings=settings)
         # the layer's fused short conv (values are garbage here: nothing runs)
         x = torch.randn(B, T, H * (2 * K + V), dtype=dtype, requires_grad=True)
         outs = triton_short_conv_silu(x, torch.randn(x.shape[-1], 4), ((H, K, True), (H, K, True), (H, V, False)))

@@ -393,7 +393,8 @@ def test_chunk_kernels_compile_for_hopper(dtype, shape):
     assert out.returncode == 0, out.stdout + out.stderr
     compiled = {line.split()[0] for line in out.stdout.splitlines() if line.startswith("chunk_")}
     assert compiled == {"chunk_wy_fwd_kernel", "chunk_state_fwd_kernel", "chunk_output_fwd_kernel",
-                        "chunk_state_bwd_kernel", "chunk_dqk_bwd_kernel", "chunk_wy_bwd_kernel"}
+                        "chunk_state_bwd_kernel", "chunk_dqk_bwd_kernel", "chunk_wy_bwd_kernel",
+                        "chunk_gla_fwd_kernel", "chunk_gla_bwd_kernel"}
 
 
 def random_inputs(B, T, H, K, V, *, decay, dtype=torch.float64, seed=0):
