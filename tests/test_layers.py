@@ -178,10 +178,11 @@ def test_sizes_are_checked():
 
 
 @pytest.mark.interpreter
-def test_triton_backend_matches_torch_backend():
+@pytest.mark.parametrize("use_delta", [True, False], ids=["gdn", "no_delta"])
+def test_triton_backend_matches_torch_backend(use_delta):
     # a chunked prefill, then a one-token step; the kernels get the layer's non-contiguous q, k, v views
     torch.manual_seed(0)
-    layer = GatedDeltaNet(D_MODEL, HEADS, HEAD_DIM)
+    layer = GatedDeltaNet(D_MODEL, HEADS, HEAD_DIM, use_delta=use_delta)
     x = random_input(2, 41).float()
     outputs = {}
     with torch.no_grad():
