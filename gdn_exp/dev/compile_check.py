@@ -1,6 +1,6 @@
-"""Compiles the chunk kernels, with and without the delta rule (and the layer's fused short conv, the norms, the MLP's SwiGLU and the loss) for
-Hopper (sm_90) without a GPU and reports each kernel's registers, stack (spills) and shared memory: catches compile
-errors and shared-memory or register blow-ups before GPU time.
+"""Compiles the chunk kernels, with and without the delta rule (and the layer's fused short conv, the norms, the
+MLP's SwiGLU and the loss) for Hopper (sm_90) without a GPU and reports each kernel's registers, stack (spills) and
+shared memory: catches compile errors and shared-memory or register blow-ups before GPU time.
 
     python -m gdn_exp.dev.compile_check [--dtype bfloat16] [--shape B,T,H,K,V] [--launch wy_fwd=1,1 ...]
 

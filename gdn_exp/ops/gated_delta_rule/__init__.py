@@ -101,20 +101,19 @@ def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, 
     backend resolves to it; the recurrent form is always PyTorch's token loop.
     """
     _check(q, k, v, g, beta, initial_state, cu_seqlens, mode)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens)
     if mode == "chunk" and resolve_backend(backend, q.device) == "triton":
         _check_chunk_head_dim(q)
         from .chunk_gla import triton_chunk_gated_linear_attention
 
-        return triton_chunk_gated_linear_attention(
-            q, k, v, g, beta, scale=q.shape[-1] ** -0.5 if scale is None else scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  cu_seqlens=cu_seqlens, use_delta=False)
+        return triton_chunk_gated_linear_attention(q, k, v, g, beta, **kwargs)
     if mode == "recurrent":
-        return reference.recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
+        return reference.recurrent_gated_delta_rule(q, k, v, g, beta, use_delta=False, **kwargs)
     B, T, H = q.shape[:3]
     chunk_size = T if B * H * T * T <= GLA_ONE_CHUNK_ELEMENTS else 64
-    return reference.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+    return reference.chunk_gated_delta_rule(q, k, v, g, beta, use_delta=False, chunk_size=chunk_size, **kwargs)
 
 
 def decode_step(q, k, v, g, beta, state, *, scale):

@@ -245,10 +245,10 @@ def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, h0, h
     S <- exp(G_last) S + (exp(G_last - G) K)^T U. W and U~ are read from w and u, or (APPLY_AINV) never
     formed: U = Ainv diag(beta) (V - diag(exp(G)) K S) from Ainv, K and V (one more dependent product per
     chunk, which pays only in blocks of 32-64 columns: applies_a_inv). Without DELTA (gated linear attention)
-    U = u = beta V as read, no W. With OUTPUT it also writes the chunk's
-    output O = scale (exp(G) Q) S + (scale Q K^T * D) U from the float32 S in registers; without, it stores
-    the chunk-start states in h (rounded to h's dtype, float16 for 16-bit inputs, as the products use them)
-    and U in v_new. BK covers all of K."""
+    U = u = beta V as read, no W. With OUTPUT it also writes the chunk's output O = scale (exp(G) Q) S +
+    (scale Q K^T * D) U from the float32 S in registers; without, it stores the chunk-start states in h (rounded
+    to h's dtype, float16 for 16-bit inputs, as the products use them) and, with DELTA, U in v_new (else
+    backward reads u). BK covers all of K."""
     DTYPE: tl.constexpr = k.dtype.element_ty
     i_v, i_n, i_h, bos, seq_len, i_t0 = state_pass_program(cu_seqlens, chunk_offsets, H)
     b_S = start_state(h0, i_n, i_h, H, K, V, i_v * BV, BK, BV, USE_INITIAL_STATE)
@@ -278,7 +278,7 @@ def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, h0, h
             b_P = mma(b_q, b_kt, DTYPE) * decay_matrix(b_G, BT, True)
             b_o = (b_o * tl.exp(b_G)[:, None] + mma(b_P, b_u, DTYPE)) * scale
             store_tokens(o, b_o, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
-        elif DELTA:  # without, U is u as read: backward reads that
+        elif DELTA:
             store_tokens(v_new, b_u, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV)
         # K decayed to the chunk end; the decay goes on U's rows, the narrower operand
         b_ud = b_u * tl.where(m_t, tl.exp(b_G_last - b_G), 0.0)[:, None]
@@ -423,9 +423,7 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
     o_gate = (bos + i_c * BT + o_i) * H + i_h
     b_beta = tl.load(beta + o_gate, mask=m_t, other=0).to(tl.float32)
     b_Ainv = load_a_inv(a_inv, bos, i_h, i_c, seq_len, H, BT)
-    b_dG = tl.zeros([BT], dtype=tl.float32)
-    for i_p in range(NK_PARTS):
-        b_dG += tl.load(dG_part + i_p * T_total * H + o_gate, mask=m_t, other=0)
+    b_dG = summed_parts(dG_part, o_gate, m_t, T_total, H, BT, NK_PARTS)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     b_dAinv = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
@@ -459,6 +457,15 @@ def chunk_wy_bwd_kernel(k, v, beta, g_cum, a_inv, dw, du, dk_part, dG_part, dk, 
                  + mma(tl.trans(b_dA_kk), b_k, DTYPE))
         store_tokens(dk, b_dk, bos, i_h, seq_len, H, K, i_c * BT, i_k * BK, BT, BK)
     store_gate_grads(dg, dbeta, b_dG, b_dbeta, o_gate, m_t, BT)
+
+
+@triton.jit
+def summed_parts(dG_part, o_gate, m_t, T_total, H: tl.constexpr, BT: tl.constexpr, NK_PARTS: tl.constexpr):
+    """A chunk's dG [BT]: the sum of chunk_dqk_bwd_kernel's per-K-block parts [NK_PARTS, tokens, H]."""
+    b_dG = tl.zeros([BT], dtype=tl.float32)
+    for i_p in range(NK_PARTS):
+        b_dG += tl.load(dG_part + i_p * T_total * H + o_gate, mask=m_t, other=0)
+    return b_dG
 
 
 @triton.jit
@@ -530,7 +537,7 @@ def run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_st
         layout.cu_seqlens, layout.chunk_offsets, H=H, K=K, V=V, BT=CHUNK_SIZE, BK=block_size(K, 256), BV=BV,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state, OUTPUT=output,
         APPLY_AINV=delta and w is None, DELTA=delta, **config)
-    return o, h, v_new if delta or output else u, final_state
+    return o, h, v_new if delta else u, final_state
 
 
 def chunk_output_fwd(q, k, v_new, g_cum, h, scale, layout, out_dtype, settings=DEFAULT_LAUNCH):

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .chunk import (CHUNK_SIZE, chunk_dqk_bwd, chunk_state_bwd, chunk_state_output_fwd, run_chunk,
-                    store_gate_grads, wy_gates)
+                    store_gate_grads, summed_parts, wy_gates)
 from .launch import DEFAULT_LAUNCH
 from .triton_utils import block_size, chunk_position, load_tokens, store_tokens
 
@@ -44,9 +44,7 @@ def chunk_gla_bwd_kernel(v, beta, du, dG_part, dv, dbeta, dg, cu_seqlens, chunk_
     m_t = i_c * BT + o_i < seq_len
     o_gate = (bos + i_c * BT + o_i) * H + i_h
     b_beta = tl.load(beta + o_gate, mask=m_t, other=0).to(tl.float32)
-    b_dG = tl.zeros([BT], dtype=tl.float32)
-    for i_p in range(NK_PARTS):
-        b_dG += tl.load(dG_part + i_p * T_total * H + o_gate, mask=m_t, other=0)
+    b_dG = summed_parts(dG_part, o_gate, m_t, T_total, H, BT, NK_PARTS)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         b_v = load_tokens(v, bos, i_h, seq_len, H, V, i_c * BT, i_v * BV, BT, BV).to(tl.float32)
