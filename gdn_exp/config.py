@@ -83,6 +83,7 @@ class TrainerConfig:
     grad_accum_steps: int = 1             # micro-batches per step on each rank
     lr: float = 3e-3
     min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
+    lr_decay_steps: Optional[int] = None  # the cosine's length (null: max_steps); max_steps then only truncates
     warmup_steps: int = 50
     weight_decay: float = 0.1             # matrices only
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -209,6 +210,7 @@ def check_trainer(trainer) -> None:
     check_range("trainer.lr", trainer.lr, low=0, low_open=True, high=math.inf, high_open=True)
     check_range("trainer.min_lr_ratio", trainer.min_lr_ratio, low=0, high=1)
     check_range("trainer.warmup_steps", trainer.warmup_steps, low=0)
+    check_range("trainer.lr_decay_steps", trainer.lr_decay_steps, low=1, allow_none=True)
     check_range("trainer.weight_decay", trainer.weight_decay, low=0, high=math.inf, high_open=True)
     betas = list(trainer.betas)
     if len(betas) != 2:

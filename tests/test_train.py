@@ -58,7 +58,7 @@ def plain_loop_losses(cfg, device) -> dict:
     model = LanguageModel(ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))).to(device)
     optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_multiplier, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio))
+        lr_multiplier, warmup_steps=tc.warmup_steps, decay_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio))
     losses = {}
     for step in range(tc.max_steps):
         idx = batch_indices(step, seed=cfg.seed, batch_size=tc.batch_size, num_examples=len(x)).to(device)

@@ -45,7 +45,7 @@ class Job:
         self.optimizer = torch.optim.AdamW(self.model.param_groups(0.1), lr=1e-3, betas=(0.9, 0.95), fused=True,
                                            capturable=cuda_graph)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            lr_multiplier, warmup_steps=100, max_steps=10**6, min_lr_ratio=0.1))
+            lr_multiplier, warmup_steps=100, decay_steps=10**6, min_lr_ratio=0.1))
         place_lr(self.optimizer, device if cuda_graph else None)
         autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16, cache_enabled=False)
         self.train_step = TrainStep(self.model, self.optimizer, data, batch_size=ref["batch_size"],

@@ -33,11 +33,12 @@ from gdn_exp.train.step import TrainStep, place_lr
 log = logging.getLogger(__name__)
 
 
-def lr_multiplier(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at max_steps. A pure function of the step."""
+def lr_multiplier(step: int, *, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at decay_steps, then flat. A pure function of the step:
+    where a run stops (max_steps, an early stop) never changes the rate of the steps it runs."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -128,7 +129,8 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
                                   fused=dist_info.strategy != "fsdp", capturable=graphed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_multiplier, warmup_steps=tc.warmup_steps, max_steps=tc.max_steps, min_lr_ratio=tc.min_lr_ratio))
+        lr_multiplier, warmup_steps=tc.warmup_steps, decay_steps=tc.lr_decay_steps or tc.max_steps,
+        min_lr_ratio=tc.min_lr_ratio))
 
     counters = {"step": 0, "best_accuracy": -1.0, "best_step": -1, "tokens_seen": 0, "train_time_s": 0.0}
     resume_path = dist_info.broadcast(checkpoint.find_resume(tc.resume, run_dir, config) if is_main else None)
