@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU call of the reproductions (docs/results/): the sweeps named by PART, each stopped by SIGTERM at its time
+# limit (the sweep checkpoints and records what it reached); run dirs without checkpoints come back as one tarball.
+# Run from the repository root with the wheels of ../shared/tools/device-wheels.sh in .whl/.
+#   PART=mqar_t512 OUT=/tmp/out bash scripts/gpu_repro.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARN | tail -2
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 WANDB_MODE=offline TRITON_INTERPRET=0
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$OUT/device.txt"
+git rev-parse --short HEAD 2>/dev/null | tee -a "$OUT/device.txt"
+sweep() {  # sweep NAME SECONDS OVERRIDES...: one sweep into /tmp/repro/NAME, stopped after SECONDS
+  local name=$1 seconds=$2; shift 2
+  echo "== $name ($(date -u +%H:%M:%S)): $*" | tee -a "$OUT/log.txt"
+  local begin=$(date +%s)
+  timeout -s TERM "$seconds" python3 -m gdn_exp.cli -m logger=none "hydra.sweep.dir=/tmp/repro/$name" "$@" \
+    > "/tmp/repro_$name.log" 2>&1
+  echo "rc $? after $(( $(date +%s) - begin )) s" | tee -a "$OUT/log.txt"
+  tail -5 "/tmp/repro_$name.log" | tee -a "$OUT/log.txt"
+}
+case "${PART:-mqar_t512}" in
+  mqar_t512)  # the DeltaNet paper's MQAR point (Zoology's T 512, 64 pairs): attention for longer, then 3 seeds each
+    sweep t512_attn_long ${LONG_S:-170} +experiment=mqar_grid mqar_length=len512 hydra.launcher.jobs_per_gpu=2 \
+      ablation=attention model.d_model=128 seed=0 trainer.lr=1e-3,3e-4 trainer.max_steps=16000 \
+      trainer.checkpoint_interval=1000
+    sweep t512 ${T512_S:-330} +experiment=mqar_grid mqar_length=len512 hydra.launcher.jobs_per_gpu=12 \
+      ablation=none,no_gate,no_delta,attention model.d_model=64,128 seed=0,1,2 trainer.lr=1e-3 \
+      trainer.max_steps=3000 trainer.checkpoint_interval=500
+    ;;
+  *) echo "unknown PART=$PART"; exit 2;;
+esac
+date -u | tee -a "$OUT/log.txt"
+cd /tmp/repro && tar czf "$OUT/runs.tgz" --exclude=checkpoints --exclude=wandb --exclude='*.pt' . && ls -la "$OUT"
