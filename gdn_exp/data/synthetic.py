@@ -16,23 +16,26 @@ import tasks
 SPLIT_SIZES = {"mqar": (20_000, 1_000), "parity": (100_000, 2_000), "modular_arithmetic": (100_000, 2_000),
                "permutation": (100_000, 1_000)}
 DEFAULT_SPLIT_SIZES = (20_000, 500)
+# task.test_lengths of a synthetic task (others: none): the state-tracking tasks exist to test length generalisation
+TEST_LENGTHS = {"parity": [256], "modular_arithmetic": [256], "permutation": [256]}
 SPLIT_KEYS = ("name", "num_train", "num_test", "test_lengths")  # the task node's keys that are not task parameters
 
 
 def task_schema(name: str) -> type:
     """A dataclass for `task/<name>.yaml`: the task's own parameters (and defaults: tasks/<name>.py) plus split
-    sizes."""
+    sizes and test lengths."""
     params = [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(tasks.config_class(name))]
     num_train, num_test = SPLIT_SIZES.get(name, DEFAULT_SPLIT_SIZES)
+    test_lengths = TEST_LENGTHS.get(name, [])
     return dataclasses.make_dataclass(
         f"{name}_task",
         [("name", str, field(default=name)), ("num_train", int, field(default=num_train)),
-         ("num_test", int, field(default=num_test)), ("test_lengths", List[int], field(default_factory=list))]
-        + params)
+         ("num_test", int, field(default=num_test)),
+         ("test_lengths", List[int], field(default_factory=lambda: list(test_lengths)))] + params)
 
 
 def task_params(task_cfg) -> dict:
-    """The generator's keyword arguments from a composed `task` node (drops name and split sizes)."""
+    """The generator's keyword arguments from a composed `task` node (drops name, split sizes and test lengths)."""
     return {k: v for k, v in task_cfg.items() if k not in SPLIT_KEYS}
 
 
