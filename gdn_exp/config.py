@@ -91,7 +91,7 @@ class TrainerConfig:
     log_interval: int = 10                # steps between train/* metrics
     eval_interval: int = 50               # steps between evaluations on the test split
     eval_batch_size: int = 256
-    target_accuracy: Optional[float] = 0.99   # stop early once test/accuracy reaches it (null: never)
+    target_accuracy: Optional[float] = 0.99   # stop once test/accuracy and each test/accuracy@L reach it (null: never)
     checkpoint_interval: int = 50         # steps between checkpoints/latest.pt
     resume: Any = False                   # false | true (latest matching run) | path to a run dir or .pt
     skip_completed: bool = True           # a job whose run dir already holds a completed results.json is skipped

@@ -24,8 +24,11 @@ import torch
 
 from .common import IGNORE_INDEX
 from .copy import CopyConfig, generate_copy
+from .modular_arithmetic import ModularArithmeticConfig, generate_modular_arithmetic
 from .mqar import MQARConfig, generate_mqar
 from .needle import NeedleConfig, generate_needle
+from .parity import ParityConfig, generate_parity
+from .permutation import PermutationConfig, generate_permutation
 from .reverse import ReverseConfig, generate_reverse
 from .selective_copy import SelectiveCopyConfig, generate_selective_copy
 
@@ -35,6 +38,10 @@ TASKS = {
     "mqar": (MQARConfig, generate_mqar),
     "selective_copy": (SelectiveCopyConfig, generate_selective_copy),
     "needle": (NeedleConfig, generate_needle),
+    # state tracking (Grazzi et al. 2025; Merrill et al. 2024): variable lengths, tested longer than trained
+    "parity": (ParityConfig, generate_parity),
+    "modular_arithmetic": (ModularArithmeticConfig, generate_modular_arithmetic),
+    "permutation": (PermutationConfig, generate_permutation),
 }
 
 SPLITS = ("train", "test")
@@ -61,11 +68,15 @@ def make_config(name: str, **params):
 
 def at_length(name: str, length: int, **params) -> dict:
     """Task `name`'s parameters at seq_len = length: the fields its config lists in LENGTH_SCALED (e.g. copy_len)
-    grow in proportion, the rest stay as given (e.g. mqar's num_kv_pairs: more distance, same load)."""
+    grow in proportion, the rest stay as given (e.g. mqar's num_kv_pairs: more distance, same load). A task with
+    variable lengths (a min_len field: parity, ...) scores lengths from its training seq_len up to `length`, so a
+    longer test holds only lengths it was not trained past (Grazzi et al.: trained on 3-40, tested on 40-256)."""
     config = make_config(name, **params)
     scaled = {**dataclasses.asdict(config), "seq_len": length}
     for field in getattr(config, "LENGTH_SCALED", ()):
         scaled[field] = getattr(config, field) * length // config.seq_len
+    if "min_len" in scaled:
+        scaled["min_len"] = config.seq_len
     return scaled
 
 

@@ -69,3 +69,24 @@ def answer_after_separator(prompt: np.ndarray, answer: np.ndarray, separator: in
     labels = np.full((num_examples, seq_len), IGNORE_INDEX, dtype=np.int64)
     labels[:, prompt_len:prompt_len + answer_len] = answer
     return input_ids, labels
+
+
+def check_length_range(min_len: int, seq_len: int, shortest: int = 1) -> None:
+    """The checks of a variable-length task: shortest <= min_len <= seq_len, each as one line naming the key."""
+    check_minimum("min_len", min_len, shortest)
+    check_minimum("seq_len", seq_len, min_len, f"min_len (min_len={min_len})")
+
+
+def answer_at_end(input_ids: np.ndarray, lengths: np.ndarray, answers: np.ndarray,
+                  pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads each example after its own length and scores its answer at its last token.
+
+    input_ids [N, seq_len] (tokens past each length are overwritten), lengths [N] in [1, seq_len], answers [N] ->
+    input_ids, labels [N, seq_len]: labels[i, lengths[i] - 1] = answers[i], IGNORE_INDEX elsewhere. A causal model
+    never sees the padding before it answers, so one fixed-shape split holds every length.
+    """
+    num_examples, seq_len = input_ids.shape
+    input_ids = np.where(np.arange(seq_len) < lengths[:, None], input_ids, pad)
+    labels = np.full((num_examples, seq_len), IGNORE_INDEX, dtype=np.int64)
+    labels[np.arange(num_examples), lengths - 1] = answers
+    return input_ids, labels

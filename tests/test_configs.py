@@ -145,11 +145,12 @@ EXPERIMENTS = {  # name: (task, number of grid points, launcher)
     "length_grid": ("copy", 64, "LocalLauncher"),
     "length_smoke": ("copy", 24, "LocalLauncher"),
 }
+STATE_TRACKING_EXPERIMENTS = {"parity_negeig": 12, "parity_negeig_smoke": 2}  # name: number of grid points
 ZOOLOGY_LENGTHS = {64: (4, 512), 128: (8, 512), 256: (16, 256), 512: (64, 128)}  # seq_len: (pairs, batch)
 
 
 def test_every_experiment_is_listed():
-    assert options("experiment") == sorted(EXPERIMENTS)
+    assert options("experiment") == sorted([*EXPERIMENTS, *STATE_TRACKING_EXPERIMENTS])
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -191,10 +192,24 @@ def test_every_grid_point_passes_start_up_checks(name):
     assert points == EXPERIMENTS[name][1]
 
 
+@pytest.mark.parametrize("name", sorted(STATE_TRACKING_EXPERIMENTS))
+def test_parity_presets_sweep_the_beta_range_and_are_tested_longer_than_trained(name):
+    points = set()
+    for point, cfg in grid_configs(name):
+        check_config(cfg, ONE_CPU_PROCESS)
+        assert cfg.task.name == "parity" and min(cfg.task.test_lengths) > cfg.task.seq_len
+        assert cfg.trainer.lr_decay_steps == cfg.trainer.max_steps and cfg.trainer.target_accuracy == 0.99
+        assert not cfg.model.use_output_gate and cfg.model.mixer == "gdn"
+        points.add((cfg.model.allow_neg_eigval, cfg.model.use_gate, cfg.seed))
+    assert {neg_eigval for neg_eigval, _, _ in points} == {False, True}
+    assert len(points) == STATE_TRACKING_EXPERIMENTS[name]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, one_point", [
     ("mqar_smoke", ["ablation=no_delta", "model.d_model=32", "task.seq_len=32", "trainer.lr=1e-2"]),
     ("length_smoke", ["task=reverse", "task.seq_len=8", "ablation=attention"]),
+    ("parity_negeig_smoke", ["model.allow_neg_eigval=true"]),
 ])
 def test_smoke_experiment_runs_through_the_cli(tmp_path, name, one_point):
     """One grid point of the preset, 4 steps, through `gdn-exp -m` and its parallel launcher."""

@@ -1,6 +1,7 @@
 """Synthetic tasks: determinism, layout, answers on exactly the scored positions, size errors and the split cache."""
 import dataclasses
 import doctest
+import itertools
 import os
 import subprocess
 import sys
@@ -168,6 +169,73 @@ def test_needle_labels_are_the_needle_values(num_needles, num_queries):
     assert 0 <= batch["needle_depth"].min() and batch["needle_depth"].max() <= 100
 
 
+def lengths_and_answers(batch):
+    """Each example's length (its scored position + 1) and answer, for the tasks scored once at their end."""
+    assert (scored(batch).sum(dim=1) == 1).all()
+    position = scored(batch).long().argmax(dim=1)
+    return position + 1, batch["labels"].gather(1, position[:, None]).squeeze(1)
+
+
+def test_parity_answers_the_parity_of_the_bits_after_the_last_one():
+    batch = tasks.make_task("parity", seed=3, num_examples=2000, seq_len=12, min_len=4)
+    lengths, answers = lengths_and_answers(batch)
+    assert set(lengths.tolist()) == set(range(4, 13))  # every length in [min_len, seq_len]
+    for row in range(len(lengths)):
+        bits, pad = batch["input_ids"][row, :lengths[row]], batch["input_ids"][row, lengths[row]:]
+        assert ((bits == 1) | (bits == 2)).all() and (pad == 0).all()
+        assert answers[row] == 1 + (bits == 2).sum() % 2
+    assert 0.45 < (answers == 2).float().mean() < 0.55
+
+
+def expression_value(tokens, modulus):
+    """The value mod modulus of a modular_arithmetic expression (token ids up to the `=`), by Python's own
+    arithmetic: the same precedence, brackets and unary minus."""
+    symbols = {1: "+", 2: "-", 3: "*", 5: "(", 6: ")"}
+    return eval("".join(symbols.get(t, str(t - 7)) for t in tokens)) % modulus  # our own digits and symbols only
+
+
+@pytest.mark.parametrize("brackets", [False, True])
+def test_modular_arithmetic_answers_the_value_of_the_expression(brackets):
+    modulus = 7
+    batch = tasks.make_task("modular_arithmetic", seed=5, num_examples=500, vocab_size=7 + modulus, seq_len=24,
+                            min_len=3, modulus=modulus, brackets=brackets)
+    lengths, answers = lengths_and_answers(batch)
+    expected_lengths = range(3, 25) if brackets else range(4, 25, 2)  # without brackets: expression + `=` is even
+    assert set(lengths.tolist()) == set(expected_lengths)
+    for row in range(len(lengths)):
+        tokens = batch["input_ids"][row].tolist()
+        assert tokens[lengths[row] - 1] == 4 and 4 not in tokens[:lengths[row] - 1]  # one `=`, at the end
+        assert set(tokens[lengths[row]:]) <= {0}
+        assert answers[row] == 7 + expression_value(tokens[:lengths[row] - 1], modulus)
+        assert brackets or not {5, 6} & set(tokens)
+    assert len(set(answers.tolist())) == modulus
+
+
+@pytest.mark.parametrize("degree", [3, 5])
+def test_permutation_labels_are_the_compositions_so_far(degree):
+    perms = list(itertools.permutations(range(degree)))  # token i is perms[i]
+    batch = tasks.make_task("permutation", seed=2, num_examples=50, seq_len=20, min_len=5, degree=degree)
+    assert batch["input_ids"].max() < len(perms) and len(batch["input_ids"].unique()) == len(perms)
+    assert (batch["labels"][:, :4] == IGNORE_INDEX).all()
+    for row in range(50):
+        state = tuple(range(degree))
+        for t, token in enumerate(batch["input_ids"][row].tolist()):
+            state = tuple(perms[token][x] for x in state)  # then apply the permutation of this token
+            if t >= 4:
+                assert batch["labels"][row, t] == perms.index(state)
+
+
+@pytest.mark.parametrize("name, params", [("parity", dict(seq_len=40, min_len=3)),
+                                          ("modular_arithmetic", dict(seq_len=40, min_len=3)),
+                                          ("permutation", dict(seq_len=64, min_len=1))])
+def test_a_longer_test_length_holds_only_lengths_from_the_training_maximum_on(name, params):
+    longer = tasks.at_length(name, 256, **params)
+    assert longer["seq_len"] == 256 and longer["min_len"] == params["seq_len"]
+    batch = tasks.make_task(name, seed=0, num_examples=2000, **longer)
+    first_scored = scored(batch).long().argmax(dim=1)
+    assert first_scored.min() == params["seq_len"] - 1 and scored(batch).any(dim=1).all()
+
+
 @pytest.mark.parametrize("sparse_ratio", [1, 10 ** 9])  # every draw by redrawing repeats, every draw by sorting
 def test_choose_without_replacement_makes_every_ordered_draw_equally_likely(monkeypatch, sparse_ratio):
     monkeypatch.setattr(tasks.common, "SPARSE_RATIO", sparse_ratio)
@@ -220,6 +288,14 @@ def test_choose_without_replacement_with_weights_follows_numpy_choice():
     ("needle", dict(num_needles=2, num_queries=3), r"num_queries=3 must be in \[1, num_needles=2\]"),
     ("needle", dict(vocab_size=9, num_needles=3), "vocab_size=9 is too small: need vocab_size >= 10"),
     ("needle", dict(seq_len=5, num_needles=2), r"seq_len=5 is too small: need seq_len >= 6 .*num_queries=1\)"),
+    ("parity", dict(seq_len=10, min_len=12), r"seq_len=10 is too small: need seq_len >= 12 = min_len \(min_len=12\)$"),
+    ("parity", dict(min_len=0), "min_len=0 is too small: need min_len >= 1$"),
+    ("parity", dict(vocab_size=2), "vocab_size=2 is too small: need vocab_size >= 3"),
+    ("modular_arithmetic", dict(modulus=7), r"vocab_size=12 is too small: need vocab_size >= 14 = 7 \+ modulus"),
+    ("modular_arithmetic", dict(seq_len=5, min_len=5), r"seq_len=5 is too small: need seq_len >= 6 = min_len rounded"),
+    ("modular_arithmetic", dict(min_len=1, brackets=True), "min_len=1 is too small: need min_len >= 2$"),
+    ("permutation", dict(degree=5, vocab_size=119), r"vocab_size=119 is too small: need vocab_size >= 120 = degree!"),
+    ("permutation", dict(degree=1), "degree=1 is too small: need degree >= 2$"),
 ])
 def test_impossible_sizes_raise_one_clear_line(name, params, message):
     with pytest.raises(ValueError, match=message) as error:
@@ -301,7 +377,8 @@ def test_load_split_replaces_what_a_dead_job_left_half_written(tmp_path):
     assert "data-00001-of-00002.arrow" not in os.listdir(entry)  # the dead job's files are gone, not carried over
 
 
-@pytest.mark.parametrize("module", [tasks.copy, tasks.reverse, tasks.mqar, tasks.selective_copy, tasks.needle])
+@pytest.mark.parametrize("module", [tasks.copy, tasks.reverse, tasks.mqar, tasks.selective_copy, tasks.needle,
+                                    tasks.parity, tasks.modular_arithmetic, tasks.permutation])
 def test_docstring_examples_are_real_rows(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

@@ -14,6 +14,7 @@ from gdn_exp.data import task_source
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import run_job
 from gdn_exp.train.data import batch_indices
+from gdn_exp.train.evaluate import reached_target
 from gdn_exp.train.loop import StopRequest, lr_multiplier
 from wandb_files import wandb_history
 
@@ -223,3 +224,22 @@ def test_crash_records_failed_and_closes_the_wandb_run(compose, tmp_path, monkey
     assert results["status"] == "failed" and not results["user_error"] and "boom" in results["error"]
     assert "RuntimeError" in json.loads((tmp_path / "run/results.json").read_text())["traceback"]
     assert wandb.run is None  # finished as failed, so the next job in this process starts its own run
+
+
+def test_longer_test_lengths_are_evaluated_and_logged(compose, tmp_path):
+    cfg = compose(*FAST, "task=parity", "task.seq_len=8", "task.min_len=2", "task.test_lengths=[16,32]",
+                  "trainer.max_steps=10")
+    run_job(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key in ("test/accuracy", "test/accuracy@16", "test/accuracy@32", "test/exact_match@16"):
+        assert 0 <= saved[key] <= 1, key
+    assert saved["test/loss@32"] > 0
+    evals = [row for row in metrics_rows(tmp_path / "run") if "test/accuracy" in row]
+    assert [row["step"] for row in evals] == [10] and "test/accuracy@32" in evals[0]
+
+
+def test_target_is_reached_only_at_every_test_length():
+    assert reached_target({"test/accuracy": 1.0, "test/loss": 9.0}, 0.99)
+    assert not reached_target({"test/accuracy": 1.0, "test/accuracy@256": 0.6, "test/loss@256": 0.1}, 0.99)
+    assert reached_target({"test/accuracy": 0.995, "test/accuracy@256": 0.99}, 0.99)
+    assert not reached_target({"test/accuracy": 0.9, "test/accuracy@256": 1.0}, 0.99)

@@ -71,7 +71,8 @@ def reference() -> str:
     for title, cls, prefix in (("model", ModelConfig, "model."), ("kernel", KernelConfig, "kernel."),
                                ("trainer", TrainerConfig, "trainer."), ("logger", LoggerConfig, "logger.")):
         parts += [f"## {title}", "", table(cls, prefix), ""]
-    parts += ["## task", "", "Each task has the split sizes `task.num_train` and `task.num_test` and its own "
+    parts += ["## task", "", "Each task has the split sizes `task.num_train` and `task.num_test` (a synthetic task "
+              "also `task.test_lengths`: longer lengths it is tested at, logged as `test/accuracy@L`) and its own "
               "parameters (the generator's dataclass in `tasks/<name>.py`).", ""]
     for name, source in TASKS.items():
         parts += [f"### task={name}", "", table(source.schema, "task.", tasks.TASKS.get(name, (None,))[0]), ""]

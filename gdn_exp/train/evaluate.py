@@ -44,3 +44,21 @@ def evaluate(model, split, *, batch_size: int, autocast=nullcontext, prefix: str
             metrics[f"{prefix}/accuracy/{key}={value}"] = ex_correct[sel].sum().item() / max(
                 ex_scored[sel].sum().item(), 1)
     return metrics
+
+
+def evaluate_splits(model, splits: dict, **kwargs) -> dict:
+    """`evaluate` on splits["test"] (keys test/...) and on each longer test split "test@L" of task.test_lengths
+    (keys test/...@L, e.g. test/accuracy@256). kwargs: as for `evaluate`."""
+    metrics = evaluate(model, splits["test"], **kwargs)
+    for name, split in splits.items():
+        if name.startswith("test@"):
+            length = name.removeprefix("test@")
+            metrics.update({f"{key}@{length}": value for key, value in evaluate(model, split, **kwargs).items()})
+    return metrics
+
+
+def reached_target(metrics: dict, target: float) -> bool:
+    """Whether test/accuracy and the accuracy at every longer test length (test/accuracy@L) are >= target: a task
+    with longer test lengths counts as solved only once it generalises to all of them."""
+    return all(value >= target for key, value in metrics.items()
+               if key == "test/accuracy" or key.startswith("test/accuracy@"))

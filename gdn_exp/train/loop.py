@@ -26,7 +26,7 @@ from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
 from gdn_exp.train.data import BatchIndices, DeviceSplit, StreamedSplit, device_splits
 from gdn_exp.train.distributed import Distributed, wrap_model
-from gdn_exp.train.evaluate import evaluate
+from gdn_exp.train.evaluate import evaluate_splits, reached_target
 from gdn_exp.train.loggers import RunLogger, SilentLogger
 from gdn_exp.train.step import TrainStep, place_lr
 
@@ -155,7 +155,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
             "config": config, "wandb_id": logger.wandb_id}, dist_info)
 
     def run_eval():
-        metrics = evaluate(forward, splits["test"], batch_size=tc.eval_batch_size, autocast=autocast)
+        metrics = evaluate_splits(forward, splits, batch_size=tc.eval_batch_size, autocast=autocast)
         if task_source(cfg.task.name).text:
             metrics["test/perplexity"] = math.exp(min(metrics["test/loss"], 700.0))
         metrics = dist_info.broadcast(metrics)  # every rank takes rank 0's decisions below
@@ -228,9 +228,9 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                 log_time, log_steps = 0.0, 0
             if step % tc.eval_interval == 0 or step == tc.max_steps:
                 metrics, last_eval_step = run_eval(), step
-                if tc.target_accuracy is not None and metrics["test/accuracy"] >= tc.target_accuracy:
-                    log.info("test/accuracy %.4f >= target %.4f at step %d: stopping early",
-                             metrics["test/accuracy"], tc.target_accuracy, step)
+                if tc.target_accuracy is not None and reached_target(metrics, tc.target_accuracy):
+                    log.info("test/accuracy %.4f >= target %.4f at step %d (and at every test length): stopping "
+                             "early", metrics["test/accuracy"], tc.target_accuracy, step)
                     save_latest()
                     break
             if step % tc.checkpoint_interval == 0 or step == tc.max_steps:
