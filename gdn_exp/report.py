@@ -34,7 +34,7 @@ from gdn_exp.extras import have, missing
 
 # Config keys that get a "<metric> vs <key>" plot when they take several values.
 PLOT_AXES = ("model.d_model", "task.seq_len", "task.copy_len", "task.num_kv_pairs")
-RESULT_COLUMNS = ("status", "test/accuracy", "best/accuracy", "steps", "num_params", "wall_time_s")
+RESULT_COLUMNS = ("status", "test/accuracy", "best/accuracy", "steps_to_target", "steps", "num_params", "wall_time_s")
 
 
 @dataclass

@@ -73,7 +73,7 @@ def test_table_has_the_swept_parameters_as_columns(sweep, capsys):
     out = capsys.readouterr().out
     header, rows = parse_markdown(out)
     assert header == ["ablation", "model.d_model", "task.seq_len", "trainer.lr", "status", "test/accuracy",
-                      "best/accuracy", "steps", "num_params", "wall_time_s"]
+                      "best/accuracy", "steps_to_target", "steps", "num_params", "wall_time_s"]
     assert len(rows) == 16
     assert out.startswith("16 runs (15 completed, 1 failed); fixed: `experiment=mqar_smoke`")
     assert "- 1 failed: out of memory" in out

@@ -120,6 +120,17 @@ def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, signal_d
     assert resumed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
 
 
+def test_steps_to_target_is_the_first_evaluation_at_the_target_and_survives_a_resume(compose, tmp_path):
+    never = run_job(compose(*FAST, "trainer.max_steps=10", "trainer.target_accuracy=1.0"), tmp_path / "never")
+    assert never["steps"] == 10 and never["steps_to_target"] is None
+    first = run_job(compose(*FAST, "trainer.max_steps=40", "trainer.target_accuracy=0.0"), tmp_path / "first")
+    assert first["steps"] == 10 and first["steps_to_target"] == 10  # reached at the first evaluation: stops
+    resumed = run_job(compose(*FAST, "trainer.max_steps=40", "trainer.target_accuracy=0.0",
+                              f"trainer.resume={tmp_path / 'first'}"), tmp_path / "resumed")
+    assert resumed["steps"] == 20 and resumed["steps_to_target"] == 10  # the resumed run's eval at 20 is later
+    assert json.loads((tmp_path / "resumed/results.json").read_text())["steps_to_target"] == 10
+
+
 def stopped_run(compose, signal_during_step, run_dir, *overrides):
     """A run of FAST (20 steps) that a SIGTERM during step 10 stops: unfinished, with a checkpoint at step 10."""
     disarm = signal_during_step(10)
