@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from gdn_exp.cli import CONF_DIR
 from gdn_exp.train import check_config
 from gdn_exp.train.distributed import Distributed
+from gdn_exp.train.loop import lr_multiplier
 
 # What each ablation sets in `model` (everything else stays at the full Gated DeltaNet).
 ABLATIONS = {
@@ -138,9 +139,9 @@ def grid_configs(name: str):
 
 
 EXPERIMENTS = {  # name: (task, number of grid points, launcher)
-    "mqar_grid": ("mqar", 192, "LocalLauncher"),
+    "mqar_grid": ("mqar", 576, "LocalLauncher"),
     "mqar_quick": ("mqar", 72, "LocalLauncher"),
-    "mqar_hard": ("mqar", 24, "LocalLauncher"),
+    "mqar_hard": ("mqar", 72, "LocalLauncher"),
     "mqar_smoke": ("mqar", 32, "LocalLauncher"),
     "length_grid": ("copy", 64, "LocalLauncher"),
     "length_smoke": ("copy", 24, "LocalLauncher"),
@@ -183,12 +184,37 @@ def test_every_grid_point_passes_start_up_checks(name):
         for key, value in point.items():
             if "." in key:
                 assert OmegaConf.select(cfg, key) == value, (point, key)
-        if "mqar_length" in point:  # Zoology's pairs per length; its batch sizes in the full grid
+        if "mqar_length" in point:  # Zoology's pairs and batch size per length, in the full grid and its prefixes
             pairs, batch = ZOOLOGY_LENGTHS[cfg.task.seq_len]
             assert point["mqar_length"] == f"len{cfg.task.seq_len}" and cfg.task.num_kv_pairs == pairs, point
-            assert name != "mqar_grid" or cfg.trainer.batch_size == batch, point
+            assert cfg.trainer.batch_size == batch, point
         points += 1
     assert points == EXPERIMENTS[name][1]
+
+
+CLAIMS = ("mqar_grid", "mqar_hard")  # presets whose results are reported as findings
+
+
+@pytest.mark.parametrize("name", CLAIMS)
+def test_presets_that_make_a_claim_run_three_seeds(name):
+    assert len(sweep_axes(compose_with_hydra(f"+experiment={name}").hydra).get("seed", [])) >= 3
+
+
+@pytest.mark.parametrize("length", ["len64", "len128", "len256"])
+def test_the_quick_mqar_grid_is_a_prefix_of_the_full_one(length):
+    """mqar_quick only stops earlier: at step 1000 (and every step) its learning rate and batch are mqar_grid's."""
+    grid, quick = (compose_with_hydra(f"+experiment={name}", f"mqar_length={length}", return_hydra_config=False)
+                   for name in ("mqar_grid", "mqar_quick"))
+    assert quick.trainer.max_steps < grid.trainer.max_steps
+
+    def lr_at(step, trainer):
+        return trainer.lr * lr_multiplier(step, warmup_steps=trainer.warmup_steps, min_lr_ratio=trainer.min_lr_ratio,
+                                          decay_steps=trainer.lr_decay_steps or trainer.max_steps)
+
+    assert lr_at(1000, quick.trainer) == lr_at(1000, grid.trainer) < quick.trainer.lr
+    keys = ("lr", "batch_size", "warmup_steps", "min_lr_ratio", "lr_decay_steps", "weight_decay", "grad_clip")
+    assert {k: quick.trainer[k] for k in keys} == {k: grid.trainer[k] for k in keys}
+    assert quick.model == grid.model and quick.task == grid.task
 
 
 @pytest.mark.slow
