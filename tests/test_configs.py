@@ -29,6 +29,7 @@ ABLATIONS = {
     "neg_eigval": {"allow_neg_eigval": True},
     "no_beta": {"use_beta": False},
     "attention": {"mixer": "attention"},
+    "zoology_attention": {"mixer": "attention"},  # and its form: tests/test_model.py
 }
 ONE_CPU_PROCESS = Distributed(rank=0, world_size=1, device=torch.device("cpu"), strategy="none")
 FULL_MODEL = {"mixer": "gdn", "use_gate": True, "use_delta": True, "use_short_conv": True, "use_output_gate": True,
@@ -142,6 +143,7 @@ EXPERIMENTS = {  # name: (task, number of grid points, launcher)
     "mqar_grid": ("mqar", 576, "LocalLauncher"),
     "mqar_quick": ("mqar", 72, "LocalLauncher"),
     "mqar_hard": ("mqar", 72, "LocalLauncher"),
+    "mqar_zoology_attention": ("mqar", 192, "LocalLauncher"),
     "mqar_smoke": ("mqar", 32, "LocalLauncher"),
     "length_grid": ("copy", 64, "LocalLauncher"),
     "length_smoke": ("copy", 24, "LocalLauncher"),
@@ -161,7 +163,8 @@ def test_experiment_preset_composes(name):
     assert cfg.hydra.launcher._target_.endswith(launcher)
     axes = sweep_axes(cfg.hydra)
     assert {"ablation", "trainer.lr"} <= axes.keys()
-    assert set(axes["ablation"]) == {"none", "no_delta", "no_gate", "attention"}
+    mixers = {"zoology_attention"} if name == "mqar_zoology_attention" else {"none", "no_delta", "no_gate", "attention"}
+    assert set(axes["ablation"]) == mixers
     if name.startswith("mqar"):
         assert "model.d_model" in axes and ("mqar_length" in axes or "task.seq_len" in axes)
         assert cfg.model.num_heads == 1 and cfg.model.head_dim == cfg.model.d_model
@@ -177,7 +180,7 @@ def test_every_grid_point_passes_start_up_checks(name):
     points = 0
     for point, cfg in grid_configs(name):
         check_config(cfg, ONE_CPU_PROCESS)
-        mixer = "attention" if point["ablation"] == "attention" else "gdn"
+        mixer = "attention" if point["ablation"].endswith("attention") else "gdn"
         assert cfg.model.mixer == mixer, point
         assert cfg.model.use_gate == (point["ablation"] != "no_gate"), point
         assert cfg.model.use_delta == (point["ablation"] != "no_delta"), point
@@ -192,7 +195,7 @@ def test_every_grid_point_passes_start_up_checks(name):
     assert points == EXPERIMENTS[name][1]
 
 
-CLAIMS = ("mqar_grid", "mqar_hard")  # presets whose results are reported as findings
+CLAIMS = ("mqar_grid", "mqar_hard", "mqar_zoology_attention")  # presets whose results are reported as findings
 
 
 @pytest.mark.parametrize("name", CLAIMS)
