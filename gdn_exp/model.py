@@ -53,12 +53,12 @@ class ModelConfig:
     use_output_gate: bool = True
     use_qk_l2norm: bool = True
     use_gate: bool = True                     # False: no decay (g = 0), i.e. DeltaNet
-    use_delta: bool = True                    # False: gated linear attention update S <- a S + k (beta v)^T
+    use_delta: bool = True                    # False: scalar-decay linear attention S <- a S + k (beta v)^T
     use_beta: bool = True                     # False: beta fixed at 1
     allow_neg_eigval: bool = False            # beta in [0, 2]
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    position_embedding: str = "rope"          # "rope": attention rotates q, k | "learned": a table added to the embedding
+    position_embedding: str = "rope"          # "rope": attention rotates q, k | "learned": a table added to embed
     max_positions: Optional[int] = None       # rows of the learned table: the longest sequence (e.g. ${task.seq_len})
     mlp: bool = True                          # False: no MLP sublayer, each block is its mixer alone (Zoology)
     norm: str = "rmsnorm"                     # "rmsnorm" | "layernorm" (with bias, as Zoology)
