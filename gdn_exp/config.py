@@ -236,6 +236,9 @@ def validate(cfg) -> None:
         raise ValueError("task_cache_dir='' must be a directory path")
     task_source(cfg.task.name).check(cfg.task)
     ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True)).validate()
+    if cfg.model.position_embedding == "learned" and cfg.model.max_positions < cfg.task.get("seq_len", 0):
+        raise ValueError(f"model.max_positions={cfg.model.max_positions} is shorter than task.seq_len="
+                         f"{cfg.task.seq_len}")
     if cfg.model.vocab_size < cfg.task.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than task.vocab_size="
                          f"{cfg.task.vocab_size}")

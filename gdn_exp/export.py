@@ -73,6 +73,10 @@ UNREPRESENTABLE = {
     "use_delta": (False, "fla's GatedDeltaNet always applies the delta rule"),
     "use_beta": (False, "fla's GatedDeltaNet always learns beta = sigmoid(x W_b)"),
     "use_qk_l2norm": (False, "fla's GatedDeltaNet always L2-normalises q and k"),
+    "position_embedding": ("learned", "fla's attention rotates q and k (RoPE) and has no position table"),
+    "mlp": (False, "fla's blocks always have an MLP"),
+    "norm": ("layernorm", "fla's blocks use RMSNorm"),
+    "attention_bias": (True, "fla's attention has no output bias"),
 }
 
 # fla 0.6.0's GatedDeltaNetConfig defaults for the keys read here: what fla assumes when config.json omits one.

@@ -1,14 +1,16 @@
 """The language model: token embedding, a stack of (mixer, SwiGLU) blocks, final norm and LM head.
 
-    x = embed(input_ids)
-    for each layer:  x = x + mixer(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))
-    logits = lm_head(RMSNorm(x))
+    x = embed(input_ids)                                    (+ a learned position table, position_embedding=learned)
+    for each layer:  x = x + mixer(RMSNorm(x));  x = x + SwiGLU(RMSNorm(x))     (no SwiGLU with mlp=false)
+    logits = lm_head(RMSNorm(x))                                           (LayerNorm with norm=layernorm)
 
 Each residual add runs in the norm after it (`AutocastRMSNorm`, one kernel on the Triton backend): the blocks pass
 on (residual, delta), the stream x = residual + delta, and the next norm adds delta in.
 
 The mixer of each layer is Gated DeltaNet or attention (`ModelConfig.layer_mixers`), which gives the GDN
-model, the Transformer baseline and hybrids with (sliding-window) attention every n-th layer.
+model, the Transformer baseline and hybrids with (sliding-window) attention every n-th layer. The switches in
+parentheses, with attention_bias, tie_embeddings and init_std, give Zoology's attention baseline (Figure 2 of
+Arora et al. 2023; docs/results/mqar.md).
 """
 import contextlib
 import math
@@ -20,9 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn_exp.nn import Attention, GatedDeltaNet, SwiGLU, swiglu_hidden_size
+from gdn_exp.nn.conv import positions_in_sequence
 from gdn_exp.ops import add_rms_norm
 
 MIXERS = ("gdn", "attention")
+POSITION_EMBEDDINGS = ("rope", "learned")
+NORMS = ("rmsnorm", "layernorm")
 GDN_SWITCHES = ("use_short_conv", "use_output_gate", "use_qk_l2norm", "use_gate", "use_delta", "use_beta",
                 "allow_neg_eigval")
 
@@ -48,11 +53,16 @@ class ModelConfig:
     use_output_gate: bool = True
     use_qk_l2norm: bool = True
     use_gate: bool = True                     # False: no decay (g = 0), i.e. DeltaNet
-    use_delta: bool = True                    # False: gated linear attention update S <- a S + k (beta v)^T
+    use_delta: bool = True                    # False: scalar-decay linear attention S <- a S + k (beta v)^T
     use_beta: bool = True                     # False: beta fixed at 1
     allow_neg_eigval: bool = False            # beta in [0, 2]
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    position_embedding: str = "rope"          # "rope": attention rotates q, k | "learned": a table added to embed
+    max_positions: Optional[int] = None       # rows of the learned table: the longest sequence (e.g. ${task.seq_len})
+    mlp: bool = True                          # False: no MLP sublayer, each block is its mixer alone (Zoology)
+    norm: str = "rmsnorm"                     # "rmsnorm" | "layernorm" (with bias, as Zoology)
+    attention_bias: bool = False              # biases in the attention projections (Zoology)
     tie_embeddings: bool = False
     init_std: Optional[float] = None          # None: Linear ~ N(0, 1/fan_in), embedding ~ N(0, 1); see LanguageModel
 
@@ -95,6 +105,14 @@ class ModelConfig:
                 if getattr(self, key) != getattr(defaults, key):
                     raise ValueError(f"model.{key}={getattr(self, key)} has no effect with model.mixer=attention "
                                      f"(no Gated DeltaNet layers); drop the ablation or use a hybrid")
+        for key, allowed in (("position_embedding", POSITION_EMBEDDINGS), ("norm", NORMS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {allowed}")
+        if self.position_embedding == "learned" and (self.max_positions is None or self.max_positions < 1):
+            raise ValueError(f"model.max_positions={self.max_positions} must be >= 1 with "
+                             f"model.position_embedding=learned (the longest sequence, e.g. ${{task.seq_len}})")
+        if self.attention_bias and "attention" not in self.layer_mixers():
+            raise ValueError("model.attention_bias=True has no effect without attention layers")
         if self.attention_window is not None and self.attention_window < 1:
             raise ValueError(f"model.attention_window={self.attention_window} must be >= 1 or null")
         if self.attention_heads is not None and self.attention_heads < 1:
@@ -104,7 +122,7 @@ class ModelConfig:
             if self.d_model % heads != 0:
                 raise ValueError(f"model.d_model={self.d_model} is not divisible by attention heads {heads} "
                                  f"(set model.attention_heads)")
-            if (self.d_model // heads) % 2 != 0:
+            if (self.d_model // heads) % 2 != 0 and self.position_embedding == "rope":
                 raise ValueError(f"model.d_model={self.d_model} / attention heads {heads} = "
                                  f"{self.d_model // heads} must be even for RoPE (set model.attention_heads)")
 
@@ -132,21 +150,46 @@ class AutocastRMSNorm(nn.RMSNorm):
         return add_rms_norm(residual, delta, self.weight, eps=self.eps, out_dtype=dtype, backend=self.backend)
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(x)), on x = residual + delta
-    [B, T, d_model] (see the module docstring)."""
+class AutocastLayerNorm(nn.LayerNorm):
+    """LayerNorm (weight and bias) of the residual stream after the residual add, with AutocastRMSNorm's interface:
+    (residual, delta) -> (y, residual + delta), y in the autocast dtype where autocast is on. Plain PyTorch: the
+    norm of Zoology's blocks, for comparison, not a fast path."""
 
-    def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden_size: int, norm_eps: float, backend: str):
+    def forward(self, residual, delta=None):
+        residual = residual if delta is None else residual + delta
+        y = super().forward(residual)                                          # float32 under autocast
+        device_type = residual.device.type
+        if torch.is_autocast_enabled(device_type):
+            y = y.to(torch.get_autocast_dtype(device_type))
+        return y, residual
+
+
+def residual_norm(kind: str, dim: int, eps: float, backend: str) -> nn.Module:
+    """The norm of the residual stream: ModelConfig.norm "rmsnorm" or "layernorm"."""
+    return AutocastRMSNorm(dim, eps, backend) if kind == "rmsnorm" else AutocastLayerNorm(dim, eps=eps)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then + SwiGLU(norm(x)) (mlp_hidden_size None: no MLP), on
+    x = residual + delta [B, T, d_model] (see the module docstring)."""
+
+    def __init__(self, mixer: nn.Module, d_model: int, mlp_hidden_size: Optional[int], norm_eps: float, backend: str,
+                 norm: str = "rmsnorm"):
         super().__init__()
-        self.mixer_norm = AutocastRMSNorm(d_model, norm_eps, backend)
+        self.mixer_norm = residual_norm(norm, d_model, norm_eps, backend)
         self.mixer = mixer
-        self.mlp_norm = AutocastRMSNorm(d_model, norm_eps, backend)
-        self.mlp = SwiGLU(d_model, mlp_hidden_size, backend)
+        self.mlp = None
+        if mlp_hidden_size is not None:
+            self.mlp_norm = residual_norm(norm, d_model, norm_eps, backend)
+            self.mlp = SwiGLU(d_model, mlp_hidden_size, backend)
 
     def forward(self, residual, delta=None, *, cu_seqlens=None, cache=None, use_cache=False):
-        """(residual, delta) in -> (residual, delta, cache) out: the MLP's output is left for the next norm to add."""
+        """(residual, delta) in -> (residual, delta, cache) out: the last sublayer's output is left for the next
+        norm to add."""
         y, residual = self.mixer_norm(residual, delta)
         mixed, cache = self.mixer(y, cu_seqlens=cu_seqlens, cache=cache, use_cache=use_cache)
+        if self.mlp is None:
+            return residual, mixed, cache
         y, residual = self.mlp_norm(residual, mixed)
         return residual, self.mlp(y), cache
 
@@ -154,7 +197,8 @@ class Block(nn.Module):
 def build_mixer(cfg: ModelConfig, kind: str, mode: str, backend: str) -> nn.Module:
     if kind == "attention":
         return Attention(cfg.d_model, cfg.num_attention_heads(), window=cfg.attention_window,
-                         rope_theta=cfg.rope_theta)
+                         rope_theta=cfg.rope_theta if cfg.position_embedding == "rope" else None,
+                         bias=cfg.attention_bias)
     return GatedDeltaNet(cfg.d_model, cfg.num_heads, cfg.head_dim, expand_v=cfg.expand_v, conv_size=cfg.conv_size,
                          use_short_conv=cfg.use_short_conv, use_output_gate=cfg.use_output_gate,
                          use_qk_l2norm=cfg.use_qk_l2norm, use_gate=cfg.use_gate, use_delta=cfg.use_delta,
@@ -186,8 +230,9 @@ class LanguageModel(nn.Module):
     ~ N(0, init_std) as in GPT-2 and Zoology. The choice changes what learns: on MQAR, attention forms no
     previous-token head under the default init and solves the task under 0.02 (docs/results/mqar.md).
     Either way the projections that write into the residual stream (mixer o_proj, MLP down_proj) get their
-    std divided by sqrt(2 * n_layers), so the residual stream's variance does not grow with depth. Norms start
-    at 1; the short conv and the GDN decay parameters keep their layer's own init.
+    std divided by sqrt(2 * n_layers), so the residual stream's variance does not grow with depth. A learned
+    position table starts as the embedding does, biases at 0, norms at 1; the short conv and the GDN decay
+    parameters keep their layer's own init.
 
     Args:
         mode: Gated DeltaNet op form, "chunk" or "recurrent" (see `set_mode`).
@@ -201,11 +246,14 @@ class LanguageModel(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        mlp_hidden_size = swiglu_hidden_size(cfg.d_model, cfg.mlp_ratio)
+        self.position_embed = nn.Embedding(cfg.max_positions, cfg.d_model) \
+            if cfg.position_embedding == "learned" else None
+        mlp_hidden_size = swiglu_hidden_size(cfg.d_model, cfg.mlp_ratio) if cfg.mlp else None
         self.blocks = nn.ModuleList(
-            Block(build_mixer(cfg, kind, mode, backend), cfg.d_model, mlp_hidden_size, cfg.norm_eps, backend)
+            Block(build_mixer(cfg, kind, mode, backend), cfg.d_model, mlp_hidden_size, cfg.norm_eps, backend,
+                  cfg.norm)
             for kind in cfg.layer_mixers())
-        self.norm = AutocastRMSNorm(cfg.d_model, cfg.norm_eps, backend)
+        self.norm = residual_norm(cfg.norm, cfg.d_model, cfg.norm_eps, backend)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -213,13 +261,17 @@ class LanguageModel(nn.Module):
 
     def _init_weights(self) -> None:
         std = self.cfg.init_std
-        nn.init.normal_(self.embed.weight, std=1.0 if std is None else std)
+        for embedding in (self.embed, self.position_embed):
+            if embedding is not None:
+                nn.init.normal_(embedding.weight, std=1.0 if std is None else std)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and module.weight is not self.embed.weight:
                 module_std = module.in_features ** -0.5 if std is None else std
                 if name.endswith(self.RESIDUAL_OUTPUTS):
                     module_std /= math.sqrt(2 * self.cfg.n_layers)
                 nn.init.normal_(module.weight, std=module_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def set_mode(self, mode: str) -> None:
         """Switches every Gated DeltaNet layer to the op's "chunk" or "recurrent" form."""
@@ -246,6 +298,8 @@ class LanguageModel(nn.Module):
         if cu_seqlens is not None and (cache is not None or use_cache):
             raise ValueError("cu_seqlens (packed sequences) cannot be combined with a cache")
         residual, delta = self.embed(input_ids), None                          # [B, T, d_model]
+        if self.position_embed is not None:
+            residual = residual + self.position_embed(self.token_positions(input_ids.shape[1], cu_seqlens, cache))
         new_cache = []
         for i, block in enumerate(self.blocks):
             residual, delta, layer_cache = block(residual, delta, cu_seqlens=cu_seqlens,
@@ -258,11 +312,34 @@ class LanguageModel(nn.Module):
         logits = self.lm_head(y)
         return (logits, new_cache) if use_cache else logits
 
+    def token_positions(self, T: int, cu_seqlens=None, cache=None) -> torch.Tensor:
+        """Each token's position in its sequence, the rows of the learned position table: LongTensor [T]; after
+        the tokens of `cache` (an attention layer's cache counts them), restarting at each packed-sequence start.
+        ValueError for a sequence longer than model.max_positions."""
+        device = self.position_embed.weight.device
+        if cu_seqlens is not None:  # packed sequences run eagerly: reading their longest length here costs no graph
+            positions, longest = positions_in_sequence(cu_seqlens, T), int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        else:
+            start = 0
+            if cache is not None:
+                start = next((layer["position"] for layer in cache if layer and "position" in layer), None)
+                if start is None:
+                    raise ValueError("model.position_embedding=learned: decoding with a cache needs an attention "
+                                     "layer, whose cache counts the tokens seen")
+            positions, longest = torch.arange(start, start + T, device=device), start + T
+        if longest > self.cfg.max_positions:
+            raise ValueError(f"a sequence of {longest} tokens is longer than model.max_positions="
+                             f"{self.cfg.max_positions} (the learned position table)")
+        return positions
+
     def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count (tied weights once); exclude_embeddings drops the embedding and LM head matrices."""
+        """Parameter count (tied weights once); exclude_embeddings drops the embedding, position table and LM head
+        matrices."""
         total = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             total -= self.embed.weight.numel()
+            if self.position_embed is not None:
+                total -= self.position_embed.weight.numel()
             if not self.cfg.tie_embeddings:
                 total -= self.lm_head.weight.numel()
         return total

@@ -9,6 +9,10 @@ values differ between the runs are the table's columns (the others are listed on
 KEY (e.g. trainer.lr) the table keeps, for each setting of the other parameters, the run with the best metric,
 as Zoology's figures take the best learning rate per point.
 
+When the runs differ in `seed`, a row is a setting of the other parameters over its seeds (--per-seed: a row per
+run): the number of seeds, the metric's mean and min-max, how many seeds reached trainer.target_accuracy and their
+median steps to it; --best-over picks by the seed mean, and the plots draw each seed's point beside the mean.
+
 Outputs: a markdown table on stdout (--csv: CSV); with --out DIR also runs.csv (every run), best.csv (with
 --best-over), report.md (table, failures, plots) and the plots: <metric> against each of d_model, seq_len,
 copy_len and num_kv_pairs that varies (one line per setting of the other parameters, one panel per task and
@@ -20,6 +24,7 @@ import glob
 import io
 import json
 import math
+import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -34,7 +39,7 @@ from gdn_exp.extras import have, missing
 
 # Config keys that get a "<metric> vs <key>" plot when they take several values.
 PLOT_AXES = ("model.d_model", "task.seq_len", "task.copy_len", "task.num_kv_pairs")
-RESULT_COLUMNS = ("status", "test/accuracy", "best/accuracy", "steps", "num_params", "wall_time_s")
+RESULT_COLUMNS = ("status", "test/accuracy", "best/accuracy", "steps_to_target", "steps", "num_params", "wall_time_s")
 
 
 @dataclass
@@ -58,6 +63,69 @@ class Run:
         """results[name] as a float; NaN when the run has none (failed) or it is not a number."""
         value = self.results.get(name)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+    def samples(self, name: str) -> list[float]:
+        """The values of `name` behind this row's: one run's."""
+        return [self.metric(name)]
+
+
+@dataclass
+class Seeds:
+    """The runs of one setting that differ only in `seed`, as one row of the table (same interface as Run).
+
+    value(key): a parameter; "seeds" (how many runs); a result's mean over the seeds that have it ("<name> min",
+    "<name> max": its range); "status" ("2 completed, 1 failed"); "reached target" ("2/3": seeds whose
+    steps_to_target is set) and "median steps_to_target" (over those); else the runs' common value (None if
+    they differ).
+    """
+
+    params: dict   # the runs' parameters, less seed
+    runs: list     # [Run], one per seed
+
+    @property
+    def path(self) -> str:
+        return ";".join(str(run.path) for run in self.runs)
+
+    def samples(self, name: str) -> list[float]:
+        return [run.metric(name) for run in self.runs]
+
+    def metric(self, name: str) -> float:
+        values = [v for v in self.samples(name) if not math.isnan(v)]
+        return statistics.fmean(values) if values else math.nan
+
+    def value(self, key: str):
+        if key in self.params:
+            return self.params[key]
+        reached = [run.results["steps_to_target"] for run in self.runs
+                   if run.results.get("steps_to_target") is not None]
+        name, _, bound = key.rpartition(" ")
+        if key == "seeds":
+            return len(self.runs)
+        if key == "status":
+            counts = defaultdict(int)
+            for run in self.runs:
+                counts[run.results.get("status", "?")] += 1
+            return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        if key == "reached target":
+            return f"{len(reached)}/{len(self.runs)}"
+        if key == "median steps_to_target":
+            return statistics.median(reached) if reached else None
+        if bound in ("min", "max"):
+            values = [v for v in self.samples(name) if not math.isnan(v)]
+            return (min if bound == "min" else max)(values) if values else None
+        values = {repr(run.value(key)): run.value(key) for run in self.runs}
+        if len(values) == 1:
+            return next(iter(values.values()))
+        return None if math.isnan(self.metric(key)) else self.metric(key)
+
+
+def over_seeds(runs: list[Run], params: list[str]) -> list[Seeds]:
+    """One Seeds row per setting of the swept `params` other than seed."""
+    keys = [key for key in params if key != "seed"]
+    groups = defaultdict(list)
+    for run in runs:
+        groups[tuple(repr(run.value(k)) for k in keys)].append(run)
+    return [Seeds({k: v for k, v in group[0].params.items() if k != "seed"}, group) for group in groups.values()]
 
 
 def find_run_dirs(patterns: list[str]) -> list[Path]:
@@ -150,7 +218,11 @@ def sort_runs(runs: list[Run], keys: list[str]) -> list[Run]:
     return sorted(runs, key=lambda run: [sort_key(run.value(k)) for k in keys] + [str(run.path)])
 
 
-def columns_for(metric: str) -> list[str]:
+def columns_for(metric: str, seeds: bool = False) -> list[str]:
+    """The result columns of the table: a run's, or with seeds those of a Seeds row."""
+    if seeds:
+        return ["seeds", "status", metric, f"{metric} min", f"{metric} max", "reached target",
+                "median steps_to_target", "num_params"]
     return list(dict.fromkeys(["status", metric, *RESULT_COLUMNS]))
 
 
@@ -160,14 +232,15 @@ def format_cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def runs_table(runs: list[Run], params: list[str], metric: str) -> str:
-    columns = params + columns_for(metric)
+def runs_table(runs: list[Run], params: list[str], metric: str, seeds: bool = False) -> str:
+    columns = params + columns_for(metric, seeds)
     return tables.markdown_table(columns, [[format_cell(run.value(c)) for c in columns] for run in runs]) + "\n"
 
 
-def csv_table(runs: list[Run], params: list[str], metric: str) -> str:
-    """Every row a run: its parameters, results, error (failed runs) and directory."""
-    columns = params + columns_for(metric) + ["error", "run_dir"]
+def csv_table(runs: list[Run], params: list[str], metric: str, seeds: bool = False) -> str:
+    """Every row a run (or Seeds: run_dir lists theirs, separated by ;): its parameters, results, error (failed
+    runs) and directory."""
+    columns = params + columns_for(metric, seeds) + ["error", "run_dir"]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
@@ -201,7 +274,8 @@ def label(run: Run, keys: list[str]) -> str:
 
 def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, path: Path) -> None:
     """<metric> against config key `axis` (log2 x): one panel per setting of the task and the other PLOT_AXES
-    that vary, one line per setting of the remaining swept parameters; several runs at one point show the best."""
+    that vary, one line per setting of the remaining swept parameters; several runs at one point show the best.
+    A Seeds row's point is its mean, drawn with each seed's value beside it."""
     import matplotlib.pyplot as plt
 
     panel_keys = [key for key in varying(runs, ("task", *PLOT_AXES)) if key != axis]
@@ -209,6 +283,7 @@ def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, p
     line_keys = [key for key in params if key != axis and key not in panel_keys
                  and not determined_by(runs, key, panel_keys + [axis])]
     panels = defaultdict(lambda: defaultdict(dict))  # panel -> line -> x -> best y
+    samples = defaultdict(dict)  # (panel, line) -> x -> the values behind the best y (the seeds')
     order = {}  # panel label -> its values, to order the panels by value rather than by text
     for run in runs:
         x, y = run.value(axis), run.metric(metric)
@@ -216,8 +291,10 @@ def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, p
             continue
         panel = label(run, panel_keys)
         order[panel] = [sort_key(run.value(key)) for key in panel_keys]
-        points = panels[panel][label(run, line_keys)]
-        points[x] = max(y, points.get(x, -math.inf))
+        line = label(run, line_keys)
+        points = panels[panel][line]
+        if y > points.get(x, -math.inf):
+            points[x], samples[panel, line][x] = y, run.samples(metric)
     all_lines = sorted({line for lines in panels.values() for line in lines})
     colors = {line: f"C{i % 10}" for i, line in enumerate(all_lines)}  # a line has one color in every panel
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False, sharey=True)
@@ -227,6 +304,9 @@ def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, p
             xs = sorted(points)
             xs_all.update(xs)
             ax.plot(xs, [points[x] for x in xs], marker="o", color=colors[line], label=line)
+            seeds = [(x, v) for x in xs for v in samples[panel, line][x] if len(samples[panel, line][x]) > 1]
+            if seeds:
+                ax.scatter(*zip(*seeds), color=colors[line], s=12, alpha=0.45, linewidths=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs_all), [format_cell(x) for x in sorted(xs_all)])
         ax.minorticks_off()
@@ -259,6 +339,7 @@ def plot_curves(runs: list[Run], params: list[str], metric: str, path: Path) -> 
         panels[label(run, panel_keys)].append(run)
     colors = {line: f"C{i % 10}" for i, line in enumerate(sorted({label(run, line_keys) for run in runs}))}
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False, sharex="col")
+    labelled = set()  # the seeds of a setting share their line's color and legend entry
     for column, (panel, panel_runs) in enumerate(sorted(panels.items())):
         for run in sort_runs(panel_runs, line_keys):
             rows = read_metrics(run.path)
@@ -266,7 +347,9 @@ def plot_curves(runs: list[Run], params: list[str], metric: str, path: Path) -> 
                 points = [(r["step"], float(r[name])) for r in rows if name in r]
                 if points:
                     line = label(run, line_keys)
-                    axes[row_index][column].plot(*zip(*points), color=colors[line], label=line, linewidth=1.2)
+                    axes[row_index][column].plot(*zip(*points), color=colors[line], linewidth=1.2,
+                                                 label=None if (line, row_index) in labelled else line)
+                    labelled.add((line, row_index))
         axes[0][column].set_title(panel, fontsize=9)
         if "accuracy" in metric:
             axes[0][column].set_ylim(0, 1.02)
@@ -295,7 +378,7 @@ def write_plots(runs: list[Run], params: list[str], metric: str, out_dir: Path) 
         plot_metric_vs(plotted, axis, params, metric, paths[-1])
     if plotted:
         paths.append(out_dir / "curves.png")
-        plot_curves(plotted, params, metric, paths[-1])
+        plot_curves([run for row in plotted for run in getattr(row, "runs", [row])], params, metric, paths[-1])
     return paths
 
 
@@ -309,6 +392,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write runs.csv, best.csv, report.md and the PNGs here")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of markdown")
+    parser.add_argument("--per-seed", action="store_true", help="a row per run, where runs that differ only in "
+                        "seed are otherwise one row (their mean, range and how many reached the target)")
     args = parser.parse_args(argv)
 
     try:
@@ -320,26 +405,32 @@ def main(argv=None) -> None:
     params = swept_keys(runs)
     if args.best_over and args.best_over not in params:
         sys.exit(f"error: --best-over {args.best_over} is not a swept parameter; swept: {', '.join(params) or 'none'}")
-    table = sort_runs(best_over(runs, args.best_over, args.metric) if args.best_over else runs, params)
-    table_params = [key for key in params if key != args.best_over] + ([args.best_over] if args.best_over else [])
+    seeds = "seed" in params and not args.per_seed and args.best_over != "seed"
+    rows = over_seeds(runs, params) if seeds else runs
+    row_params = [key for key in params if key != "seed"] if seeds else params
+    table = sort_runs(best_over(rows, args.best_over, args.metric) if args.best_over else rows, row_params)
+    table_params = [key for key in row_params if key != args.best_over] + ([args.best_over] if args.best_over else [])
 
     markdown = summary_line(runs)
-    if args.best_over:
+    if seeds:
+        best = f"; of the settings that differ in {args.best_over}, the best mean" if args.best_over else ""
+        markdown += f"\nEach row: one setting over its seeds ({args.metric}: mean, min, max{best}).\n"
+    elif args.best_over:
         markdown += f"\nEach row: the run with the best {args.metric} over {args.best_over} (see its column).\n"
-    markdown += "\n" + runs_table(table, table_params, args.metric)
+    markdown += "\n" + runs_table(table, table_params, args.metric, seeds)
     failures = failure_summary(runs)
     if failures:
         markdown += "\n" + failures
-    print(csv_table(table, table_params, args.metric) if args.csv else markdown, end="")
+    print(csv_table(table, table_params, args.metric, seeds) if args.csv else markdown, end="")
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "runs.csv").write_text(csv_table(sort_runs(runs, params), params, args.metric))
         if args.best_over:
-            (args.out / "best.csv").write_text(csv_table(table, table_params, args.metric))
+            (args.out / "best.csv").write_text(csv_table(table, table_params, args.metric, seeds))
         plots = []
         if have("matplotlib"):
-            plots = write_plots(table, [key for key in params if key != args.best_over], args.metric, args.out)
+            plots = write_plots(table, [key for key in row_params if key != args.best_over], args.metric, args.out)
         else:
             print(missing("matplotlib", "plots"), file=sys.stderr)
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in plots)

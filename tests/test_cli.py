@@ -63,6 +63,10 @@ def test_user_errors_give_one_clear_line(tmp_path, overrides, message):
     (["task.vocab_size=2"], "vocab_size=2"),
     (["model.vocab_size=8"], "model.vocab_size=8"),
     (["trainer.batch_size=0"], "trainer.batch_size=0"),
+    (["model.norm=batchnorm"], "model.norm='batchnorm' is not one of ('rmsnorm', 'layernorm')"),
+    (["model.position_embedding=learned"], "model.max_positions=None must be >= 1"),
+    (["model.position_embedding=learned", "model.max_positions=4"],
+     "model.max_positions=4 is shorter than task.seq_len"),
     # every impossible value of a trainer key, named with what it may be
     (["trainer.lr=-1"], "trainer.lr=-1.0 must be a finite number > 0"),
     (["trainer.lr=nan"], "trainer.lr=nan"),

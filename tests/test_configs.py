@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from gdn_exp.cli import CONF_DIR
 from gdn_exp.train import check_config
 from gdn_exp.train.distributed import Distributed
+from gdn_exp.train.loop import lr_multiplier
 
 # What each ablation sets in `model` (everything else stays at the full Gated DeltaNet).
 ABLATIONS = {
@@ -28,6 +29,7 @@ ABLATIONS = {
     "neg_eigval": {"allow_neg_eigval": True},
     "no_beta": {"use_beta": False},
     "attention": {"mixer": "attention"},
+    "zoology_attention": {"mixer": "attention"},  # and its form: tests/test_model.py
 }
 ONE_CPU_PROCESS = Distributed(rank=0, world_size=1, device=torch.device("cpu"), strategy="none")
 FULL_MODEL = {"mixer": "gdn", "use_gate": True, "use_delta": True, "use_short_conv": True, "use_output_gate": True,
@@ -138,9 +140,10 @@ def grid_configs(name: str):
 
 
 EXPERIMENTS = {  # name: (task, number of grid points, launcher)
-    "mqar_grid": ("mqar", 192, "LocalLauncher"),
+    "mqar_grid": ("mqar", 576, "LocalLauncher"),
     "mqar_quick": ("mqar", 72, "LocalLauncher"),
-    "mqar_hard": ("mqar", 24, "LocalLauncher"),
+    "mqar_hard": ("mqar", 72, "LocalLauncher"),
+    "mqar_zoology_attention": ("mqar", 192, "LocalLauncher"),
     "mqar_smoke": ("mqar", 32, "LocalLauncher"),
     "length_grid": ("copy", 64, "LocalLauncher"),
     "length_smoke": ("copy", 24, "LocalLauncher"),
@@ -161,7 +164,8 @@ def test_experiment_preset_composes(name):
     assert cfg.hydra.launcher._target_.endswith(launcher)
     axes = sweep_axes(cfg.hydra)
     assert {"ablation", "trainer.lr"} <= axes.keys()
-    assert set(axes["ablation"]) == {"none", "no_delta", "no_gate", "attention"}
+    mixers = {"zoology_attention"} if name == "mqar_zoology_attention" else {"none", "no_delta", "no_gate", "attention"}
+    assert set(axes["ablation"]) == mixers
     if name.startswith("mqar"):
         assert "model.d_model" in axes and ("mqar_length" in axes or "task.seq_len" in axes)
         assert cfg.model.num_heads == 1 and cfg.model.head_dim == cfg.model.d_model
@@ -177,17 +181,17 @@ def test_every_grid_point_passes_start_up_checks(name):
     points = 0
     for point, cfg in grid_configs(name):
         check_config(cfg, ONE_CPU_PROCESS)
-        mixer = "attention" if point["ablation"] == "attention" else "gdn"
+        mixer = "attention" if point["ablation"].endswith("attention") else "gdn"
         assert cfg.model.mixer == mixer, point
         assert cfg.model.use_gate == (point["ablation"] != "no_gate"), point
         assert cfg.model.use_delta == (point["ablation"] != "no_delta"), point
         for key, value in point.items():
             if "." in key:
                 assert OmegaConf.select(cfg, key) == value, (point, key)
-        if "mqar_length" in point:  # Zoology's pairs per length; its batch sizes in the full grid
+        if "mqar_length" in point:  # Zoology's pairs and batch size per length, in the full grid and its prefixes
             pairs, batch = ZOOLOGY_LENGTHS[cfg.task.seq_len]
             assert point["mqar_length"] == f"len{cfg.task.seq_len}" and cfg.task.num_kv_pairs == pairs, point
-            assert name != "mqar_grid" or cfg.trainer.batch_size == batch, point
+            assert cfg.trainer.batch_size == batch, point
         points += 1
     assert points == EXPERIMENTS[name][1]
 
@@ -203,6 +207,31 @@ def test_parity_presets_sweep_the_beta_range_and_are_tested_longer_than_trained(
         points.add((cfg.model.allow_neg_eigval, cfg.model.use_gate, cfg.seed))
     assert {neg_eigval for neg_eigval, _, _ in points} == {False, True}
     assert len(points) == STATE_TRACKING_EXPERIMENTS[name]
+
+
+CLAIMS = ("mqar_grid", "mqar_hard", "mqar_zoology_attention")  # presets whose results are reported as findings
+
+
+@pytest.mark.parametrize("name", CLAIMS)
+def test_presets_that_make_a_claim_run_three_seeds(name):
+    assert len(sweep_axes(compose_with_hydra(f"+experiment={name}").hydra).get("seed", [])) >= 3
+
+
+@pytest.mark.parametrize("length", ["len64", "len128", "len256"])
+def test_the_quick_mqar_grid_is_a_prefix_of_the_full_one(length):
+    """mqar_quick only stops earlier: at step 1000 (and every step) its learning rate and batch are mqar_grid's."""
+    grid, quick = (compose_with_hydra(f"+experiment={name}", f"mqar_length={length}", return_hydra_config=False)
+                   for name in ("mqar_grid", "mqar_quick"))
+    assert quick.trainer.max_steps < grid.trainer.max_steps
+
+    def lr_at(step, trainer):
+        return trainer.lr * lr_multiplier(step, warmup_steps=trainer.warmup_steps, min_lr_ratio=trainer.min_lr_ratio,
+                                          decay_steps=trainer.lr_decay_steps or trainer.max_steps)
+
+    assert lr_at(1000, quick.trainer) == lr_at(1000, grid.trainer) < quick.trainer.lr
+    keys = ("lr", "batch_size", "warmup_steps", "min_lr_ratio", "lr_decay_steps", "weight_decay", "grad_clip")
+    assert {k: quick.trainer[k] for k in keys} == {k: grid.trainer[k] for k in keys}
+    assert quick.model == grid.model and quick.task == grid.task
 
 
 @pytest.mark.slow

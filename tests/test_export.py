@@ -94,10 +94,16 @@ def test_written_weights_are_exactly_ours(dtype, tmp_path):
     assert all(torch.equal(imported[name], t.to(dtype).float()) for name, t in model.state_dict().items())
 
 
-@pytest.mark.parametrize("key", ["use_gate", "use_delta", "use_beta", "use_qk_l2norm"])
-def test_refuses_ablations_fla_cannot_represent(key):
-    model = small_model(**{key: False})
-    with pytest.raises(ValueError, match=f"model.{key}=false") as error:
+@pytest.mark.parametrize("overrides, shown", [
+    *((dict.fromkeys([key], False), f"model.{key}=false") for key in ("use_gate", "use_delta", "use_beta",
+                                                                        "use_qk_l2norm", "mlp")),
+    (dict(position_embedding="learned", max_positions=16), "model.position_embedding=learned"),
+    (dict(norm="layernorm"), "model.norm=layernorm"),
+    (dict(attention_every=2, attention_bias=True), "model.attention_bias=true"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_refuses_ablations_fla_cannot_represent(overrides, shown):
+    model = small_model(**overrides)
+    with pytest.raises(ValueError, match=shown) as error:
         to_fla(model, model.cfg)
     assert "\n" not in str(error.value)
     both = small_model(use_gate=False, use_beta=False)

@@ -15,6 +15,8 @@ FAMILIES = {
     "attention": dict(mixer="attention"),
     "hybrid": dict(n_layers=4, attention_every=2),
     "sliding_window_hybrid": dict(n_layers=4, attention_every=2, attention_window=4),
+    "zoology_attention": dict(mixer="attention", position_embedding="learned", max_positions=20, mlp=False,
+                              norm="layernorm", attention_bias=True, tie_embeddings=True),
 }
 
 
@@ -63,8 +65,9 @@ def test_cached_decoding_equals_full_forward(family):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=0, atol=1e-5)
 
 
-def test_packed_sequences_equal_separate_runs():
-    model = tiny_model(**FAMILIES["sliding_window_hybrid"])
+@pytest.mark.parametrize("family", ["sliding_window_hybrid", "zoology_attention"])
+def test_packed_sequences_equal_separate_runs(family):
+    model = tiny_model(**FAMILIES[family])  # learned positions restart at each sequence
     lengths = [7, 2, 11]
     tokens = random_tokens(1, sum(lengths))
     cu_seqlens = torch.tensor([0, 7, 9, 20])
@@ -229,6 +232,10 @@ def test_num_params():
     (dict(mixer="attention", attention_every=2), "needs model.mixer=gdn"),
     (dict(attention_window=0), "model.attention_window=0"),
     (dict(num_heads=0), "model.num_heads=0"),
+    (dict(position_embedding="alibi"), "model.position_embedding='alibi' is not one of"),
+    (dict(norm="batchnorm"), "model.norm='batchnorm' is not one of"),
+    (dict(position_embedding="learned"), "model.max_positions=None must be >= 1"),
+    (dict(attention_bias=True), "model.attention_bias=True has no effect without attention layers"),
 ])
 def test_validate_names_the_bad_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -298,3 +305,67 @@ def test_block_inputs_cast_once_under_autocast(family, monkeypatch):
         return ((grads - exact).norm() / exact.norm()).item()
 
     assert error(once_grads) < 1.2 * error(per_linear_grads)
+
+
+def test_zoology_switches_build_zoology_attention_blocks():
+    """Learned positions, no MLP, LayerNorm with bias, attention biases (0 at init), a tied head: the parameters
+    are exactly those, V d + P d + L (4 d^2 + 6 d) + 2 d."""
+    model = tiny_model(**FAMILIES["zoology_attention"])
+    names = dict(model.named_parameters())
+    assert names["position_embed.weight"].shape == (20, 32) and model.lm_head.weight is model.embed.weight
+    assert not any(".mlp" in name for name in names) and all(block.mlp is None for block in model.blocks)
+    assert isinstance(model.norm, nn.LayerNorm) and isinstance(model.blocks[0].mixer_norm, nn.LayerNorm)
+    for name in ("blocks.1.mixer.qkv_proj.bias", "blocks.1.mixer.o_proj.bias", "blocks.1.mixer_norm.bias", "norm.bias"):
+        assert torch.count_nonzero(names[name]) == 0, name
+    d, L = 32, 2
+    assert model.num_params() == VOCAB * d + 20 * d + L * (4 * d * d + 6 * d) + 2 * d
+    assert model.num_params(exclude_embeddings=True) == L * (4 * d * d + 6 * d) + 2 * d
+
+
+@pytest.mark.parametrize("positions, order_matters", [("rope", True), ("learned", True), ("none", False)])
+def test_learned_positions_replace_rotary_ones(positions, order_matters):
+    """One attention layer sees its prefix as a set unless positions tell the tokens apart: RoPE does, and so does
+    the learned table; with the table zeroed ("none") attention rotates nothing and shuffling the prefix leaves
+    the last token's logits as they were."""
+    learned = dict(position_embedding="learned", max_positions=16) if positions != "rope" else {}
+    model = tiny_model(mixer="attention", n_layers=1, **learned)
+    if positions == "none":
+        nn.init.zeros_(model.position_embed.weight)
+    tokens = random_tokens(2, 16)
+    shuffled = torch.cat([tokens[:, :-1][:, torch.randperm(15, generator=torch.Generator().manual_seed(0))],
+                          tokens[:, -1:]], dim=1)
+    change = (model(tokens)[:, -1] - model(shuffled)[:, -1]).abs().max()
+    assert (change > 1e-6) == order_matters, change
+
+
+def test_learned_positions_refuse_longer_sequences_and_need_no_even_head_size():
+    model = tiny_model(**FAMILIES["zoology_attention"])
+    with pytest.raises(ValueError, match="a sequence of 21 tokens is longer than model.max_positions=20"):
+        model(random_tokens(1, 21))
+    _, cache = model(random_tokens(1, 20), use_cache=True)
+    with pytest.raises(ValueError, match="a sequence of 21 tokens"):
+        model(random_tokens(1, 1), cache=cache, use_cache=True)
+    gdn = tiny_model(position_embedding="learned", max_positions=20)
+    _, cache = gdn(random_tokens(1, 4), use_cache=True)
+    with pytest.raises(ValueError, match="decoding with a cache needs an attention layer"):
+        gdn(random_tokens(1, 1), cache=cache)
+    ModelConfig(mixer="attention", d_model=130, attention_heads=2, position_embedding="learned",
+                max_positions=8).validate()  # head size 65: odd is fine without RoPE
+
+
+def test_layer_norm_of_the_residual_stream():
+    """norm=layernorm: (residual, delta) -> (LayerNorm(residual + delta), residual + delta), y in the autocast
+    dtype under autocast."""
+    from gdn_exp.model import AutocastLayerNorm
+
+    norm = AutocastLayerNorm(8, eps=1e-5)
+    nn.init.normal_(norm.weight, generator=torch.Generator().manual_seed(0))
+    nn.init.normal_(norm.bias, generator=torch.Generator().manual_seed(1))
+    residual, delta = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    y, new_residual = norm(residual, delta)
+    torch.testing.assert_close(new_residual, residual + delta, rtol=0, atol=0)
+    torch.testing.assert_close(y, F.layer_norm(residual + delta, (8,), norm.weight, norm.bias, 1e-5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf16, _ = norm(residual, delta.bfloat16())
+    assert y_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y_bf16.float(), y, rtol=1e-2, atol=2e-2)

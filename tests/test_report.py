@@ -1,8 +1,12 @@
 """`gdn-exp-report` on a hand-made sweep: the swept parameters become columns, --best-over keeps the best
-learning rate per point, failures are counted, and --out writes the CSVs, report.md and the PNGs."""
+learning rate per point, failures are counted, and --out writes the CSVs, report.md and the PNGs; on a real
+two-seed sweep, one row per setting over its seeds."""
 import csv
 import io
 import json
+import statistics
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -73,7 +77,7 @@ def test_table_has_the_swept_parameters_as_columns(sweep, capsys):
     out = capsys.readouterr().out
     header, rows = parse_markdown(out)
     assert header == ["ablation", "model.d_model", "task.seq_len", "trainer.lr", "status", "test/accuracy",
-                      "best/accuracy", "steps", "num_params", "wall_time_s"]
+                      "best/accuracy", "steps_to_target", "steps", "num_params", "wall_time_s"]
     assert len(rows) == 16
     assert out.startswith("16 runs (15 completed, 1 failed); fixed: `experiment=mqar_smoke`")
     assert "- 1 failed: out of memory" in out
@@ -131,3 +135,46 @@ def test_bad_arguments_end_in_one_line(sweep, tmp_path, args, message):
     paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "sweep": sweep}
     with pytest.raises(SystemExit, match=message):
         report.main([arg.format(**paths) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(tmp_path_factory):
+    """A real sweep through `gdn-exp -m`: 2 seeds x 2 learning rates of a tiny copy task, 4 steps each, every run
+    at the (zero) target from its first evaluation on."""
+    tmp_path = tmp_path_factory.mktemp("seeds")
+    command = [sys.executable, "-m", "gdn_exp.cli", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+               "hydra.launcher.n_jobs=2", "model=tiny", "task=copy", "task.num_train=64", "task.num_test=16",
+               "task.copy_len=2", "task.seq_len=8", "trainer.max_steps=4", "trainer.eval_interval=2",
+               "trainer.log_interval=1", "trainer.batch_size=4", "trainer.num_threads=1", "trainer.progress=false",
+               "trainer.target_accuracy=0.0", "logger=none", f"task_cache_dir={tmp_path / 'cache'}",
+               "seed=0,1", "trainer.lr=1e-3,3e-3"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return tmp_path / "sweep"
+
+
+def test_a_two_seed_sweep_is_one_row_per_learning_rate(seed_sweep, tmp_path, capsys):
+    runs = [report.load_run(path) for path in report.find_run_dirs([str(seed_sweep)])]
+    by_lr = {lr: [run for run in runs if run.value("trainer.lr") == lr] for lr in (1e-3, 3e-3)}
+    losses = {lr: [run.metric("test/loss") for run in group] for lr, group in by_lr.items()}
+    assert all(len(set(values)) == 2 for values in losses.values())  # the seeds trained different models
+
+    report.main([str(seed_sweep), "--metric", "test/loss", "--out", str(tmp_path / "out")])
+    header, rows = parse_markdown(capsys.readouterr().out)
+    assert header == ["trainer.lr", "seeds", "status", "test/loss", "test/loss min", "test/loss max",
+                      "reached target", "median steps_to_target", "num_params"]
+    assert [row[0] for row in rows] == ["0.001", "0.003"]
+    for row, (lr, values) in zip(rows, losses.items()):
+        expected = [2, "2 completed", statistics.fmean(values), min(values), max(values), "2/2", 2,
+                    by_lr[lr][0].results["num_params"]]
+        assert row[1:] == [report.format_cell(value) for value in expected], row
+    assert (tmp_path / "out/curves.png").read_bytes()[:4] == b"\x89PNG"
+
+    report.main([str(seed_sweep), "--metric", "test/loss", "--best-over", "trainer.lr", "--csv"])
+    (best,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    best_lr = max(losses, key=lambda lr: statistics.fmean(losses[lr]))  # by the mean, not the best seed
+    assert float(best["trainer.lr"]) == best_lr and len(best["run_dir"].split(";")) == 2
+
+    report.main([str(seed_sweep), "--per-seed"])
+    header, rows = parse_markdown(capsys.readouterr().out)
+    assert header[:2] == ["seed", "trainer.lr"] and len(rows) == 4

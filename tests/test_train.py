@@ -102,6 +102,18 @@ def test_training_reduces_loss(compose, tmp_path):
     assert curve[60] < 0.8 * curve[5], curve
 
 
+def test_a_capped_run_is_a_prefix_of_the_uncapped_one(compose, tmp_path):
+    """trainer.lr_decay_steps keeps the schedule of the full budget: capping max_steps only truncates the run."""
+    schedule = ("trainer.warmup_steps=5", "trainer.min_lr_ratio=0.0")
+    run_job(compose(*FAST, *schedule, "trainer.max_steps=40"), tmp_path / "full")
+    run_job(compose(*FAST, *schedule, "trainer.max_steps=20", "trainer.lr_decay_steps=40"), tmp_path / "capped")
+    full, capped = ([r for r in metrics_rows(tmp_path / name) if "train/lr" in r] for name in ("full", "capped"))
+    assert [r["step"] for r in capped] == [5, 10, 15, 20]
+    for name in ("train/lr", "train/loss"):
+        assert [r[name] for r in full[:4]] == pytest.approx([r[name] for r in capped], rel=1e-6), name
+    assert capped[-1]["train/lr"] > 0.5 * 3e-3  # halfway through the full cosine, not at its end
+
+
 def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, signal_during_step):
     run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "full")
 
@@ -119,6 +131,17 @@ def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, signal_d
     assert losses(tmp_path / "resumed") == pytest.approx(losses(tmp_path / "full"), rel=1e-6)
     assert resumed["test/accuracy"] == pytest.approx(full["test/accuracy"])
     assert resumed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
+
+
+def test_steps_to_target_is_the_first_evaluation_at_the_target_and_survives_a_resume(compose, tmp_path):
+    never = run_job(compose(*FAST, "trainer.max_steps=10", "trainer.target_accuracy=1.0"), tmp_path / "never")
+    assert never["steps"] == 10 and never["steps_to_target"] is None
+    first = run_job(compose(*FAST, "trainer.max_steps=40", "trainer.target_accuracy=0.0"), tmp_path / "first")
+    assert first["steps"] == 10 and first["steps_to_target"] == 10  # reached at the first evaluation: stops
+    resumed = run_job(compose(*FAST, "trainer.max_steps=40", "trainer.target_accuracy=0.0",
+                              f"trainer.resume={tmp_path / 'first'}"), tmp_path / "resumed")
+    assert resumed["steps"] == 20 and resumed["steps_to_target"] == 10  # the resumed run's eval at 20 is later
+    assert json.loads((tmp_path / "resumed/results.json").read_text())["steps_to_target"] == 10
 
 
 def stopped_run(compose, signal_during_step, run_dir, *overrides):

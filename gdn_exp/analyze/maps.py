@@ -34,7 +34,7 @@ def implicit_attention(q, k, g, beta, *, scale: float, use_delta: bool = True, s
     Args:
         q, k: [B, T, H, K]; g (log decay), beta: [B, T, H]: the op's inputs, as the layer passed them.
         scale: the op's scale (the layer's K ** -0.5).
-        use_delta: False for the no_delta ablation (gated linear attention).
+        use_delta: False for the no_delta ablation (scalar-decay linear attention).
         sequence_ids: LongTensor [B, T] of document numbers for packed documents, or None.
     Cost: T steps of O(B H K T) with the delta rule; memory B H T² floats.
     """

@@ -1,4 +1,7 @@
-"""Causal softmax attention with rotary position embeddings, an optional sliding window and a KV cache."""
+"""Causal softmax attention with rotary position embeddings (or none: the model adds learned ones), an optional
+sliding window and a KV cache."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,23 +43,26 @@ class Attention(nn.Module):
     """Multi-head causal self-attention: x [B, T, d_model] -> y [B, T, d_model].
 
     head_dim = d_model / num_heads (must be even for RoPE). Parameters: 4 d_model^2 (fused qkv_proj, o_proj),
-    no biases. window: each token sees itself and the window - 1 tokens before it (None = all of them);
-    the KV cache then keeps only those window - 1 keys. Softmax attention is torch's scaled_dot_product_attention.
+    plus 4 d_model with bias=True (Zoology's attention has biases). window: each token sees itself and the
+    window - 1 tokens before it (None = all of them); the KV cache then keeps only those window - 1 keys.
+    rope_theta: RoPE's base, or None for no rotation (positions then come with x, e.g. learned ones added to the
+    token embedding). Softmax attention is torch's scaled_dot_product_attention.
     """
 
-    def __init__(self, d_model: int, num_heads: int, *, window=None, rope_theta: float = 10000.0):
+    def __init__(self, d_model: int, num_heads: int, *, window=None, rope_theta: Optional[float] = 10000.0,
+                 bias: bool = False):
         super().__init__()
         if num_heads < 1 or d_model % num_heads != 0:
             raise ValueError(f"Attention: d_model={d_model} is not divisible by num_heads={num_heads}")
-        if (d_model // num_heads) % 2 != 0:
+        if rope_theta is not None and (d_model // num_heads) % 2 != 0:
             raise ValueError(f"Attention: head_dim = d_model / num_heads = {d_model // num_heads} "
                              f"must be even for RoPE")
         if window is not None and window < 1:
             raise ValueError(f"Attention: window={window} must be >= 1 or None")
         self.num_heads, self.head_dim = num_heads, d_model // num_heads
         self.window, self.rope_theta = window, rope_theta
-        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.o_proj = nn.Linear(d_model, d_model, bias=False)
+        self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
         self.record = None  # for analysis, gdn_exp.analyze: called with the rotated q, k and v
 
     def forward(self, x, *, cu_seqlens=None, cache=None, use_cache=False):
@@ -77,7 +83,8 @@ class Attention(nn.Module):
         start = 0 if cache is None else cache["position"]
         positions = torch.arange(start, start + T, device=x.device)
         q, k, v = self.qkv_proj(x).view(B, T, 3, H, D).unbind(dim=2)          # [B, T, H, D] each
-        q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
+        if self.rope_theta is not None:
+            q, k = apply_rotary(q, positions, self.rope_theta), apply_rotary(k, positions, self.rope_theta)
         if self.record is not None:  # for analysis, gdn_exp.analyze (causal; each query sees `window` keys)
             self.record({"q": q, "k": k, "v": v, "window": self.window, "scale": D ** -0.5})
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # [B, H, T, D]

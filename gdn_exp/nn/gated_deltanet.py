@@ -27,7 +27,8 @@ class GatedDeltaNet(nn.Module):
         use_short_conv=False: no convolution; q, k, v still pass through SiLU, so only the conv is removed.
         use_qk_l2norm=False:  q and k are not normalised.
         use_gate=False:       g = 0 (no decay, i.e. DeltaNet); no W_a, A_log, dt_bias.
-        use_delta=False:      gated linear attention, S <- exp(g) S + k (beta v)^T (`ops.gated_linear_attention`).
+        use_delta=False:      scalar-decay linear attention, S <- exp(g) S + k (beta v)^T, one decay per head
+                              (Mamba2-like, not GLA's per-channel gate; `ops.gated_linear_attention`).
         use_beta=False:       beta = 1; no W_b.
         allow_neg_eigval:     beta in [0, 2], so the transition I - beta k k^T may have negative eigenvalues.
         use_output_gate=False: y = RMSNorm(o) W_o; no W_g.

@@ -57,8 +57,8 @@ def evaluate_splits(model, splits: dict, **kwargs) -> dict:
     return metrics
 
 
-def reached_target(metrics: dict, target: float) -> bool:
-    """Whether test/accuracy and the accuracy at every longer test length (test/accuracy@L) are >= target: a task
-    with longer test lengths counts as solved only once it generalises to all of them."""
-    return all(value >= target for key, value in metrics.items()
+def reached_target(metrics: dict, target) -> bool:
+    """Whether test/accuracy and the accuracy at every longer test length (test/accuracy@L) are >= target (None:
+    never): a task with longer test lengths counts as solved only once it generalises to all of them."""
+    return target is not None and all(value >= target for key, value in metrics.items()
                if key == "test/accuracy" or key.startswith("test/accuracy@"))

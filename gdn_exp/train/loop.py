@@ -132,7 +132,9 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         lr_multiplier, warmup_steps=tc.warmup_steps, decay_steps=tc.lr_decay_steps or tc.max_steps,
         min_lr_ratio=tc.min_lr_ratio))
 
-    counters = {"step": 0, "best_accuracy": -1.0, "best_step": -1, "tokens_seen": 0, "train_time_s": 0.0}
+    # target_step: the first evaluation at or above trainer.target_accuracy (kept across a resume)
+    counters = {"step": 0, "best_accuracy": -1.0, "best_step": -1, "target_step": None, "tokens_seen": 0,
+                "train_time_s": 0.0}
     resume_path = dist_info.broadcast(checkpoint.find_resume(tc.resume, run_dir, config) if is_main else None)
     saved = checkpoint.load_latest(resume_path, network, optimizer) if resume_path else None
     if saved:
@@ -160,6 +162,8 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
             metrics["test/perplexity"] = math.exp(min(metrics["test/loss"], 700.0))
         metrics = dist_info.broadcast(metrics)  # every rank takes rank 0's decisions below
         logger.log(counters["step"], metrics)
+        if counters["target_step"] is None and reached_target(metrics, tc.target_accuracy):
+            counters["target_step"] = counters["step"]
         if math.isfinite(metrics["test/loss"]) and metrics["test/accuracy"] > counters["best_accuracy"]:
             counters.update(best_accuracy=metrics["test/accuracy"], best_step=counters["step"])
             weights = checkpoint.full_model_state(network)
@@ -228,7 +232,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                 log_time, log_steps = 0.0, 0
             if step % tc.eval_interval == 0 or step == tc.max_steps:
                 metrics, last_eval_step = run_eval(), step
-                if tc.target_accuracy is not None and reached_target(metrics, tc.target_accuracy):
+                if reached_target(metrics, tc.target_accuracy):
                     log.info("test/accuracy %.4f >= target %.4f at step %d (and at every test length): stopping "
                              "early", metrics["test/accuracy"], tc.target_accuracy, step)
                     save_latest()
@@ -249,6 +253,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         **({"error": error} if error else {}),
         **metrics,
         "best/accuracy": counters["best_accuracy"], "best/step": counters["best_step"],
+        "steps_to_target": counters["target_step"],
         "steps": counters["step"], "train/loss": loss_value, "num_params": num_params,
         "wall_time_s": time.time() - start, "first_step_s": first_step_s,
         "tokens_per_s": counters["tokens_seen"] / max(counters["train_time_s"], 1e-9),

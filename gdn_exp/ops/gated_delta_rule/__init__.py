@@ -3,7 +3,8 @@
     o, final_state = gated_delta_rule(q, k, v, g, beta, mode="chunk", backend="auto")
 
     chunk.py        chunkwise Triton kernels (UT/WY form), forward and backward, and their launch settings
-    chunk_gla.py    the chunk kernels without the delta rule (gated linear attention, the no_delta ablation)
+    chunk_gla.py    the chunk kernels without the delta rule (the no_delta ablation: linear attention with one
+                    decay per head, FLA's "simple GLA", not GLA's per-channel gate)
     recurrent.py    step-by-step Triton kernels, and the in-place decode step
     reference.py    the PyTorch forms: the token-by-token oracle (float64-capable) and the chunkwise form
     triton_utils.py the sequence layout and dot helpers both kernel files share
@@ -95,7 +96,8 @@ GLA_ONE_CHUNK_ELEMENTS = 2**25
 
 def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None, mode="chunk", backend="auto"):
-    """The no-delta ablation, S <- exp(g_t) S + k_t (beta_t v_t)^T.
+    """The no-delta ablation, S <- exp(g_t) S + k_t (beta_t v_t)^T: linear attention with a scalar decay per head
+    and step (Mamba2-like; FLA's simple_gla), not GLA's per-channel gate [B, T, H, K].
 
     Same arguments and returns as `gated_delta_rule`. The chunk form runs in Triton (`chunk_gla.py`) where the
     backend resolves to it; the recurrent form is always PyTorch's token loop.

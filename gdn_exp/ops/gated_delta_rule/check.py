@@ -7,7 +7,7 @@
 Cases run in --jobs worker processes sharing the GPU (Triton compilation dominates the run time).
 
 Kernels: the chunk and recurrent forms of the gated delta rule, the chunk form without the delta rule ("gla",
-gated linear attention, against the oracle's no-delta loop) and the decode step. Every case draws fresh seeded inputs (L2-normalised q and k, beta in [0, 2], g in the case's regime), runs
+scalar-decay linear attention, against the oracle's no-delta loop) and the decode step. Every case draws fresh seeded inputs (L2-normalised q and k, beta in [0, 2], g in the case's regime), runs
 the kernel with NaN-poisoned allocations and random upstream gradients on o and final_state, and compares
 o, final_state and every gradient with the oracle run in float64 on the same (dtype-rounded) inputs, by
 ||x - ref|| / ||ref||. A case that raises (an illegal memory access from a miscompiled kernel) fails alone; the
@@ -126,7 +126,7 @@ def oracle(x, use_delta: bool = True):
     """float64 oracle on x's inputs: the token-by-token loop, whose autograd keeps every state, or for the
     largest cases (over 1.5e8 state elements in total) the float64 chunk form. The chunk form matches the loop
     to ~1e-15 absolute, but its dg is off by ~1e-3 relative when g ~ -30 makes dg itself ~1e-12, so the
-    matrix runs that regime only at loop-sized shapes. use_delta=False: gated linear attention."""
+    matrix runs that regime only at loop-sized shapes. use_delta=False: scalar-decay linear attention."""
     B, T, H, K = x["q"].shape
     fn = (reference.recurrent_gated_delta_rule if B * T * H * K * x["v"].shape[-1] <= 1.5e8
           else reference.chunk_gated_delta_rule)

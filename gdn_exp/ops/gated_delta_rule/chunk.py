@@ -244,7 +244,7 @@ def chunk_state_fwd_kernel(q, k, v, w, u, a_inv, beta, g_cum, h, v_new, o, h0, h
     """Sequential over the chunks of one sequence, for V columns [i_v BV, i_v BV + BV): U = U~ - W S, then
     S <- exp(G_last) S + (exp(G_last - G) K)^T U. W and U~ are read from w and u, or (APPLY_AINV) never
     formed: U = Ainv diag(beta) (V - diag(exp(G)) K S) from Ainv, K and V (one more dependent product per
-    chunk, which pays only in blocks of 32-64 columns: applies_a_inv). Without DELTA (gated linear attention)
+    chunk, which pays only in blocks of 32-64 columns: applies_a_inv). Without DELTA (scalar-decay linear attention)
     U = u = beta V as read, no W. With OUTPUT it also writes the chunk's output O = scale (exp(G) Q) S +
     (scale Q K^T * D) U from the float32 S in registers; without, it stores the chunk-start states in h (rounded
     to h's dtype, float16 for 16-bit inputs, as the products use them) and, with DELTA, U in v_new (else
@@ -519,7 +519,7 @@ def run_state_fwd(k, v, w, u, a_inv, beta, g_cum, initial_state, output_final_st
                   out_dtype=None, settings=DEFAULT_LAUNCH):
     """Launches chunk_state_fwd_kernel; returns (o, h, U, final state), the ones not asked for None.
     W and U~ come from w and u, or (w None) the pass applies a_inv (with beta) to K and V itself; with w and
-    a_inv both None it is gated linear attention's pass (no delta rule: U = u, returned as it is).
+    a_inv both None it is scalar-decay linear attention's pass (no delta rule: U = u, returned as it is).
     With out_dtype (and q, scale) it writes o [tokens, H, V] in out_dtype; else the chunk-start states h
     [NT, H, K, V] in state_dtype and U [tokens, H, V] in k's dtype. The final state is float32
     (output_final_state) or None."""
@@ -570,7 +570,7 @@ def chunk_state_output_fwd(q, k, v, w, u, a_inv, beta, g_cum, scale, initial_sta
 
 def chunk_state_bwd(q, k, w, g_cum, do, dht, scale, has_initial_state, layout, settings=DEFAULT_LAUNCH):
     """Returns dh [NT, H, K, V] (gradient of each chunk's end state) and dU [tokens, H, V] in q's dtype, and
-    dh0 (float32, or None). w None: gated linear attention (no delta rule)."""
+    dh0 (float32, or None). w None: scalar-decay linear attention (no delta rule)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
     N = len(layout.cu_seqlens) - 1

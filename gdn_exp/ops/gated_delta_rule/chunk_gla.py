@@ -1,4 +1,5 @@
-"""Chunkwise gated linear attention in Triton (the no_delta ablation): S <- exp(g_t) S + k_t (beta_t v_t)^T.
+"""Chunkwise scalar-decay linear attention in Triton (the no_delta ablation): S <- exp(g_t) S + k_t (beta_t v_t)^T,
+one decay g_t per head (FLA's simple GLA; GLA proper gates each key channel).
 
 Without the delta rule a chunk's update needs no triangular solve: U = beta V directly, and the rest is the gated
 delta rule's chunk algorithm (`chunk.py`) with W = 0. So this file adds only what differs, per chunk and head:
@@ -98,7 +99,7 @@ def chunk_gla_bwd_all(q, k, v, g, beta, g_cum, h, u, scale, has_initial_state, d
 
 def triton_chunk_gated_linear_attention(q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False,
                                         cu_seqlens=None, settings=DEFAULT_LAUNCH):
-    """Chunkwise gated linear attention (chunk size 64) in Triton, differentiable in every input; the arguments
+    """Chunkwise scalar-decay linear attention (chunk size 64) in Triton, differentiable in every input; the arguments
     and returns of `chunk.triton_chunk_gated_delta_rule`."""
     return run_chunk(chunk_gla_fwd_all, chunk_gla_bwd_all, q, k, v, g, beta, scale, initial_state, output_final_state,
                      cu_seqlens, settings)

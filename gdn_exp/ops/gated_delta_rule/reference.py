@@ -3,7 +3,7 @@
 Per head, with state S of shape [K, V], for t = 1..T:
 
     S <- exp(g_t) * S
-    u_t = beta_t * (v_t - S^T k_t)          (use_delta=False: u_t = beta_t * v_t, gated linear attention)
+    u_t = beta_t * (v_t - S^T k_t)          (use_delta=False: u_t = beta_t * v_t, scalar-decay linear attention)
     S <- S + k_t u_t^T
     o_t = S^T (scale * q_t)
 
@@ -42,7 +42,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=No
         initial_state: [N, H, K, V] (N = B, or len(cu_seqlens) - 1 with B = 1), or None for zeros.
         output_final_state: also return the state after the last token, [N, H, K, V].
         cu_seqlens: LongTensor [N + 1] of packed-sequence boundaries (B must be 1), or None.
-        use_delta: False turns the delta rule into gated linear attention (the no_delta ablation).
+        use_delta: False turns the delta rule into scalar-decay linear attention (the no_delta ablation).
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] in the compute dtype, or None.
     """
