@@ -20,10 +20,19 @@ sweep() {  # sweep NAME SECONDS OVERRIDES...: one sweep into /tmp/repro/NAME, st
   tail -5 "/tmp/repro_$name.log" | tee -a "$OUT/log.txt"
 }
 case "${PART:-mqar_t512}" in
-  mqar_t512)  # the DeltaNet paper's MQAR point (Zoology's T 512, 64 pairs): attention for longer, then 3 seeds each
-    sweep t512_attn_long ${LONG_S:-170} +experiment=mqar_grid mqar_length=len512 hydra.launcher.jobs_per_gpu=2 \
-      ablation=attention model.d_model=128 seed=0 trainer.lr=1e-3,3e-4 trainer.max_steps=16000 \
-      trainer.checkpoint_interval=1000
+  parity)  # Grazzi et al.'s parity: beta in [0, 1] vs [0, 2] x decay gate x 3 seeds
+    sweep parity ${PARITY_S:-230} +experiment=parity_negeig hydra.launcher.jobs_per_gpu=12
+    ;;&
+  parity|attention_t512)  # attention at the DeltaNet paper's MQAR point (T 512, 64 pairs, d 128) for longer, side by
+    # side: ours (mqar_grid) and Zoology's form and training (mqar_zoology_attention) at two of Zoology's rates
+    sweep attention_t512 ${ATTN_S:-170} +experiment=mqar_grid mqar_length=len512 ablation=attention \
+      model.d_model=128 seed=0 trainer.lr=1e-3 trainer.max_steps=16000 trainer.checkpoint_interval=2000 &
+    sweep zoology_attention_t512 ${ATTN_S:-170} +experiment=mqar_zoology_attention mqar_length=len512 \
+      hydra.launcher.jobs_per_gpu=2 model.d_model=128 seed=0 trainer.lr=4.6e-4,2.2e-3 trainer.max_steps=16000 \
+      trainer.checkpoint_interval=2000 &
+    wait
+    ;;
+  mqar_t512)  # the DeltaNet paper's MQAR point (Zoology's T 512, 64 pairs), 3 seeds each
     sweep t512 ${T512_S:-330} +experiment=mqar_grid mqar_length=len512 hydra.launcher.jobs_per_gpu=12 \
       ablation=none,no_gate,no_delta,attention model.d_model=64,128 seed=0,1,2 trainer.lr=1e-3 \
       trainer.max_steps=3000 trainer.checkpoint_interval=500
