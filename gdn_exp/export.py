@@ -75,6 +75,7 @@ UNREPRESENTABLE = {
     "use_qk_l2norm": (False, "fla's GatedDeltaNet always L2-normalises q and k"),
     "position_embedding": ("learned", "fla's attention rotates q and k (RoPE) and has no position table"),
     "mlp": (False, "fla's blocks always have an MLP"),
+    "decay": ("channel", "fla's GatedDeltaNet decays each head by one number"),
     "norm": ("layernorm", "fla's blocks use RMSNorm"),
     "attention_bias": (True, "fla's attention has no output bias"),
 }

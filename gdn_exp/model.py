@@ -23,13 +23,14 @@ from torch import nn
 
 from gdn_exp.nn import Attention, GatedDeltaNet, SwiGLU, swiglu_hidden_size
 from gdn_exp.nn.conv import positions_in_sequence
+from gdn_exp.nn.gated_deltanet import DECAYS
 from gdn_exp.ops import add_rms_norm
 
 MIXERS = ("gdn", "attention")
 POSITION_EMBEDDINGS = ("rope", "learned")
 NORMS = ("rmsnorm", "layernorm")
 GDN_SWITCHES = ("use_short_conv", "use_output_gate", "use_qk_l2norm", "use_gate", "use_delta", "use_beta",
-                "allow_neg_eigval")
+                "allow_neg_eigval", "decay")
 
 
 @dataclass
@@ -56,6 +57,7 @@ class ModelConfig:
     use_delta: bool = True                    # False: scalar-decay linear attention S <- a S + k (beta v)^T
     use_beta: bool = True                     # False: beta fixed at 1
     allow_neg_eigval: bool = False            # beta in [0, 2]
+    decay: str = "head"                       # "head": one decay per head | "channel": per key channel (GLA), no delta
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     position_embedding: str = "rope"          # "rope": attention rotates q, k | "learned": a table added to embed
@@ -105,12 +107,15 @@ class ModelConfig:
                 if getattr(self, key) != getattr(defaults, key):
                     raise ValueError(f"model.{key}={getattr(self, key)} has no effect with model.mixer=attention "
                                      f"(no Gated DeltaNet layers); drop the ablation or use a hybrid")
-        for key, allowed in (("position_embedding", POSITION_EMBEDDINGS), ("norm", NORMS)):
+        for key, allowed in (("position_embedding", POSITION_EMBEDDINGS), ("norm", NORMS), ("decay", DECAYS)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {allowed}")
         if self.position_embedding == "learned" and (self.max_positions is None or self.max_positions < 1):
             raise ValueError(f"model.max_positions={self.max_positions} must be >= 1 with "
                              f"model.position_embedding=learned (the longest sequence, e.g. ${{task.seq_len}})")
+        if self.decay == "channel" and (self.use_delta or not self.use_gate):
+            raise ValueError(f"model.decay=channel is GLA's gate without the delta rule: it needs "
+                             f"model.use_delta=false and model.use_gate=true (got {self.use_delta}, {self.use_gate})")
         if self.attention_bias and "attention" not in self.layer_mixers():
             raise ValueError("model.attention_bias=True has no effect without attention layers")
         if self.attention_window is not None and self.attention_window < 1:
@@ -202,7 +207,8 @@ def build_mixer(cfg: ModelConfig, kind: str, mode: str, backend: str) -> nn.Modu
     return GatedDeltaNet(cfg.d_model, cfg.num_heads, cfg.head_dim, expand_v=cfg.expand_v, conv_size=cfg.conv_size,
                          use_short_conv=cfg.use_short_conv, use_output_gate=cfg.use_output_gate,
                          use_qk_l2norm=cfg.use_qk_l2norm, use_gate=cfg.use_gate, use_delta=cfg.use_delta,
-                         use_beta=cfg.use_beta, allow_neg_eigval=cfg.allow_neg_eigval, norm_eps=cfg.norm_eps,
+                         use_beta=cfg.use_beta, allow_neg_eigval=cfg.allow_neg_eigval, decay=cfg.decay,
+                         norm_eps=cfg.norm_eps,
                          mode=mode, backend=backend)
 
 

@@ -93,11 +93,15 @@ class Seeds:
         values = [v for v in self.samples(name) if not math.isnan(v)]
         return statistics.fmean(values) if values else math.nan
 
+    def steps_to_target(self) -> list:
+        """The steps_to_target of the seeds that reached the target; None when no run records it (older runs)."""
+        if not any("steps_to_target" in run.results for run in self.runs):
+            return None
+        return [run.results["steps_to_target"] for run in self.runs if run.results.get("steps_to_target") is not None]
+
     def value(self, key: str):
         if key in self.params:
             return self.params[key]
-        reached = [run.results["steps_to_target"] for run in self.runs
-                   if run.results.get("steps_to_target") is not None]
         name, _, bound = key.rpartition(" ")
         if key == "seeds":
             return len(self.runs)
@@ -107,8 +111,10 @@ class Seeds:
                 counts[run.results.get("status", "?")] += 1
             return ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         if key == "reached target":
-            return f"{len(reached)}/{len(self.runs)}"
+            reached = self.steps_to_target()
+            return None if reached is None else f"{len(reached)}/{len(self.runs)}"
         if key == "median steps_to_target":
+            reached = self.steps_to_target()
             return statistics.median(reached) if reached else None
         if bound in ("min", "max"):
             values = [v for v in self.samples(name) if not math.isnan(v)]

@@ -29,6 +29,7 @@ ABLATIONS = {
     "neg_eigval": {"allow_neg_eigval": True},
     "no_beta": {"use_beta": False},
     "attention": {"mixer": "attention"},
+    "gla": {"use_delta": False, "use_beta": False},  # and decay: channel
     "zoology_attention": {"mixer": "attention"},  # and its form: tests/test_model.py
 }
 ONE_CPU_PROCESS = Distributed(rank=0, world_size=1, device=torch.device("cpu"), strategy="none")

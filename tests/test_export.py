@@ -99,6 +99,7 @@ def test_written_weights_are_exactly_ours(dtype, tmp_path):
                                                                         "use_qk_l2norm", "mlp")),
     (dict(position_embedding="learned", max_positions=16), "model.position_embedding=learned"),
     (dict(norm="layernorm"), "model.norm=layernorm"),
+    (dict(use_delta=False, decay="channel"), "model.decay=channel"),
     (dict(attention_every=2, attention_bias=True), "model.attention_bias=true"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_refuses_ablations_fla_cannot_represent(overrides, shown):

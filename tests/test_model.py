@@ -15,6 +15,7 @@ FAMILIES = {
     "attention": dict(mixer="attention"),
     "hybrid": dict(n_layers=4, attention_every=2),
     "sliding_window_hybrid": dict(n_layers=4, attention_every=2, attention_window=4),
+    "gla": dict(use_delta=False, use_beta=False, decay="channel"),
     "zoology_attention": dict(mixer="attention", position_embedding="learned", max_positions=20, mlp=False,
                               norm="layernorm", attention_bias=True, tie_embeddings=True),
 }
@@ -236,6 +237,8 @@ def test_num_params():
     (dict(norm="batchnorm"), "model.norm='batchnorm' is not one of"),
     (dict(position_embedding="learned"), "model.max_positions=None must be >= 1"),
     (dict(attention_bias=True), "model.attention_bias=True has no effect without attention layers"),
+    (dict(decay="channel"), "model.decay=channel is GLA's gate without the delta rule"),
+    (dict(decay="key"), "model.decay='key' is not one of"),
 ])
 def test_validate_names_the_bad_field(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -369,3 +372,16 @@ def test_layer_norm_of_the_residual_stream():
         y_bf16, _ = norm(residual, delta.bfloat16())
     assert y_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(y_bf16.float(), y, rtol=1e-2, atol=2e-2)
+
+
+def test_channel_decay_gives_each_key_channel_its_own_decay(monkeypatch):
+    """decay=channel: the layer's g is [B, T, H, K], GLA's logsigmoid(x W1 W2 + b) / 16 from a rank-16 projection."""
+    model = tiny_model(**FAMILIES["gla"])
+    layer = model.blocks[0].mixer
+    assert [p.shape for p in layer.a_proj.parameters()] == [(16, 32), (2 * 16, 16), (2 * 16,)]
+    assert not hasattr(layer, "A_log") and not hasattr(layer, "b_proj")
+    recorded = []
+    layer.record = recorded.append
+    model(random_tokens(2, 9))
+    g = recorded[0]["g"]
+    assert g.shape == (2, 9, 2, 16) and (g < 0).all() and g.std(dim=-1).min() > 0  # differs across channels

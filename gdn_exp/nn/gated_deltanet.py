@@ -11,6 +11,10 @@ from gdn_exp.ops import (BACKENDS, MODES, decode_step, gated_delta_rule, gated_l
 from .conv import ShortConvolution, positions_in_sequence
 
 
+DECAYS = ("head", "channel")
+GLA_GATE_RANK, GLA_GATE_NORMALIZER = 16, 16  # GLA's gate: alpha = sigmoid(x W1 W2 + b) ** (1 / 16), W1 W2 of rank 16
+
+
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet layer: x [B, T, d_model] -> y [B, T, d_model].
 
@@ -19,6 +23,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = silu(conv(x W_q)), silu(conv(x W_k)), silu(conv(x W_v))     heads [H, K], [H, K], [H, V]
         q, k    = q / |q|, k / |k|                                             per head
         g       = -exp(A_log) * softplus(x W_a + dt_bias)                      log decay per head, <= 0
+                  (decay="channel": logsigmoid(x W_a1 W_a2 + b) / 16, per key channel [H, K], as GLA)
         beta    = sigmoid(x W_b)   (2 * sigmoid(x W_b) with allow_neg_eigval)  per head
         o       = gated_delta_rule(q, k, v, g, beta)                           [H, V]
         y       = (RMSNorm(o) * silu(x W_g)) W_o                               RMSNorm over V, shared by heads
@@ -30,13 +35,15 @@ class GatedDeltaNet(nn.Module):
         use_delta=False:      scalar-decay linear attention, S <- exp(g) S + k (beta v)^T, one decay per head
                               (Mamba2-like, not GLA's per-channel gate; `ops.gated_linear_attention`).
         use_beta=False:       beta = 1; no W_b.
+        decay="channel":      with use_delta=False, GLA's gate (Yang et al. 2023): a decay per key channel from a
+                              rank-16 projection; PyTorch only (`ops.gated_linear_attention` with g [B, T, H, K]).
         allow_neg_eigval:     beta in [0, 2], so the transition I - beta k k^T may have negative eigenvalues.
         use_output_gate=False: y = RMSNorm(o) W_o; no W_g.
 
     Parameter budget, with d = d_model and W = conv_size:
         W_q, W_k, W_v (one fused qkv_proj)  d (2HK + HV)
         short conv                          W (2HK + HV)        use_short_conv
-        W_a, A_log, dt_bias                 d H + 2 H           use_gate
+        W_a, A_log, dt_bias                 d H + 2 H           use_gate (decay="channel": 16 d + 16 HK + HK)
         W_b                                 d H                 use_beta
         W_g                                 d HV                use_output_gate
         RMSNorm, W_o                        V + HV d
@@ -57,7 +64,7 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, d_model: int, num_heads: int, head_dim: int, expand_v: float = 1.0, conv_size: int = 4,
                  use_short_conv: bool = True, use_output_gate: bool = True, use_qk_l2norm: bool = True,
                  use_gate: bool = True, use_delta: bool = True, use_beta: bool = True,
-                 allow_neg_eigval: bool = False, norm_eps: float = 1e-6, mode: str = "chunk",
+                 allow_neg_eigval: bool = False, decay: str = "head", norm_eps: float = 1e-6, mode: str = "chunk",
                  backend: str = "auto"):
         super().__init__()
         value_dim = int(head_dim * expand_v)
@@ -67,24 +74,32 @@ class GatedDeltaNet(nn.Module):
             raise ValueError(f"head_dim * expand_v = {head_dim} * {expand_v} must be a positive integer")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+        if decay not in DECAYS:
+            raise ValueError(f"decay={decay!r} is not one of {DECAYS}")
+        if decay == "channel" and (use_delta or not use_gate):
+            raise ValueError("decay='channel' needs use_gate=True and use_delta=False (GLA's update; the delta rule "
+                             "takes one decay per head)")
         self.set_mode(mode)
         self.num_heads, self.head_dim, self.value_dim = num_heads, head_dim, value_dim
         self.use_short_conv, self.use_qk_l2norm = use_short_conv, use_qk_l2norm
         self.use_gate, self.use_delta, self.use_beta = use_gate, use_delta, use_beta
-        self.allow_neg_eigval, self.use_output_gate = allow_neg_eigval, use_output_gate
+        self.allow_neg_eigval, self.use_output_gate, self.decay = allow_neg_eigval, use_output_gate, decay
         self.backend = backend
 
         qkv_dim = num_heads * (2 * head_dim + value_dim)
         self.qkv_proj = nn.Linear(d_model, qkv_dim, bias=False)
         if use_short_conv:
             self.conv = ShortConvolution(qkv_dim, conv_size)
-        if use_gate:
+        if decay == "channel":  # GLA's low-rank gate projection, its bias the gate's offset
+            self.a_proj = nn.Sequential(nn.Linear(d_model, GLA_GATE_RANK, bias=False),
+                                        nn.Linear(GLA_GATE_RANK, num_heads * head_dim, bias=True))
+        elif use_gate:
             self.a_proj = nn.Linear(d_model, num_heads, bias=False)
             A = torch.empty(num_heads).uniform_(1, 16)
             self.A_log = nn.Parameter(A.log())
             dt = torch.empty(num_heads).uniform_(math.log(1e-3), math.log(0.1)).exp()
             self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))    # softplus(dt_bias) = dt
-        self.no_weight_decay_params = ("A_log", "dt_bias") if use_gate else ()
+        self.no_weight_decay_params = ("A_log", "dt_bias") if use_gate and decay == "head" else ()
         if use_beta:
             self.b_proj = nn.Linear(d_model, num_heads, bias=False)
         if use_output_gate:
@@ -126,7 +141,9 @@ class GatedDeltaNet(nn.Module):
             qkv, self.conv.weight if self.use_short_conv else None, ((H, K, norm), (H, K, norm), (H, V, False)),
             position=position, cache=None if cache is None else cache["conv"], use_cache=use_cache,
             backend=self.backend)
-        if self.use_gate:  # float32 under autocast: the parameters are float32
+        if self.decay == "channel":  # float32: logsigmoid autocasts to float32
+            g = F.logsigmoid(self.a_proj(x)).view(B, T, H, K) / GLA_GATE_NORMALIZER     # [B, T, H, K]
+        elif self.use_gate:  # float32 under autocast: the parameters are float32
             g = -self.A_log.exp() * F.softplus(self.a_proj(x) + self.dt_bias)  # [B, T, H]
         else:
             g = q.new_zeros(B, T, H)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import zlib
+from functools import partial
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from gdn_exp.ops.gated_delta_rule import check, chunk
 from gdn_exp.ops.gated_delta_rule.check import Case, varlen_case
 from gdn_exp.ops.gated_delta_rule.launch import DEFAULT_LAUNCH, ChunkLaunch
 from gdn_exp.ops.gated_delta_rule.recurrent import triton_decode_step
+from gdn_exp.ops.gated_delta_rule.reference import chunk_channel_gated_linear_attention
 from gdn_exp.ops.reference import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 H100 = DEFAULT_LAUNCH.replace(sms=132)  # launch decisions as on an H100, on any machine
@@ -492,6 +494,51 @@ def test_gated_linear_attention_is_the_no_delta_update():
     torch.testing.assert_close(ht[0, 0], S)
 
 
+def channel_decay(B, T, H, K, *, decay, seed=0):
+    """g [B, T, H, K]: a log decay per key channel (GLA's gate), in [-decay, 0]."""
+    gen = torch.Generator().manual_seed(seed)
+    return (-decay * torch.rand(B, T, H, K, generator=gen, dtype=torch.float64)).requires_grad_()
+
+
+def test_channel_decay_oracle_is_the_per_channel_update():
+    q, k, v, _, beta, h0 = (x.detach() for x in random_inputs(1, 5, 1, 4, 3, decay=1.0))
+    g = channel_decay(1, 5, 1, 4, decay=1.0).detach()
+    S = h0[0, 0].clone()
+    for t in range(5):
+        S = g[0, t, 0].exp()[:, None] * S + torch.outer(k[0, t, 0], beta[0, t, 0] * v[0, t, 0])
+    o, ht = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, use_delta=False)
+    torch.testing.assert_close(ht[0, 0], S)
+    torch.testing.assert_close(o[0, -1, 0], S.T @ (q[0, -1, 0] * 4 ** -0.5))
+
+
+@pytest.mark.parametrize("T,decay,chunk_size", [(1, 1.0, 16), (37, 1.0, 16), (64, 30.0, 16), (50, 3.0, 64)],
+                         ids=lambda x: str(x))
+def test_channel_decay_chunk_form_matches_the_float64_oracle(T, decay, chunk_size):
+    """The chunkwise form of a decay per key channel: outputs, final state and every gradient, from a random
+    initial state; T not a multiple of the chunk, and decays up to e^-30 per token (exponents that overflow
+    as exp(G) / exp(-G) factors)."""
+    q, k, v, _, beta, h0 = random_inputs(2, T, 3, 8, 12, decay=decay, seed=T)
+    inputs = [q, k, v, channel_decay(2, T, 3, 8, decay=decay, seed=T), beta, h0]
+    do = torch.randn(2, T, 3, 12, dtype=torch.float64)
+    dh = torch.randn(2, 3, 8, 12, dtype=torch.float64)
+    ref = outputs_and_grads(recurrent_gated_delta_rule, inputs, do, dh, use_delta=False)
+    out = outputs_and_grads(partial(chunk_channel_gated_linear_attention, chunk_size=chunk_size), inputs, do, dh)
+    for name, x, r in zip(NAMES, out, ref):
+        assert torch.isfinite(x).all(), name
+        assert rms_ratio(x, r) < 1e-10, (name, rms_ratio(x, r), (x - r).abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_a_decay_shared_by_the_channels_is_the_scalar_decay(mode):
+    """gated_linear_attention with g [B, T, H, K] equal across K gives what g [B, T, H] gives."""
+    q, k, v, g, beta, h0 = (x.detach() for x in random_inputs(2, 40, 2, 8, 4, decay=1.0))
+    scalar = gated_linear_attention(q, k, v, g, beta, initial_state=h0, output_final_state=True, mode=mode)
+    channel = gated_linear_attention(q, k, v, g[..., None].expand(-1, -1, -1, 8), beta, initial_state=h0,
+                                     output_final_state=True, mode=mode)
+    for x, r in zip(channel, scalar):
+        assert rms_ratio(x, r) < 1e-12
+
+
 def test_float32_inputs_give_float32_outputs_close_to_float64():
     inputs = random_inputs(2, 100, 2, 32, 32, decay=1.0)
     o64, h64 = gated_delta_rule(*[x.detach() for x in inputs[:5]], initial_state=inputs[5].detach(),
@@ -506,6 +553,8 @@ def test_bad_shapes_and_options_raise_clear_errors():
     q, k, v, g, beta, h0 = (x.detach() for x in random_inputs(2, 8, 2, 4, 4, decay=1.0))
     with pytest.raises(ValueError, match="g must be"):
         gated_delta_rule(q, k, v, g[:, :4], beta)
+    with pytest.raises(ValueError, match=r"g must be \[B, T, H\] = \(2, 8, 2\); got \(2, 8, 2, 4\)"):
+        gated_delta_rule(q, k, v, g[..., None].expand(-1, -1, -1, 4), beta)  # no delta rule per channel
     with pytest.raises(ValueError, match="initial_state must be"):
         gated_delta_rule(q, k, v, g, beta, initial_state=h0[:1])
     with pytest.raises(ValueError, match="cu_seqlens needs B = 1"):

@@ -20,7 +20,7 @@ from . import reference
 MODES = ("chunk", "recurrent")
 
 
-def _check(q, k, v, g, beta, initial_state, cu_seqlens, mode):
+def _check(q, k, v, g, beta, initial_state, cu_seqlens, mode, channel_decay=False):
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
     if q.dim() != 4 or k.shape != q.shape:
@@ -28,9 +28,11 @@ def _check(q, k, v, g, beta, initial_state, cu_seqlens, mode):
     B, T, H, _ = q.shape
     if v.dim() != 4 or v.shape[:3] != (B, T, H):
         raise ValueError(f"v must be [B, T, H, V] with B, T, H of q {tuple(q.shape)}; got {tuple(v.shape)}")
-    for name, x in (("g", g), ("beta", beta)):
-        if x.shape != (B, T, H):
-            raise ValueError(f"{name} must be [B, T, H] = {(B, T, H)}; got {tuple(x.shape)}")
+    if beta.shape != (B, T, H):
+        raise ValueError(f"beta must be [B, T, H] = {(B, T, H)}; got {tuple(beta.shape)}")
+    if g.shape != (B, T, H) and not (channel_decay and g.shape == q.shape):
+        shapes = f"[B, T, H] = {(B, T, H)}" + (f" or [B, T, H, K] = {tuple(q.shape)}" if channel_decay else "")
+        raise ValueError(f"g must be {shapes}; got {tuple(g.shape)}")
     N = B
     if cu_seqlens is not None:
         if B != 1:
@@ -97,15 +99,20 @@ GLA_ONE_CHUNK_ELEMENTS = 2**25
 def gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                            cu_seqlens=None, mode="chunk", backend="auto"):
     """The no-delta ablation, S <- exp(g_t) S + k_t (beta_t v_t)^T: linear attention with a scalar decay per head
-    and step (Mamba2-like; FLA's simple_gla), not GLA's per-channel gate [B, T, H, K].
+    and step (Mamba2-like; FLA's simple_gla), or with g [B, T, H, K] one per key channel (GLA's gate).
 
-    Same arguments and returns as `gated_delta_rule`. The chunk form runs in Triton (`chunk_gla.py`) where the
-    backend resolves to it; the recurrent form is always PyTorch's token loop.
+    Same arguments and returns as `gated_delta_rule`, g also [B, T, H, K]. With a scalar decay the chunk form
+    runs in Triton (`chunk_gla.py`) where the backend resolves to it; the recurrent form is always PyTorch's token
+    loop, and a decay per channel runs in PyTorch only (`reference.chunk_channel_gated_linear_attention`).
     """
-    _check(q, k, v, g, beta, initial_state, cu_seqlens, mode)
+    _check(q, k, v, g, beta, initial_state, cu_seqlens, mode, channel_decay=True)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     kwargs = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                   cu_seqlens=cu_seqlens)
+    if g.dim() == 4 and mode == "chunk":
+        return reference.chunk_channel_gated_linear_attention(q, k, v, g, beta, **kwargs)
+    if g.dim() == 4:
+        return reference.recurrent_gated_delta_rule(q, k, v, g, beta, use_delta=False, **kwargs)
     if mode == "chunk" and resolve_backend(backend, q.device) == "triton":
         _check_chunk_head_dim(q)
         from .chunk_gla import triton_chunk_gated_linear_attention

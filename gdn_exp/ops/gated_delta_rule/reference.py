@@ -8,7 +8,9 @@ Per head, with state S of shape [K, V], for t = 1..T:
     o_t = S^T (scale * q_t)
 
 Both functions take the arguments of `gdn_exp.ops.gated_delta_rule` (minus mode/backend) and are
-differentiable through autograd. They compute in float64 for float64 inputs, else in float32.
+differentiable through autograd. They compute in float64 for float64 inputs, else in float32. The oracle also
+takes a decay per key channel, g [B, T, H, K] (S <- exp(g_t)[:, None] * S: GLA's gate), whose chunkwise form
+without the delta rule is `chunk_channel_gated_linear_attention`.
 """
 import torch
 
@@ -37,12 +39,13 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=No
     """Token-by-token oracle.
 
     Args:
-        q, k: [B, T, H, K]; v: [B, T, H, V]; g (log decay, <= 0), beta: [B, T, H].
+        q, k: [B, T, H, K]; v: [B, T, H, V]; g (log decay, <= 0): [B, T, H], or [B, T, H, K] for a decay per
+            key channel; beta: [B, T, H].
         scale: multiplies q; defaults to K ** -0.5.
         initial_state: [N, H, K, V] (N = B, or len(cu_seqlens) - 1 with B = 1), or None for zeros.
         output_final_state: also return the state after the last token, [N, H, K, V].
         cu_seqlens: LongTensor [N + 1] of packed-sequence boundaries (B must be 1), or None.
-        use_delta: False turns the delta rule into scalar-decay linear attention (the no_delta ablation).
+        use_delta: False turns the delta rule into linear attention with a decay (the no_delta ablation).
     Returns:
         o: [B, T, H, V] in v's dtype; final_state: [N, H, K, V] in the compute dtype, or None.
     """
@@ -57,13 +60,22 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=No
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
     outs = []
     for t in range(T):
-        S = S * g[:, t].exp()[..., None, None]                                # [B, H, K, V]
+        decay = g[:, t].exp()                                                 # [B, H] or [B, H, K]
+        S = S * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])   # [B, H, K, V]
         u = v[:, t] if not use_delta else v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], S)
         u = beta[:, t, :, None] * u                                           # [B, H, V]
         S = S + k[:, t, :, :, None] * u[:, :, None, :]
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, V)
     return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _chunks(x, C: int, N: int, dt) -> torch.Tensor:
+    """[B, T, H, ...] -> [B, H, N, C, ...] in dtype dt, zero-padded to N * C tokens (g = 0, beta = 0: the padding
+    leaves the state as it was)."""
+    pad = N * C - x.shape[1]
+    x = torch.nn.functional.pad(x.to(dt), (0, 0) * (x.dim() - 3) + (0, 0, 0, pad)) if pad else x.to(dt)
+    return x.reshape(x.shape[0], N, C, *x.shape[2:]).movedim(3, 1)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -87,14 +99,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
     V = v.shape[-1]
     C = min(chunk_size, max(T, 1))  # a short sequence is one chunk: no padding to a full chunk
     N = (T + C - 1) // C
-    pad = N * C - T  # zero padding: g = 0, beta = 0 leave the state untouched
-
-    def chunks(x):  # [B, T, H, ...] -> [B, H, N, C, ...]
-        x = torch.nn.functional.pad(x.to(dt), (0, 0) * (x.dim() - 3) + (0, 0, 0, pad)) if pad else x.to(dt)
-        x = x.reshape(B, N, C, H, *x.shape[3:])
-        return x.movedim(3, 1)
-
-    q, k, v, g, beta = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta)
+    q, k, v, g, beta = (_chunks(x, C, N, dt) for x in (q, k, v, g, beta))     # [B, H, N, C, ...]
+    q = q * scale
     G = g.cumsum(-1)                                                           # [B, H, N, C]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [B, H, N, C, C]
@@ -119,5 +125,45 @@ def chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, 
         if n < N - 1 or output_final_state:
             S_in = k_to_end[:, :, n].transpose(-1, -2) @ u
             S = S_in if S is None else S * G[:, :, n, -1].exp()[..., None, None] + S_in
+    o = torch.stack(outs, dim=2).movedim(1, 3).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def chunk_channel_gated_linear_attention(q, k, v, g, beta, *, scale=None, initial_state=None,
+                                         output_final_state=False, cu_seqlens=None, chunk_size=16):
+    """Chunkwise linear attention with a decay per key channel (GLA's update), per head:
+
+        S <- exp(g_t)[:, None] * S + k_t (beta_t v_t)^T;  o_t = S^T (scale q_t)        g_t [K], S [K, V]
+
+    Within a chunk with local cumsum G [C, K] and chunk-start state S0: o_t = (q_t exp(G_t)) S0 +
+    sum_{s <= t} (sum_k q_t[k] k_s[k] exp(G_t[k] - G_s[k])) beta_s v_s. The pairwise decays are kept as a
+    [C, C, K] tensor of exponents <= 0, never as exp(G) and exp(-G) factors, which overflow once a chunk's decay
+    passes e^-88; so memory grows as T C K per head, and chunks are short.
+
+    Same arguments and returns as `recurrent_gated_delta_rule` with g [B, T, H, K], plus chunk_size.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cu_seqlens is not None:
+        return _split_varlen(chunk_channel_gated_linear_attention, q, k, v, g, beta, scale, initial_state,
+                             output_final_state, cu_seqlens, chunk_size=chunk_size)
+    out_dtype, dt = v.dtype, _compute_dtype(v)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = min(chunk_size, max(T, 1))
+    N = (T + C - 1) // C
+    q, k, v, g, beta = (_chunks(x, C, N, dt) for x in (q, k, v, g, beta))     # [B, H, N, C, ...]
+    q = q * scale
+    u = beta[..., None] * v                                                    # [B, H, N, C, V]
+    G = g.cumsum(-2)                                                           # [B, H, N, C, K]
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()[..., None]
+    decay = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal, float("-inf")).exp()  # [.., C, C, K]
+    qk = torch.einsum("...tk,...sk,...tsk->...ts", q, k, decay)                # [B, H, N, C, C]
+    q_decayed = q * G.exp()                                                    # to the chunk's start
+    k_to_end = k * (G[..., -1:, :] - G).exp()                                  # to the chunk's end
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
+    outs = []
+    for n in range(N):
+        outs.append(q_decayed[:, :, n] @ S + qk[:, :, n] @ u[:, :, n])         # [B, H, C, V]
+        S = S * G[:, :, n, -1].exp()[..., None] + k_to_end[:, :, n].transpose(-1, -2) @ u[:, :, n]
     o = torch.stack(outs, dim=2).movedim(1, 3).reshape(B, N * C, H, V)[:, :T]  # [B, T, H, V]
     return o.to(out_dtype), (S if output_final_state else None)
