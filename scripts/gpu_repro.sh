@@ -34,7 +34,7 @@ case "${PART:-mqar_t512}" in
     ;;
   mqar)  # every MQAR sweep of docs/results/mqar_reproductions.md at once (34 processes on one GPU), each job stopped
     # at its own step cap or at the call's time limit, whichever comes first
-    S=${MQAR_S:-500}
+    S=${MQAR_S:-420}
     # the DeltaNet paper's point (Zoology's T 512, 64 pairs) for the recurrent mixers, 3 seeds
     sweep t512 $S +experiment=mqar_grid mqar_length=len512 hydra.launcher.jobs_per_gpu=18 \
       ablation=none,no_gate,no_delta model.d_model=64,128 seed=0,1,2 trainer.lr=1e-3 trainer.max_steps=3000 &
@@ -43,12 +43,12 @@ case "${PART:-mqar_t512}" in
       ablation=gla model.d_model=64,128 seed=0 trainer.lr=1e-3 trainer.max_steps=3000 &
     # attention, one difference at a time: our block or Zoology's, at two rates, with our training
     sweep t512_attention_forms $S +experiment=mqar_grid mqar_length=len512 hydra.launcher.jobs_per_gpu=4 \
-      ablation=attention,zoology_attention model.d_model=128 seed=0 trainer.lr=4.6e-4,1e-3 trainer.max_steps=8000 &
+      ablation=attention,zoology_attention model.d_model=128 seed=0 trainer.lr=4.6e-4,1e-3 trainer.max_steps=7000 &
     # Zoology's attention as Zoology trains it: two more seeds at T 512, and its Figure 2 lengths and widths
     sweep t512_zoology_seeds $S +experiment=mqar_zoology_attention mqar_length=len512 hydra.launcher.jobs_per_gpu=2 \
       model.d_model=128 seed=1,2 trainer.lr=4.6e-4 trainer.max_steps=8000 &
     sweep zoology_fig2 $S +experiment=mqar_zoology_attention hydra.launcher.jobs_per_gpu=8 \
-      mqar_length=len64,len128,len256,len512 model.d_model=64,128 seed=0 trainer.lr=4.6e-4 trainer.max_steps=4000 &
+      mqar_length=len64,len128,len256,len512 model.d_model=64,128 seed=0 trainer.lr=4.6e-4 trainer.max_steps=3000 &
     wait
     ;;
   *) echo "unknown PART=$PART"; exit 2;;
