@@ -51,6 +51,15 @@ case "${PART:-mqar_t512}" in
       mqar_length=len64,len128,len256,len512 model.d_model=64,128 seed=0 trainer.lr=4.6e-4 trainer.max_steps=3000 &
     wait
     ;;
+  mqar_short)  # what 200 s of one GPU allows: the DeltaNet paper's point for the recurrent mixers (2 seeds, 2,500
+    # steps), and attention at the same point with each block under our training at Zoology's rate 4.6e-4
+    S=${MQAR_S:-200}
+    sweep t512 $S +experiment=mqar_grid mqar_length=len512 hydra.launcher.jobs_per_gpu=12 \
+      ablation=none,no_gate,no_delta model.d_model=64,128 seed=0,1 trainer.lr=1e-3 trainer.max_steps=2500 &
+    sweep t512_attention_forms $S +experiment=mqar_grid mqar_length=len512 hydra.launcher.jobs_per_gpu=2 \
+      ablation=attention,zoology_attention model.d_model=128 seed=0 trainer.lr=4.6e-4 trainer.max_steps=7000 &
+    wait
+    ;;
   *) echo "unknown PART=$PART"; exit 2;;
 esac
 date -u | tee -a "$OUT/log.txt"
