@@ -3,9 +3,12 @@ one shared run directory for all ranks."""
 import json
 import logging
 import math
+import os
 import shutil
 import traceback
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from gdn_exp.config import validate, validate_batch_split
 from gdn_exp.extras import have
@@ -13,6 +16,7 @@ from gdn_exp.ops import KernelUnavailableError, resolve_backend
 from gdn_exp.train.loggers import finish_crashed_run
 from gdn_exp.train.distributed import Distributed, distributed_job
 from gdn_exp.train.loop import train
+from gdn_exp.train.resume import Refused, decide
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +33,6 @@ def check_config(cfg, dist_info: Distributed) -> None:
         raise ValueError("logger=wandb needs wandb, which is not installed: pip install wandb, or use logger=none")
 
 
-def read_results(run_dir: Path) -> dict:
-    path = run_dir / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def shared_run_dir(run_dir: Path, dist_info: Distributed) -> Path:
     """Rank 0's run dir, on every rank. Hydra makes a timestamped dir in each process; a non-zero rank's own
     dir, if it differs and holds nothing but Hydra's files, is removed, so a job leaves exactly one."""
@@ -47,8 +46,8 @@ def shared_run_dir(run_dir: Path, dist_info: Distributed) -> Path:
 def run_job(cfg, run_dir: Path, *, skip_completed: bool = True) -> dict:
     """Checks, trains and writes <run_dir>/results.json; never raises for a failed run.
 
-    A job whose results.json already says completed is skipped when `skip_completed` (a re-run sweep).
-    A failure is recorded as status=failed with the error; `results["user_error"]` tells a config mistake
+    A job whose results.json already says completed is skipped when `skip_completed` (a re-run sweep), and one
+    that `resume.decide` refuses returns refused=True: neither writes anything in run_dir. A failure is recorded as status=failed with the error; `results["user_error"]` tells a config mistake
     (one line for the user) from a bug (with traceback in results.json and the log).
     Under torchrun every rank calls this; all use rank 0's run_dir, and only rank 0 writes in it.
     """
@@ -62,10 +61,9 @@ def run_job(cfg, run_dir: Path, *, skip_completed: bool = True) -> dict:
 def run_checked_job(cfg, run_dir: Path, dist_info: Distributed, skip_completed: bool) -> dict:
     if not dist_info.is_main:  # one voice in the console
         logging.getLogger("gdn_exp").setLevel(logging.WARNING)
-    previous = dist_info.broadcast(read_results(run_dir) if dist_info.is_main else None)
-    if skip_completed and previous.get("status") == "completed":
-        log.info("skipping %s: results.json says completed", run_dir)
-        return {**previous, "skipped": True}
+    decision = dist_info.broadcast(decision_of(cfg, run_dir, skip_completed) if dist_info.is_main else None)
+    if decision is not None:
+        return decision
     try:
         check_config(cfg, dist_info)
         results = train(cfg, run_dir, dist_info)
@@ -79,9 +77,24 @@ def run_checked_job(cfg, run_dir: Path, dist_info: Distributed, skip_completed: 
     return write_results(run_dir, results) if dist_info.is_main else results
 
 
+def decision_of(cfg, run_dir: Path, skip_completed: bool):
+    """None to train; else what run_job returns without training: the skipped run's results, or a refusal."""
+    try:
+        return decide(run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), skip_completed)
+    except Refused as e:
+        return {"status": "failed", "error": str(e), "user_error": True, "refused": True}
+
+
 def write_results(run_dir: Path, results: dict) -> dict:
-    """Writes results.json as strict JSON: a value that is not finite (a diverged run's loss) becomes null."""
+    """Writes results.json as strict JSON (a value that is not finite, a diverged run's loss, becomes null),
+    atomically: a kill or a full disk leaves the one before. A write that fails is one log line."""
     results = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    path, tmp = run_dir / "results.json", run_dir / f".results.json.{os.getpid()}.tmp"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        log.error("cannot write %s: %s", path, e.strerror or e)
     return results
