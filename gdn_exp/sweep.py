@@ -219,19 +219,19 @@ def describe(results: dict) -> str:
 
 def summary(jobs: list, results: dict) -> tuple:
     """(text, exit code) of a finished or stopped sweep: counts by outcome, and the directories of the jobs that
-    did not complete; exit code 1 if any failed or diverged, 130 if some never started, else 0."""
-    groups = {"completed": [], "skipped": [], "failed": [], "diverged": [], "not started": []}
+    did not complete; exit code 1 if any failed or diverged, 130 if some were stopped or never started, else 0."""
+    groups = {"completed": [], "skipped": [], "failed": [], "stopped": [], "diverged": [], "not started": []}
     for job in jobs:
         r = results.get(job.index)
         key = "not started" if r is None else "skipped" if r.get("skipped") else r.get("status", "failed")
         groups.setdefault(key, []).append(job)
     lines = ["sweep: " + ", ".join(f"{len(v)} {k}" for k, v in groups.items() if v)]
-    for key in ("failed", "diverged", "not started"):
+    for key in ("failed", "stopped", "diverged", "not started"):
         for job in groups[key]:
             error = (results.get(job.index) or {}).get("error", "")
             lines.append(f"  {key}: {job.run_dir}" + (f"  ({error})" if error else ""))
-    if groups["failed"] or groups["not started"]:
+    if groups["failed"] or groups["stopped"] or groups["not started"]:
         lines.append("  re-run the same command to continue: completed jobs are skipped; add trainer.resume=true "
                      "to continue stopped ones from their checkpoints")
-    code = 1 if groups["failed"] or groups["diverged"] else 130 if groups["not started"] else 0
+    code = 1 if groups["failed"] or groups["diverged"] else 130 if groups["stopped"] or groups["not started"] else 0
     return "\n".join(lines), code

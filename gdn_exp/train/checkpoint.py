@@ -293,6 +293,21 @@ def saved_state(path: Path) -> Optional[dict]:
         return None
 
 
+def load_weights(run_dir: Path) -> tuple:
+    """(path, contents) of a run's best readable weights: checkpoints/best.pt, else latest.pt, else previous.pt.
+    A file that does not load or fails its checksum is named in one log line and passed over; ValueError when
+    none loads (a run that failed before its first checkpoint)."""
+    for name in ("best.pt", "latest.pt", "previous.pt"):
+        path = run_dir / "checkpoints" / name
+        if path.is_file():
+            try:
+                return path, load(path)
+            except Exception as e:  # truncated, overwritten, not a checkpoint
+                log.warning("skipping checkpoint %s: it does not load (%s: %s)", path, type(e).__name__,
+                            str(e).splitlines()[0][:120] if str(e) else "")
+    raise ValueError(f"{run_dir}: no readable checkpoints/best.pt, latest.pt or previous.pt")
+
+
 def read_results(run_dir: Path) -> dict:
     """run_dir's results.json, or {} if it has none; one that is not a JSON object (torn, empty, `null`) is named
     in one log line and read as {}."""
