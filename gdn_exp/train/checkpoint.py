@@ -139,6 +139,7 @@ def load_latest(path: Path, model, optimizer) -> dict:
     into one process or DDP, not into FSDP. Call on every rank.
     """
     if path.is_dir():
+        SafeReader(path).read_metadata()  # a planted .metadata: one line here, not a CheckpointException
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.load({"model": model_state, "optimizer": optimizer_state}, storage_reader=SafeReader(path),
                  planner=SafePlanner())
@@ -173,8 +174,8 @@ class SafeUnpickler(pickle.Unpickler):
 class SafeReader(dcp_files.FileSystemReader):
     """torch.distributed.checkpoint's file reader with the metadata read by `SafeUnpickler`."""
 
-    def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / ".metadata"
+    def read_metadata(self, *args, rank=None, **kwargs):
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
         try:
             metadata = SafeUnpickler(io.BytesIO(path.read_bytes())).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
