@@ -20,6 +20,7 @@ import tasks
 from gdn_exp import longcontext
 from gdn_exp.train import checkpoint, run_job, write_results
 from gdn_exp.train.checkpoint import find_resume, load_weights, unfinished_runs
+from gdn_exp.train.loop import StopRequest
 from test_run_dirs import TINY, wait_for
 from test_train import FAST, metrics_rows, stopped_run
 
@@ -90,15 +91,22 @@ def test_an_overwritten_latest_pt_fails_its_checksum_and_previous_pt_resumes(com
 
 def test_stop_and_resume_in_place_keep_the_uninterrupted_records(compose, tmp_path, signal_during_step):
     full = run_job(compose(*FAST, "trainer.max_steps=20"), tmp_path / "full")
-    stopped = stopped_run(compose, signal_during_step, tmp_path / "run")
+    disarm = signal_during_step(7)  # between evaluations: the stopped run's last one is its own, not the curve's
+    stopped = run_job(compose(*FAST, "trainer.max_steps=20"), tmp_path / "run")
+    disarm()
+    StopRequest.signal = None
+    assert stopped["status"] == "stopped" and metrics_rows(tmp_path / "run")[-1]["step"] == 7
     with (tmp_path / "run/metrics.jsonl").open("a") as f:
         f.write('{"step": 11, "train/lo')  # torn by a kill mid-write
     (tmp_path / "run/results.json").write_text('{"status": "sto')  # torn too
     resumed = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), tmp_path / "run")
     assert resumed["status"] == "completed" and resumed["steps"] == 20
     assert resumed["wall_time_s"] > stopped["wall_time_s"]  # both segments
-    timeless = lambda rows: [{k: v for k, v in row.items() if k != "perf/tokens_per_s"} for row in rows]
-    assert timeless(metrics_rows(tmp_path / "run")) == pytest.approx(timeless(metrics_rows(tmp_path / "full")))
+    rows, full_rows = metrics_rows(tmp_path / "run"), metrics_rows(tmp_path / "full")
+    assert [sorted(row) for row in rows] == [sorted(row) for row in full_rows]  # no extra row at the stop step
+    for row, full_row in zip(rows, full_rows):
+        assert {k: v for k, v in row.items() if k != "perf/tokens_per_s"} == pytest.approx(
+            {k: v for k, v in full_row.items() if k != "perf/tokens_per_s"}, rel=1e-6)
     assert resumed["test/loss"] == pytest.approx(full["test/loss"], rel=1e-6)
 
 
@@ -177,7 +185,7 @@ def test_a_stopped_run_continues_in_its_own_directory_and_never_one_in_use(tmp_p
     (run_dir,) = runs.iterdir()
     wait_for(run_dir / "metrics.jsonl")
     busy_code, busy = cli(tmp_path, "trainer.max_steps=1", "trainer.resume=true")  # `first` is training it
-    assert busy_code == 0 and f"not continuing {run_dir}" in busy and "in use" in busy
+    assert busy_code == 0 and f"not continuing {run_dir.relative_to(tmp_path)}" in busy and "in use" in busy
     first.send_signal(signal.SIGTERM)
     first.communicate(timeout=120)
     stopped = json.loads((run_dir / "results.json").read_text())
@@ -188,7 +196,7 @@ def test_a_stopped_run_continues_in_its_own_directory_and_never_one_in_use(tmp_p
     assert code == 1 and "trainer.lr: 0.003 -> 0.001" in output
     assert files_of(run_dir) == before  # Hydra's .hydra/ files too
     code, output = cli(tmp_path, "trainer.max_steps=400", "trainer.resume=true")
-    assert code == 0 and f"continuing {run_dir} in place" in output
+    assert code == 0 and f"continuing {run_dir.relative_to(tmp_path)} in place" in output
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["steps"] == 400
     assert len(list(runs.iterdir())) == 2  # the stopped run and the 1-step one, no fork
