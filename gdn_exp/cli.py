@@ -22,7 +22,11 @@ def main(cfg):
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if cfg.logger.name == "wandb" and cfg.logger.group is None and multirun:
         cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # one wandb group per sweep
-    results = run_job(cfg, run_dir, skip_completed=cfg.trainer.skip_completed)
+    try:
+        results = run_job(cfg, run_dir, skip_completed=cfg.trainer.skip_completed)
+    except KeyboardInterrupt:  # Ctrl-C before training started (from then on it checkpoints and stops)
+        log.error("interrupted before training started: nothing to resume")
+        sys.exit(130)
     if results["status"] != "completed":
         log.error("%s: %s", "error" if results["status"] == "failed" else results["status"], results["error"])
         if not multirun:  # a sweep goes on with its other jobs; a single run exits non-zero

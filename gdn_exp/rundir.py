@@ -46,6 +46,24 @@ def release(run_dir: Path) -> None:
         handle.close()  # closing drops the flock
 
 
+HYDRA_RECORDS = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+
+
+def hydra_records(run_dir: Path) -> dict:
+    """{Hydra's record file: its bytes, or None where there is none} in run_dir, taken before Hydra writes a sweep
+    job's: a job that is then skipped or refused puts them back (`restore_records`), so its records still say
+    what ran there."""
+    return {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None for name in HYDRA_RECORDS}
+
+
+def restore_records(run_dir: Path, records: dict) -> None:
+    for name, data in records.items():
+        if data is None:
+            (run_dir / name).unlink(missing_ok=True)
+        else:
+            (run_dir / name).write_bytes(data)
+
+
 def exit_with(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
@@ -100,6 +118,8 @@ class RunDirLock(Callback):
             return
         from gdn_exp.train.resume import Refused, decide
 
+        if not str(config.hydra.run.dir).strip():  # Hydra would write the run into the working directory
+            exit_with("hydra.run.dir is empty: give the run a directory")
         try:
             continue_in_place(config)
             run_dir = Path(config.hydra.run.dir)

@@ -127,8 +127,13 @@ def write_once(path: str, write, *, replace: bool = False) -> None:
     <path>.tmp, then rename it)."""
     if os.path.isdir(path) and not replace:  # a finished entry needs no lock: it only ever appears whole
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.lock", "a") as lock:  # closing releases the lock; the file stays (unlinking it would race)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        lock = open(f"{path}.lock", "a")  # closing releases the lock; the file stays (unlinking it would race)
+    except OSError as e:  # a read-only or foreign cache directory
+        raise ValueError(f"cannot write the cache entry {path} (the cache directory, task_cache_dir): "
+                         f"{e.strerror or e}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if replace:
             shutil.rmtree(path, ignore_errors=True)

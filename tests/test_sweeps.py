@@ -68,10 +68,13 @@ def test_rerun_skips_completed_jobs_unless_opted_out(tmp_path):
     assert [r.run.run_group for r in wandb_records(run_file) if r.WhichOneof("record_type") == "run"] == [
         sweep_dir.name]
 
+    records = {p: p.read_bytes() for p in sweep_dir.glob("*/.hydra/*.yaml")}
     gdn_exp(tmp_path, *sweep, "logger=none", returncode=1)  # the same sweep again: the completed job is skipped
     second = job_results(sweep_dir)
     for name, (results, mtime) in second.items():
         assert (mtime == first[name][1]) == (results["status"] == "completed"), name
+        if results["status"] == "completed":  # its records still say what ran there (logger=wandb)
+            assert all(p.read_bytes() == data for p, data in records.items() if p.parent.parent.name == name)
 
     gdn_exp(tmp_path, *sweep, "logger=none", "trainer.skip_completed=false", returncode=1)  # every job runs again
     third = job_results(sweep_dir)

@@ -28,6 +28,9 @@ def check_config(cfg, dist_info: Distributed) -> None:
     """Every check that can fail before training starts; raises one of USER_ERRORS naming the key."""
     validate(cfg)
     validate_batch_split(cfg.trainer, dist_info.world_size)
+    if cfg.task.get("num_train") is not None and cfg.task.num_train < cfg.trainer.batch_size:
+        raise ValueError(f"task.num_train={cfg.task.num_train} is smaller than trainer.batch_size="
+                         f"{cfg.trainer.batch_size}: every step would repeat examples")
     resolve_backend(cfg.kernel.backend, dist_info.device)
     if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled" and not have("wandb"):
         raise ValueError("logger=wandb needs wandb, which is not installed: pip install wandb, or use logger=none")
