@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -168,6 +169,14 @@ def test_a_truncated_task_cache_entry_is_named_and_made_again(tmp_path, caplog):
     assert any("does not read" in r.message and str(arrow.parent) in r.message for r in caplog.records)
 
 
+def test_an_unwritable_task_cache_is_one_line(compose, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    results = run_job(compose(*FAST, "trainer.max_steps=1", f"task_cache_dir={tmp_path / 'a_file/cache'}"),
+                      tmp_path / "run")
+    assert results["user_error"] and "\n" not in results["error"]
+    assert f"cannot write the cache entry {tmp_path / 'a_file/cache'}" in results["error"]
+
+
 def cli(tmp_path, *args, wait=True):
     process = subprocess.Popen([sys.executable, "-m", "gdn_exp.cli", *TINY, f"task_cache_dir={tmp_path / 'cache'}",
                                 "trainer.log_interval=1", "trainer.eval_interval=100", *args], cwd=tmp_path,
@@ -200,3 +209,23 @@ def test_a_stopped_run_continues_in_its_own_directory_and_never_one_in_use(tmp_p
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["steps"] == 400
     assert len(list(runs.iterdir())) == 2  # the stopped run and the 1-step one, no fork
+
+
+def test_a_sweep_worker_whose_launcher_is_killed_checkpoints_and_stops(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    launcher = subprocess.Popen([sys.executable, "-m", "gdn_exp.cli", "-m", "hydra/launcher=local",
+                                 f"hydra.sweep.dir={sweep_dir}", *TINY, f"task_cache_dir={tmp_path / 'cache'}",
+                                 "trainer.max_steps=100000", "trainer.log_interval=1", "seed=0"],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(sweep_dir)
+    deadline = time.time() + 120
+    while not list(sweep_dir.glob("*/metrics.jsonl")):  # the job is training
+        assert time.time() < deadline
+        time.sleep(0.1)
+    (job,) = [p.parent for p in sweep_dir.glob("*/metrics.jsonl")]
+    launcher.kill()
+    launcher.wait()
+    wait_for(job / "results.json", timeout=30)
+    results = json.loads((job / "results.json").read_text())
+    assert results["status"] == "stopped" and "the launcher's exit" in results["error"]
+    assert torch.load(job / "checkpoints/latest.pt", weights_only=True)["counters"]["step"] == results["steps"]
