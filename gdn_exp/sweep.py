@@ -137,6 +137,8 @@ def _worker(device: str, conn) -> None:
 
 def _stop_when_orphaned(launcher: int) -> None:
     """Stops this worker's job (a checkpoint, then exit) once its launcher is gone (a kill -9)."""
+    from gdn_exp.train.loop import request_stop
+
     while os.getppid() == launcher:
         time.sleep(1)
     request_stop("the launcher's exit")
