@@ -78,7 +78,8 @@ def continue_in_place(config) -> None:
 
     resume, run_dir = config.trainer.resume, Path(config.hydra.run.dir)
     if resume is True and not (run_dir / "checkpoints").is_dir():
-        candidates = unfinished_runs(run_dir.parent, job_config(config))
+        candidates = unfinished_runs(run_dir.parent, OmegaConf.to_container(job_config(config), resolve=True,
+                                                                           enum_to_str=True))
         if not candidates:
             print(f"trainer.resume=true: no unfinished run with this config in {run_dir.parent}; starting from "
                   f"scratch", file=sys.stderr)
@@ -98,12 +99,12 @@ def continue_in_place(config) -> None:
         return
 
 
-def job_config(config) -> dict:
-    """The resolved config that the job will see (a plain dict, without the hydra node)."""
+def job_config(config):
+    """The config that the job will see: `config` without the hydra node."""
     job = copy.deepcopy(config)
     with read_write(job), open_dict(job):
         del job["hydra"]
-    return OmegaConf.to_container(job, resolve=True, enum_to_str=True)
+    return job
 
 
 class RunDirLock(Callback):

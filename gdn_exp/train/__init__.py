@@ -8,8 +8,6 @@ import shutil
 import traceback
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from gdn_exp.config import validate, validate_batch_split
 from gdn_exp.extras import have
 from gdn_exp.ops import KernelUnavailableError, resolve_backend
@@ -83,7 +81,7 @@ def run_checked_job(cfg, run_dir: Path, dist_info: Distributed, skip_completed: 
 def decision_of(cfg, run_dir: Path, skip_completed: bool):
     """None to train; else what run_job returns without training: the skipped run's results, or a refusal."""
     try:
-        return decide(run_dir, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), skip_completed)
+        return decide(run_dir, cfg, skip_completed)
     except Refused as e:
         return {"status": "failed", "error": str(e), "user_error": True, "refused": True}
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from gdn_exp.config import validate
 from gdn_exp.train.checkpoint import checkpoints_in, find_resume, read_results
 
 log = logging.getLogger(__name__)
@@ -21,15 +22,21 @@ class Refused(ValueError):
     """This invocation must leave the run directory as it is; the message says why, in one line."""
 
 
-def decide(run_dir: Path, config: dict, skip_completed: bool) -> Optional[dict]:
+def decide(run_dir: Path, cfg, skip_completed: bool) -> Optional[dict]:
     """None to train in run_dir, or its results (with skipped=True) when it completed before and
     `skip_completed`; a completed run is continued instead when trainer.resume asks for more steps than it ran
     with. Raises Refused for a resume that does not fit the run (other settings, fewer steps than its checkpoint,
     a weights-only file) and for a run without trainer.resume into a directory that holds an unfinished run's
     checkpoints (it would start that run over from step 0).
 
-    config: the resolved job config (a plain dict, without the hydra node).
+    cfg: the job's config (without the hydra node). One with a bad value is left to run_job's checks, which
+    name it in one line.
     """
+    try:
+        validate(cfg)
+    except ValueError:
+        return None
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     previous = read_results(run_dir)
     resume, max_steps = config["trainer"]["resume"], config["trainer"]["max_steps"]
     if previous.get("status") == "completed" and skip_completed:
