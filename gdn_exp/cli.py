@@ -8,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from gdn_exp.config import register_configs
+from gdn_exp.rundir import FAILED_JOBS
 
 log = logging.getLogger("gdn_exp")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so a wheel has it (conf/ links here)
@@ -31,6 +32,7 @@ def main(cfg):
         log.error("%s: %s", "error" if results["status"] == "failed" else results["status"], results["error"])
         if not multirun:  # a sweep goes on with its other jobs; a single run exits non-zero
             sys.exit(1)
+        FAILED_JOBS.append(run_dir)  # the sweep exits non-zero at its end (rundir.RunDirLock)
     else:
         log.info("%s: test/accuracy %.4f, %d steps, %.1f s -> %s", results["status"],
                  results.get("test/accuracy", float("nan")), results.get("steps", 0),

@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
 _HELD = {}  # run dir -> its open lock file, for as long as this process owns it
+FAILED_JOBS = []  # run dirs of the jobs this process ran that did not complete (a sweep in this process)
 
 
 class RunDirInUse(ValueError):
@@ -139,6 +140,10 @@ class RunDirLock(Callback):
             Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             exit_with(f"cannot write the sweep directory hydra.sweep.dir={sweep_dir}: {e.strerror or e}")
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if FAILED_JOBS:  # a sweep run in this process (hydra/launcher=basic): exit 1 as the local launcher does
+            exit_with(f"{len(FAILED_JOBS)} job(s) did not complete: {', '.join(map(str, FAILED_JOBS))}")
 
     def on_job_start(self, config, **kwargs) -> None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -229,3 +229,12 @@ def test_a_sweep_worker_whose_launcher_is_killed_checkpoints_and_stops(tmp_path)
     results = json.loads((job / "results.json").read_text())
     assert results["status"] == "stopped" and "the launcher's exit" in results["error"]
     assert torch.load(job / "checkpoints/latest.pt", weights_only=True)["counters"]["step"] == results["steps"]
+
+
+def test_sweep_launcher_mistakes_and_failures_exit_non_zero(tmp_path):
+    code, output = cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path / 'a'}", "hydra.launcher.n_jobs=0")
+    assert code == 1 and "n_jobs=0 must be >= 1" in output and "Traceback" not in output, output
+    assert not list((tmp_path / "a").glob("*/.hydra"))  # no job was set up
+    code, output = cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path / 'b'}", "hydra/launcher=basic",
+                       "model.num_heads=0")
+    assert code == 1 and "1 job(s) did not complete" in output and "Traceback" not in output, output

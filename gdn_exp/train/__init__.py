@@ -48,8 +48,9 @@ def run_job(cfg, run_dir: Path, *, skip_completed: bool = True) -> dict:
     """Checks, trains and writes <run_dir>/results.json; never raises for a failed run.
 
     A job whose results.json already says completed is skipped when `skip_completed` (a re-run sweep), and one
-    that `resume.decide` refuses returns refused=True: neither writes anything in run_dir. A failure is recorded as status=failed with the error; `results["user_error"]` tells a config mistake
-    (one line for the user) from a bug (with traceback in results.json and the log).
+    that `resume.decide` refuses returns refused=True: neither writes anything in run_dir. A failure is recorded
+    as status=failed with the error; `results["user_error"]` tells a config mistake (one line for the user) from
+    a bug (with traceback in results.json and the log).
     Under torchrun every rank calls this; all use rank 0's run_dir, and only rank 0 writes in it.
     """
     try:

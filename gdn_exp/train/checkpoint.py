@@ -289,9 +289,13 @@ def saved_state(path: Path) -> Optional[dict]:
         verify(file)
         return torch.load(file, mmap=True, weights_only=True)
     except Exception as e:  # truncated, overwritten, not a checkpoint, written by something else
-        log.warning("skipping checkpoint %s: it does not load (%s: %s)", path, type(e).__name__,
-                    str(e).splitlines()[0][:120] if str(e) else "")
+        passed_over(path, e)
         return None
+
+
+def passed_over(path: Path, error: Exception) -> None:
+    log.warning("skipping checkpoint %s: it does not load (%s: %s)", path, type(error).__name__,
+                str(error).splitlines()[0][:120] if str(error) else "")
 
 
 def load_weights(run_dir: Path) -> tuple:
@@ -304,8 +308,7 @@ def load_weights(run_dir: Path) -> tuple:
             try:
                 return path, load(path)
             except Exception as e:  # truncated, overwritten, not a checkpoint
-                log.warning("skipping checkpoint %s: it does not load (%s: %s)", path, type(e).__name__,
-                            str(e).splitlines()[0][:120] if str(e) else "")
+                passed_over(path, e)
     raise ValueError(f"{run_dir}: no readable checkpoints/best.pt, latest.pt or previous.pt")
 
 

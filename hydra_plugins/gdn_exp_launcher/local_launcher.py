@@ -40,6 +40,12 @@ class LocalLauncher(Launcher):
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        try:  # before any job is set up: a bad value leaves no directories behind
+            workers = plan_workers(self.gpus if self.gpus is not None else _visible_gpus(), self.jobs_per_gpu,
+                                   self.n_jobs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         returns = []
         for offset, overrides in enumerate(job_overrides):
@@ -55,8 +61,6 @@ class LocalLauncher(Launcher):
             returns[-1].return_value.records = records  # put back if the job is skipped or refused
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)  # run_job set up the last job's
         jobs = [ret.return_value for ret in returns]
-        workers = plan_workers(self.gpus if self.gpus is not None else _visible_gpus(), self.jobs_per_gpu,
-                               self.n_jobs)
         log.info("%d jobs, %d at once on %s", len(jobs), len(workers), ", ".join(sorted(set(workers))))
         results = run_jobs(jobs, workers)
         for ret, job in zip(returns, jobs):
