@@ -178,8 +178,10 @@ def test_an_unwritable_task_cache_is_one_line(compose, tmp_path):
 
 
 def cli(tmp_path, *args, wait=True):
-    process = subprocess.Popen([sys.executable, "-m", "gdn_exp.cli", *TINY, f"task_cache_dir={tmp_path / 'cache'}",
-                                "trainer.log_interval=1", "trainer.eval_interval=100", *args], cwd=tmp_path,
+    flags, overrides = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
+    process = subprocess.Popen([sys.executable, "-m", "gdn_exp.cli", *flags, *TINY,
+                                f"task_cache_dir={tmp_path / 'cache'}", "trainer.log_interval=1",
+                                "trainer.eval_interval=100", *overrides], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return process
