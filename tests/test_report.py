@@ -131,3 +131,13 @@ def test_bad_arguments_end_in_one_line(sweep, tmp_path, args, message):
     paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "sweep": sweep}
     with pytest.raises(SystemExit, match=message):
         report.main([arg.format(**paths) for arg in args])
+
+
+@pytest.mark.parametrize("damage", ['{"status": "comp', "", "null"])
+def test_a_run_whose_records_do_not_read_is_named_and_left_out(sweep, capsys, damage):
+    (sweep / "0_job/results.json").write_text(damage)
+    report.main([str(sweep)])
+    captured = capsys.readouterr()
+    assert len(parse_markdown(captured.out)[1]) == 15
+    assert [line for line in captured.err.splitlines() if "0_job" in line] == [
+        next(line for line in captured.err.splitlines() if line.startswith(f"warning: leaving out {sweep / '0_job'}"))]
