@@ -20,6 +20,11 @@ class RunDirInUse(ValueError):
     """Another process owns the run directory."""
 
 
+class Refused(ValueError):
+    """This invocation must leave the run directory as it is (`gdn_exp.train.resume.decide`); the message says
+    why, in one line."""
+
+
 def claim(run_dir: Path) -> None:
     """Makes this process the owner of run_dir (created if needed); RunDirInUse if another process is."""
     key = str(Path(run_dir).resolve())
@@ -118,11 +123,11 @@ class RunDirLock(Callback):
     def on_run_start(self, config, **kwargs) -> None:
         if int(os.environ.get("RANK", "0")) > 0:  # torchrun: the job's ranks share rank 0's directory
             return
-        from gdn_exp.train.resume import Refused, decide
-
         if not str(config.hydra.run.dir).strip():  # Hydra would write the run into the working directory
             exit_with("hydra.run.dir is empty: give the run a directory")
         try:
+            from gdn_exp.train.resume import decide
+
             continue_in_place(config)
             run_dir = Path(config.hydra.run.dir)
             claim(run_dir)
@@ -133,6 +138,9 @@ class RunDirLock(Callback):
             exit_with(str(e))
         except OSError as e:  # Hydra would fail to make it with a traceback
             exit_with(f"cannot write the run directory hydra.run.dir={config.hydra.run.dir}: {e.strerror or e}")
+        except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing was written
+            print("interrupted before training started: nothing to resume", file=sys.stderr)
+            sys.exit(130)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = config.hydra.sweep.dir

@@ -13,13 +13,10 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from gdn_exp.config import validate
+from gdn_exp.rundir import Refused
 from gdn_exp.train.checkpoint import checkpoints_in, find_resume, read_results
 
 log = logging.getLogger(__name__)
-
-
-class Refused(ValueError):
-    """This invocation must leave the run directory as it is; the message says why, in one line."""
 
 
 def decide(run_dir: Path, cfg, skip_completed: bool) -> Optional[dict]:
