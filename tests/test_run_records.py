@@ -240,3 +240,12 @@ def test_sweep_launcher_mistakes_and_failures_exit_non_zero(tmp_path):
     code, output = cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path / 'b'}", "hydra/launcher=basic",
                        "model.num_heads=0")
     assert code == 1 and "1 job(s) did not complete" in output and "Traceback" not in output, output
+
+
+def test_ctrl_c_before_training_is_one_line(tmp_path):
+    run = cli(tmp_path, f"hydra.run.dir={tmp_path / 'run'}", "task.num_train=20000", wait=False)
+    wait_for(tmp_path / "run/.hydra/overrides.yaml")  # the job has started: it makes its data and model
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=120)
+    assert run.returncode == 130 and "interrupted before training started" in output, output
+    assert "Traceback" not in output

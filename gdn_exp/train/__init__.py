@@ -11,10 +11,10 @@ from pathlib import Path
 from gdn_exp.config import validate, validate_batch_split
 from gdn_exp.extras import have
 from gdn_exp.ops import KernelUnavailableError, resolve_backend
+from gdn_exp.rundir import Refused
 from gdn_exp.train.loggers import finish_crashed_run
 from gdn_exp.train.distributed import Distributed, distributed_job
 from gdn_exp.train.loop import train
-from gdn_exp.rundir import Refused
 from gdn_exp.train.resume import decide
 
 log = logging.getLogger(__name__)
