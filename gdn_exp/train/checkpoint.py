@@ -27,6 +27,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import torch.distributed.checkpoint.filesystem as dcp_files
 import torch.distributed.checkpoint.metadata as dcp_metadata
+from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -262,7 +263,7 @@ def unfinished_runs(parent: Path, config: dict) -> list:
                  if r.get("resumed_from") and not Path(str(r["resumed_from"])).resolve().is_relative_to(run.resolve())}
     found = []
     for run in runs:
-        if run.resolve() in continued or results[run].get("status") == "completed":
+        if run.resolve() in continued or results[run].get("status") == "completed" or not same_config(run, config):
             continue
         for candidate in checkpoints_in(run / "checkpoints"):
             state = saved_state(candidate)
@@ -271,6 +272,17 @@ def unfinished_runs(parent: Path, config: dict) -> list:
                     found.append((candidate.stat().st_mtime, run))
                 break
     return [run for _, run in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def same_config(run_dir: Path, config: dict) -> bool:
+    """Whether run_dir's config.yaml (the resolved config it trained with) is `config`, RESUMABLE_CHANGES
+    aside; True when it has none that reads (its checkpoint's config decides): a quick look before hashing
+    checkpoints."""
+    try:
+        recorded = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except Exception:  # missing, torn, not YAML
+        return True
+    return not isinstance(recorded, dict) or not config_differences(recorded, config)
 
 
 def checkpoints_in(checkpoint_dir: Path) -> list:
