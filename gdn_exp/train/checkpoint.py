@@ -165,7 +165,7 @@ class SafeUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         found = getattr(dcp_metadata, name, None) if module == dcp_metadata.__name__ else None
-        if isinstance(found, type) or (module, name) in self.ALLOWED:
+        if (isinstance(found, type) and found.__module__ == module) or (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
             return getattr(torch, name)
