@@ -88,6 +88,8 @@ def test_an_overwritten_latest_pt_fails_its_checksum_and_previous_pt_resumes(com
     (checkpoints / "previous.pt").unlink()
     with pytest.raises(ValueError, match="no readable"):  # none left: one line
         longcontext.load_run(tmp_path / "run")
+    with pytest.raises(ValueError, match="no checkpoint in .* loads"):  # never started over on top of them
+        find_resume(True, tmp_path / "run", config)
 
 
 def test_stop_and_resume_in_place_keep_the_uninterrupted_records(compose, tmp_path, signal_during_step):

@@ -225,7 +225,8 @@ def find_resume(resume, run_dir: Path, config: dict) -> Optional[Path]:
     continues before this: `unfinished_runs`, `gdn_exp.rundir`), or None if it has none; or a path: a run dir,
     or a checkpoint file or latest.dcp dir. The run must have been trained with this config (RESUMABLE_CHANGES
     aside) and not past this trainer.max_steps, else ValueError saying what differs. A checkpoint that does not
-    load or fails its checksum is named in one log line and passed over for the one before it.
+    load or fails its checksum is named in one log line and passed over for the one before it; ValueError when
+    none loads.
     """
     if resume is False or resume is None:
         return None
@@ -248,6 +249,9 @@ def find_resume(resume, run_dir: Path, config: dict) -> Optional[Path]:
             raise ValueError(f"{what} is at step {state['counters']['step']}, past trainer.max_steps="
                              f"{config['trainer']['max_steps']} (set at least that many)")
         return candidate
+    if candidates:  # all damaged: starting over would overwrite them
+        raise ValueError(f"trainer.resume={resume}: no checkpoint in {path} loads (each is named above); move its "
+                         f"checkpoints/ away to start that run over")
     if resume is not True:
         raise ValueError(f"trainer.resume={resume}: no readable checkpoint there")
     return None
