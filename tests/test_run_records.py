@@ -154,10 +154,19 @@ def test_damaged_results_are_named_and_survived(compose, tmp_path, signal_during
     write_results(tmp_path / "runs/stopped", {"status": "completed"})  # one log line, no traceback
     monkeypatch.undo()
     assert (tmp_path / "runs/stopped/results.json").read_text() == before
-    monkeypatch.setattr(torch, "save", lambda state, path: open(path, "wb").write(b"half") and disk_full(None))
-    with pytest.raises(OSError):
-        checkpoint.save(tmp_path / "runs/stopped/checkpoints/best.pt", {})
-    assert sorted(p.name for p in (tmp_path / "runs/stopped").rglob("*.tmp")) == []
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(compose, tmp_path, monkeypatch):
+    def full(state, path):
+        open(path, "wb").write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")  # torch's writer on a full disk
+
+    monkeypatch.setattr(torch, "save", full)
+    results = run_job(compose(*FAST, "trainer.max_steps=10"), tmp_path / "run")
+    assert results["user_error"] and "cannot write" in results["error"] and "\n" not in results["error"]
+    assert json.loads((tmp_path / "run/results.json").read_text())["status"] == "failed"
+    assert [p.name for p in (tmp_path / "run").rglob("*.tmp")] == []
 
 
 def test_a_truncated_task_cache_entry_is_named_and_made_again(tmp_path, caplog):

@@ -72,6 +72,9 @@ def run_checked_job(cfg, run_dir: Path, dist_info: Distributed, skip_completed: 
         results = train(cfg, run_dir, dist_info)
     except USER_ERRORS as e:
         results = {"status": "failed", "error": str(e), "user_error": True}
+    except OSError as e:  # the disk (full, read-only): one line naming the file, the last checkpoint kept
+        finish_crashed_run()
+        results = {"status": "failed", "error": f"{type(e).__name__}: {e}", "user_error": True}
     except Exception as e:  # a bug or a crash: keep the traceback, let the other sweep jobs go on
         log.exception("run failed")
         finish_crashed_run()

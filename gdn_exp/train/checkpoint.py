@@ -58,8 +58,10 @@ def save(path: Path, state: dict) -> None:
         torch.save(state, tmp)
         record_sums(path.parent, {path.name: sha256(Path(tmp))})
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and "file write failed" in str(e):  # torch's writer on a full disk
+            raise OSError(f"cannot write {path} (is the disk full?)") from None
         raise
 
 
