@@ -8,6 +8,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from gdn_exp.config import register_configs
+from gdn_exp.rundir import FAILED_JOBS
 
 log = logging.getLogger("gdn_exp")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so a wheel has it (conf/ links here)
@@ -22,11 +23,16 @@ def main(cfg):
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     if cfg.logger.name == "wandb" and cfg.logger.group is None and multirun:
         cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # one wandb group per sweep
-    results = run_job(cfg, run_dir, skip_completed=cfg.trainer.skip_completed)
+    try:
+        results = run_job(cfg, run_dir, skip_completed=cfg.trainer.skip_completed)
+    except KeyboardInterrupt:  # Ctrl-C before training started (from then on it checkpoints and stops)
+        log.error("interrupted before training started: nothing to resume")
+        sys.exit(130)
     if results["status"] != "completed":
         log.error("%s: %s", "error" if results["status"] == "failed" else results["status"], results["error"])
         if not multirun:  # a sweep goes on with its other jobs; a single run exits non-zero
             sys.exit(1)
+        FAILED_JOBS.append(run_dir)  # the sweep exits non-zero at its end (rundir.RunDirLock)
     else:
         log.info("%s: test/accuracy %.4f, %d steps, %.1f s -> %s", results["status"],
                  results.get("test/accuracy", float("nan")), results.get("steps", 0),

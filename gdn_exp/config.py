@@ -93,7 +93,7 @@ class TrainerConfig:
     eval_batch_size: int = 256
     target_accuracy: Optional[float] = 0.99   # stop once test/accuracy and each test/accuracy@L reach it (null: never)
     checkpoint_interval: int = 50         # steps between checkpoints/latest.pt
-    resume: Any = False                   # false | true (latest matching run) | path to a run dir or .pt
+    resume: Any = False                   # false | true (newest stopped run like it) | a run dir | a .pt (new run)
     skip_completed: bool = True           # a job whose run dir already holds a completed results.json is skipped
     device: str = "auto"                  # auto (cuda if present) | cpu | cuda | cuda:N
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA, fp32 on CPU

@@ -48,12 +48,12 @@ def model_label(model_cfg: dict) -> str:
 
 
 def load_run(run_dir: Path) -> tuple[LanguageModel, dict]:
-    """The trained model (eval mode, on CPU) and the resolved config of a run dir."""
-    checkpoints = run_dir / "checkpoints"
-    path = checkpoints / "best.pt" if (checkpoints / "best.pt").is_file() else checkpoints / "latest.pt"
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: no checkpoints/best.pt or latest.pt")
-    state = checkpoint.load(path)
+    """The trained model (eval mode, on CPU) and the resolved config of a run dir (`checkpoint.load_weights`)."""
+    return model_of(checkpoint.load_weights(run_dir)[1])
+
+
+def model_of(state: dict) -> tuple[LanguageModel, dict]:
+    """The model (eval mode, on CPU) and the resolved config of a checkpoint's contents."""
     config = state["config"]
     model = LanguageModel(ModelConfig(**config["model"]), mode=config["kernel"]["mode"],
                           backend=config["kernel"]["backend"])
@@ -166,8 +166,12 @@ def main(argv=None) -> None:
         if run.suffix == ".json":
             rows += json.loads(run.read_text())
             continue
-        rows += evaluate_run(run, args.factors, max_length=args.max_length, num_examples=args.num_examples,
-                             token_budget=args.token_budget, chunk_size=args.chunk_size, batch_size=args.batch_size)
+        try:
+            rows += evaluate_run(run, args.factors, max_length=args.max_length, num_examples=args.num_examples,
+                                 token_budget=args.token_budget, chunk_size=args.chunk_size,
+                                 batch_size=args.batch_size)
+        except ValueError as e:  # no readable checkpoint
+            sys.exit(f"gdn-exp-longeval: error: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "longcontext.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / "longcontext.md").write_text(accuracy_table(rows))

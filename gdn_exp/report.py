@@ -159,8 +159,23 @@ def parse_overrides(lines: list[str]) -> dict:
     return params
 
 
+def load_runs(run_dirs: list[Path]) -> list[Run]:
+    """load_run of each run dir; one whose records do not read (a torn results.json) is named in one line on
+    stderr and left out."""
+    runs = []
+    for run_dir in run_dirs:
+        try:
+            runs.append(load_run(run_dir))
+        except Exception as e:  # JSON, YAML or override syntax: whichever record is damaged
+            print(f"warning: leaving out {run_dir}: its records do not read ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:120] if str(e) else ''})", file=sys.stderr)
+    return runs
+
+
 def load_run(run_dir: Path) -> Run:
     results = json.loads((run_dir / "results.json").read_text())
+    if not isinstance(results, dict):
+        raise ValueError(f"results.json holds {json.dumps(results)[:40]}, not a run's results")
     hydra_dir = run_dir / ".hydra"
     config, params, choices, bookkeeping = {}, {}, {}, []
     if (hydra_dir / "config.yaml").is_file():
@@ -403,7 +418,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        runs = [load_run(run_dir) for run_dir in find_run_dirs(args.paths)]
+        runs = load_runs(find_run_dirs(args.paths))
     except ValueError as e:
         sys.exit(f"error: {e}")
     if not runs:

@@ -17,8 +17,10 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
+import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,13 +29,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class Job:
     """One job of a sweep: its number, config (the task function's, without the hydra node, as YAML: the task
-    schemas are made at run time and do not pickle), run directory, override string and wandb group."""
+    schemas are made at run time and do not pickle), run directory, override string and wandb group; records:
+    the run directory's Hydra files from before the launcher set the job up (`gdn_exp.rundir.hydra_records`)."""
 
     index: int
     config_yaml: str
     run_dir: str
     name: str
     group: str
+    records: dict = field(default_factory=dict)
 
 
 def plan_workers(num_gpus: int, jobs_per_gpu: int, n_jobs: int) -> list:
@@ -77,7 +81,7 @@ def job_config(job: Job, device: str):
 def run_one(job: Job, device: str) -> dict:
     """Trains `job` on `device` in this process; its log records go to <run dir>/train.log as well. Returns the
     results dict (results.json)."""
-    from gdn_exp.rundir import RunDirInUse, claim, release
+    from gdn_exp.rundir import RunDirInUse, claim, release, restore_records
     from gdn_exp.train import run_job
 
     cfg = job_config(job, device)
@@ -90,7 +94,10 @@ def run_one(job: Job, device: str) -> dict:
     logging.getLogger().addHandler(handler)
     _JobName.current = f"{job.index}:{job.name}"
     try:
-        return run_job(cfg, Path(job.run_dir), skip_completed=cfg.trainer.skip_completed)
+        results = run_job(cfg, Path(job.run_dir), skip_completed=cfg.trainer.skip_completed)
+        if results.get("skipped") or results.get("refused"):  # Hydra's files as they were: nothing ran
+            restore_records(Path(job.run_dir), job.records)
+        return results
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
@@ -107,8 +114,12 @@ def _worker(device: str, conn) -> None:
         handler.addFilter(_JobName())
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):  # between jobs; a job installs its own
         signal.signal(sig, lambda signum, frame: request_stop(signal.Signals(signum).name))
+    threading.Thread(target=_stop_when_orphaned, args=(os.getppid(),), daemon=True).start()
     while StopRequest.signal is None:
-        job = conn.recv()
+        try:
+            job = conn.recv()
+        except (EOFError, ConnectionResetError):  # the launcher is gone
+            return
         if job is None:
             return
         try:
@@ -116,9 +127,21 @@ def _worker(device: str, conn) -> None:
         except Exception as e:  # run_job records failures itself; this is a bug in the runner
             results = {"status": "failed", "error": f"{type(e).__name__}: {e}", "user_error": False,
                        "traceback": traceback.format_exc()}
-        conn.send(results)
+        try:
+            conn.send(results)
+        except (BrokenPipeError, ConnectionResetError):  # the launcher is gone: its job is stopped and recorded
+            return
         if results.get("status") == "failed" and not results.get("user_error") and not _device_healthy(device):
             os._exit(3)  # the CUDA context is lost: the launcher starts another worker
+
+
+def _stop_when_orphaned(launcher: int) -> None:
+    """Stops this worker's job (a checkpoint, then exit) once its launcher is gone (a kill -9)."""
+    from gdn_exp.train.loop import request_stop
+
+    while os.getppid() == launcher:
+        time.sleep(1)
+    request_stop("the launcher's exit")
 
 
 def _device_healthy(device: str) -> bool:
@@ -219,19 +242,19 @@ def describe(results: dict) -> str:
 
 def summary(jobs: list, results: dict) -> tuple:
     """(text, exit code) of a finished or stopped sweep: counts by outcome, and the directories of the jobs that
-    did not complete; exit code 1 if any failed or diverged, 130 if some never started, else 0."""
-    groups = {"completed": [], "skipped": [], "failed": [], "diverged": [], "not started": []}
+    did not complete; exit code 1 if any failed or diverged, 130 if some were stopped or never started, else 0."""
+    groups = {"completed": [], "skipped": [], "failed": [], "stopped": [], "diverged": [], "not started": []}
     for job in jobs:
         r = results.get(job.index)
         key = "not started" if r is None else "skipped" if r.get("skipped") else r.get("status", "failed")
         groups.setdefault(key, []).append(job)
     lines = ["sweep: " + ", ".join(f"{len(v)} {k}" for k, v in groups.items() if v)]
-    for key in ("failed", "diverged", "not started"):
+    for key in ("failed", "stopped", "diverged", "not started"):
         for job in groups[key]:
             error = (results.get(job.index) or {}).get("error", "")
             lines.append(f"  {key}: {job.run_dir}" + (f"  ({error})" if error else ""))
-    if groups["failed"] or groups["not started"]:
+    if groups["failed"] or groups["stopped"] or groups["not started"]:
         lines.append("  re-run the same command to continue: completed jobs are skipped; add trainer.resume=true "
                      "to continue stopped ones from their checkpoints")
-    code = 1 if groups["failed"] or groups["diverged"] else 130 if groups["not started"] else 0
+    code = 1 if groups["failed"] or groups["diverged"] else 130 if groups["stopped"] or groups["not started"] else 0
     return "\n".join(lines), code

@@ -44,6 +44,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
     (["+trainer.foo=1"], "+trainer.foo=1"),                 # ours: Hydra lets + add a key to a typed group
     (["hydra.run.dir=a_file/run"], "cannot write the run directory hydra.run.dir=a_file/run"),  # before Hydra
     (["hydra.sweep.dir=a_file/sweep", "-m"], "cannot write the sweep directory hydra.sweep.dir=a_file/sweep"),
+    (["hydra.run.dir="], "hydra.run.dir is empty"),        # ours: Hydra would write into the working directory
 ], ids=lambda x: x if isinstance(x, str) else " ".join(x))
 def test_user_errors_give_one_clear_line(tmp_path, overrides, message):
     (tmp_path / "a_file").write_text("a file where the run directory's parent should be\n")
@@ -96,6 +97,7 @@ def test_user_errors_give_one_clear_line(tmp_path, overrides, message):
     (["task_cache_dir=''"], "task_cache_dir"),
     (["task.num_train=0"], "task.num_train=0 must be >= 1"),
     (["task.num_test=0"], "task.num_test=0 must be >= 1"),
+    (["task.num_train=4", "trainer.batch_size=8"], "task.num_train=4 is smaller than trainer.batch_size=8"),
     (["task=mqar", "task.power_a=0"], "task.power_a=0"),
     (["task=parity", "task.min_len=50"], "task.seq_len=40 is too small: need seq_len >= 50 = min_len"),
     (["task=parity", "task.test_lengths=[256,30]"],

@@ -134,7 +134,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
 
     # target_step: the first evaluation at or above trainer.target_accuracy (kept across a resume)
     counters = {"step": 0, "best_accuracy": -1.0, "best_step": -1, "target_step": None, "tokens_seen": 0,
-                "train_time_s": 0.0}
+                "train_time_s": 0.0, "wall_time_s": 0.0}
     resume_path = dist_info.broadcast(checkpoint.find_resume(tc.resume, run_dir, config) if is_main else None)
     saved = checkpoint.load_latest(resume_path, network, optimizer) if resume_path else None
     if saved:
@@ -142,19 +142,22 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         counters.update(saved["counters"])
         checkpoint.set_rng_state(saved["rng"])
         log.info("resumed from %s at step %d", resume_path, counters["step"])
+    earlier_s = counters["wall_time_s"]  # a resumed run's wall time counts its earlier segments too
     place_lr(optimizer, device if graphed else None)
     logger = RunLogger(run_dir, cfg.logger, config,
                        history=resume_path.parent.parent / "metrics.jsonl" if saved else None,
-                       resume_step=counters["step"], wandb_id=saved.get("wandb_id") if saved else None,
+                       resume_step=counters["step"], history_rows=saved.get("metrics_rows") if saved else None,
+                       wandb_id=saved.get("wandb_id") if saved else None,
                        ) if is_main else SilentLogger()
     train_step = TrainStep(forward, optimizer, train_split, batch_size=tc.batch_size,
                            grad_accum_steps=tc.grad_accum_steps, grad_clip=tc.grad_clip, autocast=autocast,
                            dist_info=dist_info, cuda_graph=graphed, window=tc.log_interval)
 
     def save_latest():
+        counters["wall_time_s"] = earlier_s + time.time() - start
         checkpoint.save_latest(run_dir / "checkpoints", network, optimizer, {
             "scheduler": scheduler.state_dict(), "counters": dict(counters), "rng": checkpoint.rng_state(),
-            "config": config, "wandb_id": logger.wandb_id}, dist_info)
+            "config": config, "wandb_id": logger.wandb_id, "metrics_rows": logger.rows}, dist_info)
 
     def run_eval():
         metrics = evaluate_splits(forward, splits, batch_size=tc.eval_batch_size, autocast=autocast)
@@ -242,7 +245,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
             if stopping:
                 save_latest()
                 signal_name = stop.signal or "a signal to another rank"
-                status, error = "failed", f"stopped by {signal_name} at step {step}; resume with trainer.resume=true"
+                status, error = "stopped", f"stopped by {signal_name} at step {step}; resume with trainer.resume=true"
                 break
             window_start = time.perf_counter()
 
@@ -255,7 +258,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         "best/accuracy": counters["best_accuracy"], "best/step": counters["best_step"],
         "steps_to_target": counters["target_step"],
         "steps": counters["step"], "train/loss": loss_value, "num_params": num_params,
-        "wall_time_s": time.time() - start, "first_step_s": first_step_s,
+        "wall_time_s": earlier_s + time.time() - start, "first_step_s": first_step_s,
         "tokens_per_s": counters["tokens_seen"] / max(counters["train_time_s"], 1e-9),
         "steps_per_s": counters["tokens_seen"] / tokens_per_step / max(counters["train_time_s"], 1e-9),
         "cuda_graph": graphed,

@@ -35,10 +35,17 @@ class LocalLauncher(Launcher):
         self.hydra_context, self.config = hydra_context, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from gdn_exp.rundir import hydra_records
         from gdn_exp.sweep import plan_workers, run_jobs, summary
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        try:  # before any job is set up: a bad value leaves no directories behind
+            workers = plan_workers(self.gpus if self.gpus is not None else _visible_gpus(), self.jobs_per_gpu,
+                                   self.n_jobs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         returns = []
         for offset, overrides in enumerate(job_overrides):
@@ -48,12 +55,12 @@ class LocalLauncher(Launcher):
                 sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{index}"
                 sweep_config.hydra.job.num = index
             HydraConfig.instance().set_config(sweep_config)
+            records = hydra_records(Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir))
             returns.append(run_job(hydra_context=self.hydra_context, task_function=record_job, config=sweep_config,
                                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            returns[-1].return_value.records = records  # put back if the job is skipped or refused
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)  # run_job set up the last job's
         jobs = [ret.return_value for ret in returns]
-        workers = plan_workers(self.gpus if self.gpus is not None else _visible_gpus(), self.jobs_per_gpu,
-                               self.n_jobs)
         log.info("%d jobs, %d at once on %s", len(jobs), len(workers), ", ".join(sorted(set(workers))))
         results = run_jobs(jobs, workers)
         for ret, job in zip(returns, jobs):
