@@ -100,7 +100,7 @@ class TrainerConfig:
     strategy: Strategy = Strategy.auto    # auto: ddp under torchrun, else none; fsdp: FSDP2
     activation_checkpointing: bool = False    # recompute each block's activations in the backward pass
     cuda_graph: bool = True               # replay each step from a CUDA graph (one CUDA device, fixed shapes)
-    num_threads: Optional[int] = None     # torch CPU threads (null: torch's default)
+    num_threads: Optional[int] = None     # torch CPU threads (null: auto, half the cores, 1-4: train/threads.py)
     progress: bool = True                 # rich progress bar
 
 

@@ -55,12 +55,14 @@ class _JobName(logging.Filter):
         return True
 
 
-def job_config(job: Job, device: str):
+def job_config(job: Job, device: str, processes: int = 1):
     """The job's config as its worker runs it: on the worker's device (unless the job names one), without a
-    progress bar (the workers' would interleave), in the sweep's wandb group."""
+    progress bar (the workers' would interleave), in the sweep's wandb group, with its share of the CPU threads
+    (`processes`: the workers training at once, `train.threads`)."""
     from omegaconf import OmegaConf, open_dict
 
     from gdn_exp.config import register_configs
+    from gdn_exp.train.threads import auto_threads
 
     register_configs()  # the resolvers the config's interpolations use
     cfg = OmegaConf.create(job.config_yaml)
@@ -69,18 +71,20 @@ def job_config(job: Job, device: str):
         if cfg.trainer.device == "auto":
             cfg.trainer.device = device
         cfg.trainer.progress = False
+        if cfg.trainer.num_threads is None:
+            cfg.trainer.num_threads = auto_threads(processes)
         if cfg.logger.name == "wandb" and cfg.logger.group is None:
             cfg.logger.group = job.group
     return cfg
 
 
-def run_one(job: Job, device: str) -> dict:
+def run_one(job: Job, device: str, processes: int = 1) -> dict:
     """Trains `job` on `device` in this process; its log records go to <run dir>/train.log as well. Returns the
     results dict (results.json)."""
     from gdn_exp.rundir import RunDirInUse, claim, release
     from gdn_exp.train import run_job
 
-    cfg = job_config(job, device)
+    cfg = job_config(job, device, processes)
     try:
         claim(Path(job.run_dir))
     except RunDirInUse as e:  # another process's job: its directory stays as that process leaves it
@@ -97,7 +101,7 @@ def run_one(job: Job, device: str) -> dict:
         release(Path(job.run_dir))
 
 
-def _worker(device: str, conn) -> None:
+def _worker(device: str, conn, processes: int) -> None:
     """A worker process: runs the jobs its launcher sends over `conn` and sends back each one's results, until it
     gets None or a stop signal came."""
     from gdn_exp.train.loop import StopRequest, request_stop
@@ -112,7 +116,7 @@ def _worker(device: str, conn) -> None:
         if job is None:
             return
         try:
-            results = run_one(job, device)
+            results = run_one(job, device, processes)
         except Exception as e:  # run_job records failures itself; this is a bug in the runner
             results = {"status": "failed", "error": f"{type(e).__name__}: {e}", "user_error": False,
                        "traceback": traceback.format_exc()}
@@ -156,7 +160,7 @@ def run_jobs(jobs: list, workers: list) -> dict:
 
     def start(device):
         conn, worker_end = context.Pipe()
-        process = context.Process(target=_worker, args=(device, worker_end), daemon=True)
+        process = context.Process(target=_worker, args=(device, worker_end, len(workers)), daemon=True)
         process.start()
         worker_end.close()  # the worker's copy is then the only one: its death closes the pipe
         running[conn] = (process, device, None)

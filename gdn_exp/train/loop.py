@@ -29,6 +29,7 @@ from gdn_exp.train.distributed import Distributed, wrap_model
 from gdn_exp.train.evaluate import evaluate
 from gdn_exp.train.loggers import RunLogger, SilentLogger
 from gdn_exp.train.step import TrainStep, place_lr
+from gdn_exp.train.threads import auto_threads, describe_threads
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     device, is_main = dist_info.device, dist_info.is_main
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
+    torch.set_num_threads(tc.num_threads or auto_threads())
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
     # no weight-cast cache: a cast cached while capturing a CUDA graph would be freed under the graph
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False) if use_bf16 \
@@ -120,9 +120,10 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     # are read on the host) and several ranks (their collectives) run eagerly
     graphed = tc.cuda_graph and device.type == "cuda" and dist_info.world_size == 1 and not varlen
     log.info("model %s (d_model %d, %d layers): %s parameters (%s without embeddings; %s mixer, kernel %s/%s) "
-             "on %s x %d (%s%s)", model_cfg.name, model_cfg.d_model, model_cfg.n_layers, f"{num_params:,}",
+             "on %s x %d (%s%s), %s", model_cfg.name, model_cfg.d_model, model_cfg.n_layers, f"{num_params:,}",
              f"{model.num_params(exclude_embeddings=True):,}", model_cfg.mixer, cfg.kernel.mode, cfg.kernel.backend,
-             device.type, dist_info.world_size, dist_info.strategy, ", CUDA graph" if graphed else "")
+             device.type, dist_info.world_size, dist_info.strategy, ", CUDA graph" if graphed else "",
+             describe_threads(tc.num_threads, torch.get_num_threads()))
     network = wrap_model(model, dist_info.strategy, device, tc.activation_checkpointing)
     # varlen: the model sees each batch as packed documents that never attend across a boundary
     forward = PackedDocuments(network, make_tokenizer(cfg.task.tokenizer).bos_id) if varlen else network
