@@ -71,7 +71,7 @@ def job_config(job: Job, device: str, processes: int = 1):
         if cfg.trainer.device == "auto":
             cfg.trainer.device = device
         cfg.trainer.progress = False
-        if cfg.trainer.num_threads is None:
+        if cfg.trainer.get("num_threads") is None:
             cfg.trainer.num_threads = auto_threads(processes)
         if cfg.logger.name == "wandb" and cfg.logger.group is None:
             cfg.logger.group = job.group
