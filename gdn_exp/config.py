@@ -49,6 +49,11 @@ class Precision(Choice):
     bf16 = "bf16"
 
 
+def precision_used(precision: str, device_type: str) -> str:
+    """trainer.precision as a run on `device_type` ("cpu", "cuda") trains: auto is bf16 on CUDA, fp32 elsewhere."""
+    return ("bf16" if device_type == "cuda" else "fp32") if precision == "auto" else str(precision)
+
+
 class Strategy(Choice):
     auto = "auto"
     none = "none"
@@ -94,7 +99,7 @@ class TrainerConfig:
     target_accuracy: Optional[float] = 0.99   # stop early once test/accuracy reaches it (null: never)
     checkpoint_interval: int = 50         # steps between checkpoints/latest.pt
     resume: Any = False                   # false | true (latest matching run) | path to a run dir or .pt
-    skip_completed: bool = True           # a job whose run dir already holds a completed results.json is skipped
+    skip_completed: bool = True           # skip a job that completed before (a sweep's: also with the same config under outputs/)
     device: str = "auto"                  # auto (cuda if present) | cpu | cuda | cuda:N
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA, fp32 on CPU
     strategy: Strategy = Strategy.auto    # auto: ddp under torchrun, else none; fsdp: FSDP2
@@ -176,6 +181,31 @@ def check_known_keys(cfg) -> None:
                 value = OmegaConf.select(node, str(key), throw_on_resolution_failure=False)
                 raise ValueError(f"+{path}={value} adds a key that {group or 'the top level'} does not have; "
                                  f"known keys: {', '.join(known)}")
+
+
+def check_override_keys(overrides: list) -> None:
+    """Hydra's message for a misspelled key (`trainer.lrr=1`) suggests adding it with `+` and lists no valid keys;
+    this check runs first and says, in one line, which keys the group has. Only `group.key=value` overrides of
+    the typed groups are checked (a task key against every task's keys: the chosen task may come from a preset);
+    Hydra checks the rest."""
+    import difflib
+
+    groups = {"model": ModelConfig, "kernel": KernelConfig, "trainer": TrainerConfig, "logger": LoggerConfig}
+    for override in overrides:
+        if override.startswith(("-", "+", "~")) or "=" not in override or "." not in override.split("=")[0]:
+            continue
+        group, key = override.split("=")[0].split(".")[:2]
+        if group == "task":
+            known = list(dict.fromkeys(f.name for source in TASKS.values()
+                                       for f in dataclasses.fields(source.schema)))
+        elif group in groups:
+            known = [f.name for f in dataclasses.fields(groups[group])]
+        else:
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {group}.{close[0]}?)" if close else ""
+            raise ValueError(f"{group}.{key} is not a key of {group}{hint}; its keys: {', '.join(known)}")
 
 
 def check_range(key: str, value, *, low=None, high=None, low_open=False, high_open=False,

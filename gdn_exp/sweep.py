@@ -215,6 +215,8 @@ def describe(results: dict) -> str:
     """One line for a job's results."""
     if results.get("skipped"):
         return "skipped (completed before)"
+    if results.get("reused_from"):
+        return f"reused: completed before in {results['reused_from']}"
     if results.get("status") == "completed":
         return (f"completed, test/accuracy {results.get('test/accuracy', float('nan')):.4f} at step "
                 f"{results.get('steps', 0)} ({results.get('wall_time_s', 0):.0f} s)")
@@ -224,18 +226,111 @@ def describe(results: dict) -> str:
 def summary(jobs: list, results: dict) -> tuple:
     """(text, exit code) of a finished or stopped sweep: counts by outcome, and the directories of the jobs that
     did not complete; exit code 1 if any failed or diverged, 130 if some never started, else 0."""
-    groups = {"completed": [], "skipped": [], "failed": [], "diverged": [], "not started": []}
+    groups = {"completed": [], "skipped": [], "reused": [], "failed": [], "diverged": [], "not started": []}
     for job in jobs:
         r = results.get(job.index)
-        key = "not started" if r is None else "skipped" if r.get("skipped") else r.get("status", "failed")
+        key = ("not started" if r is None else "skipped" if r.get("skipped") else "reused" if r.get("reused_from")
+               else r.get("status", "failed"))
         groups.setdefault(key, []).append(job)
     lines = ["sweep: " + ", ".join(f"{len(v)} {k}" for k, v in groups.items() if v)]
     for key in ("failed", "diverged", "not started"):
         for job in groups[key]:
             error = (results.get(job.index) or {}).get("error", "")
             lines.append(f"  {key}: {job.run_dir}" + (f"  ({error})" if error else ""))
+    if groups["reused"]:
+        lines.append(f"  reused: {len(groups['reused'])} jobs link to a run under outputs/ that completed with the same "
+                     "config; trainer.skip_completed=false trains them anew")
     if groups["failed"] or groups["not started"]:
         lines.append("  re-run the same command to continue: completed jobs are skipped; add trainer.resume=true "
                      "to continue stopped ones from their checkpoints")
     code = 1 if groups["failed"] or groups["diverged"] else 130 if groups["not started"] else 0
     return "\n".join(lines), code
+
+
+# A completed run stands for a job that differs from it only in keys a resumed run may change
+# (`train.checkpoint.RESUMABLE_CHANGES`), less these, which change where or how a completed run ended.
+CHANGE_THE_END = {"trainer.max_steps", "trainer.target_accuracy", "trainer.eval_interval", "task.num_test"}
+
+
+def computation_key(config: dict, device_type: str) -> str:
+    """What a job computes, as one string: its resolved config without the keys in REUSE_IGNORES, with
+    trainer.precision as trained on `device_type` (cpu, cuda) when it is auto."""
+    import json
+
+    from gdn_exp.config import flatten_config, precision_used
+    from gdn_exp.train.checkpoint import RESUMABLE_CHANGES
+
+    ignored = RESUMABLE_CHANGES - CHANGE_THE_END
+    flat = {k: v for k, v in flatten_config(config).items()
+            if not any(k == key or k.startswith(key + ".") for key in ignored)}
+    flat["trainer.precision"] = precision_used(flat.get("trainer.precision", "auto"), device_type)
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def completed_runs(roots: list) -> dict:
+    """{computation_key: run dir} of the completed runs under `roots` (run dirs one or two levels down: runs/<run>,
+    multiruns/<sweep>/<job>), the newest for each key. A job that reused another run points to that run."""
+    import json
+
+    import yaml
+
+    found = {}
+    paths = [p for root in roots if Path(root).is_dir() for depth in ("*", "*/*")
+             for p in Path(root).glob(f"{depth}/results.json")]
+    for path in sorted(set(paths), key=lambda p: p.stat().st_mtime):
+        try:
+            results = json.loads(path.read_text())
+            config = yaml.safe_load((path.parent / "config.yaml").read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            continue
+        if results.get("status") != "completed" or not isinstance(config, dict):
+            continue
+        device = str(config.get("trainer", {}).get("device", ""))
+        device_type = "cpu" if device == "cpu" or results.get("device") == "cpu" else "cuda"
+        found[computation_key(config, device_type)] = Path(results.get("reused_from") or path.parent)
+    return found
+
+
+def reusable_jobs(jobs: list, roots: list, device_type: str) -> dict:
+    """{job index: the completed run dir under `roots` that computed the same} for the jobs that have no completed
+    run of their own and do not force re-training (trainer.skip_completed=false)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from gdn_exp.config import register_configs
+
+    register_configs()
+    done = completed_runs(roots)
+    reusable = {}
+    for job in jobs:
+        own = Path(job.run_dir) / "results.json"
+        if own.is_file() and json.loads(own.read_text()).get("status") == "completed":
+            continue  # the job's own run: run_job skips it
+        config = OmegaConf.to_container(OmegaConf.create(job.config_yaml), resolve=True)
+        if not config["trainer"].get("skip_completed", True):
+            continue
+        job_device = str(config["trainer"].get("device", "auto"))
+        source = done.get(computation_key(config, device_type if job_device == "auto" else job_device[:4]))
+        if source is not None and source.resolve() != Path(job.run_dir).resolve():
+            reusable[job.index] = source
+    return reusable
+
+
+def link_reused(job: Job, source: Path) -> dict:
+    """Makes job's run dir stand for the completed run `source`: a relative symlink to each of its files and
+    directories (checkpoints, metrics.jsonl, config.yaml, ...) beside the job's own .hydra/, and its results.json
+    with `reused_from`. Returns those results."""
+    import json
+
+    from gdn_exp.train import write_results
+
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        target = run_dir / entry.name
+        if entry.name in (".hydra", ".lock", "results.json") or target.exists() or target.is_symlink():
+            continue
+        target.symlink_to(os.path.relpath(entry.resolve(), run_dir.resolve()))
+    results = json.loads((source / "results.json").read_text())
+    return write_results(run_dir, {**results, "reused_from": str(source.resolve())})

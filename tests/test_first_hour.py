@@ -38,3 +38,24 @@ def test_sweep_workers_share_the_cores(monkeypatch):
     assert job_config(Job(0, OmegaConf.to_yaml(config), "unused", "a", "g"), "cpu", 2).trainer.num_threads == 2
     config["trainer"]["num_threads"] = 3  # a job that names its thread count keeps it
     assert job_config(Job(0, OmegaConf.to_yaml(config), "unused", "a", "g"), "cpu", 2).trainer.num_threads == 3
+
+
+def test_rerun_sweep_in_a_new_directory_reuses_what_completed(tmp_path):
+    """The same `gdn-exp -m ...` twice, its directory not pinned: the second finds the first's completed job under
+    outputs/ and links it instead of training it; the failed one runs again; skip_completed=false trains all."""
+    from test_sweeps import TINY, gdn_exp, job_results
+
+    sweep = ["-m", *TINY, "task.seq_len=8,3", "logger=none"]
+    gdn_exp(tmp_path, *sweep, returncode=1)
+    output = gdn_exp(tmp_path, *sweep, "trainer.log_interval=2", returncode=1)  # not a computation key
+    assert "sweep: 1 reused, 1 failed" in output and "trainer.skip_completed=false" in output
+    first, second = sorted((tmp_path / "outputs/multiruns").iterdir())
+    trained, = [n for n, (r, _) in job_results(first).items() if r["status"] == "completed"]
+    reused, = [(n, r) for n, (r, _) in job_results(second).items() if r["status"] == "completed"]
+    assert reused[1]["reused_from"] == str((first / trained).resolve())
+    assert (second / reused[0] / "checkpoints/best.pt").is_file() and (second / reused[0] / "metrics.jsonl").is_symlink()
+
+    output = gdn_exp(tmp_path, *sweep, "trainer.max_steps=4", returncode=1)  # another computation: trained
+    assert "sweep: 1 completed, 1 failed" in output
+    output = gdn_exp(tmp_path, *sweep, "trainer.skip_completed=false", returncode=1)
+    assert "sweep: 1 completed, 1 failed" in output

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from gdn_exp.config import precision_used
 from gdn_exp.data import PackedDocuments, make_tokenizer, task_source
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
@@ -90,7 +91,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(tc.num_threads or auto_threads())
-    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    use_bf16 = precision_used(tc.precision, device.type) == "bf16"
     # no weight-cast cache: a cast cached while capturing a CUDA graph would be freed under the graph
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False) if use_bf16 \
         else nullcontext

@@ -35,7 +35,7 @@ class LocalLauncher(Launcher):
         self.hydra_context, self.config = hydra_context, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from gdn_exp.sweep import plan_workers, run_jobs, summary
+        from gdn_exp.sweep import link_reused, plan_workers, reusable_jobs, run_jobs, summary
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -55,7 +55,9 @@ class LocalLauncher(Launcher):
         workers = plan_workers(self.gpus if self.gpus is not None else _visible_gpus(), self.jobs_per_gpu,
                                self.n_jobs)
         log.info("%d jobs, %d at once on %s", len(jobs), len(workers), ", ".join(sorted(set(workers))))
-        results = run_jobs(jobs, workers)
+        reused = reusable_jobs(jobs, self.search_roots(), "cuda" if workers[0].startswith("cuda") else "cpu")
+        results = run_jobs([job for job in jobs if job.index not in reused], workers)
+        results.update({job.index: link_reused(job, reused[job.index]) for job in jobs if job.index in reused})
         for ret, job in zip(returns, jobs):
             ret.return_value = (results.get(job.index) or {}).get("test/accuracy")  # the sweep objective
         text, code = summary(jobs, results)
@@ -63,6 +65,12 @@ class LocalLauncher(Launcher):
         if code:
             sys.exit(code)
         return returns
+
+    def search_roots(self) -> list:
+        """Where a job may find a run that completed with its config: beside this sweep (outputs/multiruns/) and
+        among the single runs (outputs/runs/)."""
+        hydra = self.config.hydra
+        return [Path(str(hydra.sweep.dir)).parent, Path(str(hydra.run.dir)).parent]
 
 
 def _visible_gpus() -> int:
