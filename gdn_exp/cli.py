@@ -13,8 +13,20 @@ log = logging.getLogger("gdn_exp")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so a wheel has it (conf/ links here)
 register_configs()
 
+def main():
+    """The `gdn-exp` command: a misspelled key stops here, in one line; everything else is Hydra's."""
+    from gdn_exp.config import check_override_keys
+    from gdn_exp.rundir import exit_with
+
+    try:
+        check_override_keys(sys.argv[1:])
+    except ValueError as e:
+        exit_with(str(e))
+    run()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg):
+def run(cfg):
     from gdn_exp.train import run_job  # imported here so --help and config errors stay fast
 
     hydra_cfg = HydraConfig.get()
