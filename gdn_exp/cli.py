@@ -22,7 +22,12 @@ def main():
         check_override_keys(sys.argv[1:])
     except ValueError as e:
         exit_with(str(e))
-    run()
+    try:
+        run()
+    except KeyboardInterrupt:  # a second Ctrl-C (train.loop.StopRequest): no traceback
+        print("interrupted: the run stopped without a final checkpoint; its last one is in checkpoints/",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

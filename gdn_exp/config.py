@@ -1,8 +1,8 @@
 """Typed schemas for the Hydra config, registered in Hydra's ConfigStore.
 
-With these schemas a misspelled key (`trainer.lrr=1`) or a wrong type (`trainer.lr=fast`) fails at
-composition with Hydra's own message, and so does a string option (`kernel.mode=parallel`: Hydra lists chunk and
-recurrent). What a schema cannot say (a key added with `+group.key=...`, a value out of range, checks across
+With these schemas a wrong type (`trainer.lr=fast`) fails at composition with Hydra's own message, and so does a
+string option (`kernel.mode=parallel`: Hydra lists chunk and recurrent); a misspelled key (`trainer.lrr=1`) is
+caught just before, by `check_override_keys`, which names the group's keys. What a schema cannot say (a key added with `+group.key=...`, a value out of range, checks across
 groups) `validate` checks at start-up, in one line.
 """
 import dataclasses

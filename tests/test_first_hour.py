@@ -59,3 +59,51 @@ def test_rerun_sweep_in_a_new_directory_reuses_what_completed(tmp_path):
     assert "sweep: 1 completed, 1 failed" in output
     output = gdn_exp(tmp_path, *sweep, "trainer.skip_completed=false", returncode=1)
     assert "sweep: 1 completed, 1 failed" in output
+
+
+def test_help_lists_every_option_a_user_picks_and_no_internal_group(tmp_path):
+    import subprocess
+    import sys
+
+    from gdn_exp.cli import CONF_DIR
+
+    done = subprocess.run([sys.executable, "-m", "gdn_exp.cli", "--help"], capture_output=True, text=True, timeout=120)
+    groups = done.stdout.split("== Groups (group=option) ==")[1].split("== Config ==")[0]
+    for group in ("model", "task", "kernel", "ablation", "logger", "trainer", "experiment"):
+        for option in sorted((CONF_DIR / group).glob("*.yaml")):
+            assert f" {option.stem}" in groups, (group, option.stem)
+    assert "schema" not in groups and "mqar_length " not in groups
+    assert "outputs/runs/<date>_<time>-<µs>_<model>_<overrides>/" in done.stdout
+
+
+def test_a_second_ctrl_c_stops_at_once(compose, tmp_path, monkeypatch, caplog):
+    """The first SIGINT asks for a checkpoint after the step; a second one, while a long step still runs, stops
+    now (KeyboardInterrupt, which `gdn-exp` turns into exit code 130 without a traceback)."""
+    import os
+    import signal
+
+    import gdn_exp.train.step as step_module
+
+    real_loss, calls = step_module.lm_loss, {"n": 0}
+
+    def loss_then_two_sigints(logits, labels, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # two Ctrl-C during one step
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(logits, labels, **kwargs)
+
+    monkeypatch.setattr(step_module, "lm_loss", loss_then_two_sigints)
+    cfg = compose(*FAST, "trainer.max_steps=100", "trainer.eval_interval=100", "trainer.log_interval=100")
+    with caplog.at_level(logging.WARNING, logger="gdn_exp"), pytest.raises(KeyboardInterrupt):
+        run_job(cfg, tmp_path / "run")
+    assert any("Ctrl-C again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_big_model_on_a_cpu_gets_a_warning(compose, tmp_path, monkeypatch, caplog):
+    import gdn_exp.train.loop as loop
+
+    monkeypatch.setattr(loop, "CPU_PARAMS_WARNING", 1000)
+    with caplog.at_level(logging.WARNING, logger="gdn_exp"):
+        assert run_job(compose(*FAST), tmp_path / "run")["status"] == "completed"
+    assert any("it is meant for a GPU" in r.getMessage() for r in caplog.records)

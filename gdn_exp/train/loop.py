@@ -44,6 +44,7 @@ def lr_multiplier(step: int, *, warmup_steps: int, decay_steps: int, min_lr_rati
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+CPU_PARAMS_WARNING = 100_000_000  # a model this big on a CPU gets a warning at start-up (gdn_400m: 419M)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # SIGUSR2: SLURM's warning before a time limit
 
 
@@ -63,7 +64,11 @@ class StopRequest:
 
     @staticmethod
     def _handle(signum, frame):
+        if StopRequest.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: now, not after a step that may take minutes (a big model)
         request_stop(signal.Signals(signum).name)
+        log.warning("%s: stopping after this step with a checkpoint%s", StopRequest.signal,
+                    " (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT else "")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -125,6 +130,9 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
              f"{model.num_params(exclude_embeddings=True):,}", model_cfg.mixer, cfg.kernel.mode, cfg.kernel.backend,
              device.type, dist_info.world_size, dist_info.strategy, ", CUDA graph" if graphed else "",
              describe_threads(tc.num_threads, torch.get_num_threads()))
+    if device.type == "cpu" and num_params > CPU_PARAMS_WARNING:
+        log.warning("model %s has %.0fM parameters: it is meant for a GPU; on a CPU one step can take minutes and "
+                    "more memory than the machine has", model_cfg.name, num_params / 1e6)
     network = wrap_model(model, dist_info.strategy, device, tc.activation_checkpointing)
     # varlen: the model sees each batch as packed documents that never attend across a boundary
     forward = PackedDocuments(network, make_tokenizer(cfg.task.tokenizer).bos_id) if varlen else network
