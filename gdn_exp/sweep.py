@@ -46,13 +46,14 @@ def plan_workers(num_gpus: int, jobs_per_gpu: int, n_jobs: int) -> list:
 
 
 class _JobName(logging.Filter):
-    """Puts the worker's current job into its console lines."""
+    """Puts the worker's current job into its console lines, and keeps the jobs' step lines (which their log files
+    have) off the console."""
 
     current = "-"
 
     def filter(self, record):
         record.job = _JobName.current
-        return True
+        return record.name != "gdn_exp.progress"  # step lines and outcome: the job's log file has them
 
 
 def job_config(job: Job, device: str, processes: int = 1):
@@ -79,7 +80,8 @@ def job_config(job: Job, device: str, processes: int = 1):
 
 
 def run_one(job: Job, device: str, processes: int = 1) -> dict:
-    """Trains `job` on `device` in this process; its log records go to <run dir>/train.log as well. Returns the
+    """Trains `job` on `device` in this process; its log records, step lines included, go to <run dir>/cli.log (the
+    file Hydra made for the job's log, hydra.job.name being cli), as a single run's do. Returns the
     results dict (results.json)."""
     from gdn_exp.rundir import RunDirInUse, claim, release
     from gdn_exp.train import run_job
@@ -89,12 +91,14 @@ def run_one(job: Job, device: str, processes: int = 1) -> dict:
         claim(Path(job.run_dir))
     except RunDirInUse as e:  # another process's job: its directory stays as that process leaves it
         return {"status": "failed", "user_error": True, "error": str(e)}
-    handler = logging.FileHandler(Path(job.run_dir) / "train.log")
+    handler = logging.FileHandler(Path(job.run_dir) / "cli.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
     logging.getLogger().addHandler(handler)
     _JobName.current = f"{job.index}:{job.name}"
     try:
-        return run_job(cfg, Path(job.run_dir), skip_completed=cfg.trainer.skip_completed)
+        results = run_job(cfg, Path(job.run_dir), skip_completed=cfg.trainer.skip_completed)
+        logging.getLogger("gdn_exp.progress").info(describe(results))  # the launcher's console has it already
+        return results
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

@@ -107,3 +107,26 @@ def test_a_big_model_on_a_cpu_gets_a_warning(compose, tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="gdn_exp"):
         assert run_job(compose(*FAST), tmp_path / "run")["status"] == "completed"
     assert any("it is meant for a GPU" in r.getMessage() for r in caplog.records)
+
+
+def test_a_sweep_job_keeps_a_log_like_a_single_runs(compose, tmp_path):
+    """Its cli.log holds the start-up line, a line per logged step (with the accuracy of the evaluation at that
+    step, not the one before) and the outcome."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from gdn_exp.sweep import Job, plan_workers, run_jobs
+
+    cfg = compose(*FAST, "task.seq_len=8", "trainer.max_steps=4", f"task_cache_dir={tmp_path / 'cache'}")
+    job = Job(0, OmegaConf.to_yaml(cfg), str(tmp_path / "job"), "job", "g")
+    assert run_jobs([job], plan_workers(num_gpus=0, jobs_per_gpu=1, n_jobs=1))[0]["status"] == "completed"
+    lines = (tmp_path / "job/cli.log").read_text().splitlines()
+    rows = [json.loads(line) for line in (tmp_path / "job/metrics.jsonl").read_text().splitlines()]
+    accuracy = {r["step"]: r["test/accuracy"] for r in rows if "test/accuracy" in r}
+    assert any("parameters" in line for line in lines)
+    for step in (1, 2, 3, 4):
+        line, = [line for line in lines if f"step {step}/4 " in line]
+        if step in accuracy:
+            assert f"acc {accuracy[step]:.3f}" in line, (line, accuracy)
+    assert "completed, test/accuracy" in lines[-1]

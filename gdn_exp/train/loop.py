@@ -33,6 +33,7 @@ from gdn_exp.train.step import TrainStep, place_lr
 from gdn_exp.train.threads import auto_threads, describe_threads
 
 log = logging.getLogger(__name__)
+step_log = logging.getLogger("gdn_exp.progress")  # step lines: a sweep's console leaves them to each job's log
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -188,7 +189,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     network.train()
-    # a live bar on a terminal; elsewhere (a log file, a sweep worker) one plain line per log step instead
+    # a live bar on a terminal; elsewhere (a log file, trainer.progress=false, a sweep job) one plain line per log step
     live_bar = tc.progress and is_main and sys.stderr.isatty()
     with StopRequest() as stop, Progress(*columns, disable=not live_bar) as progress:
         bar = progress.add_task(f"{cfg.task.name}/{model_cfg.name}", total=tc.max_steps,
@@ -225,6 +226,8 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                 status, error = "diverged", f"{what} became {value} at step {counters['step']}"
                 break
             loss_value, grad_norm = rows[-1].tolist()
+            if step % tc.eval_interval == 0 or step == tc.max_steps:  # first, so that the step line shows it
+                metrics, last_eval_step = run_eval(), step
             if step % tc.log_interval == 0 or step == tc.max_steps:
                 tokens_per_s = log_steps * tokens_per_step / max(log_time, 1e-9)
                 lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1)  # the last step's
@@ -233,16 +236,15 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                 acc = f"  acc {metrics['test/accuracy']:.3f}" if metrics else ""
                 info = f"loss {loss_value:.4f}{acc}  {tokens_per_s:,.0f} tok/s"
                 progress.update(bar, completed=step, info=info)
-                if tc.progress and is_main and not live_bar:
-                    log.info("step %d/%d  %s", step, tc.max_steps, info)
+                if is_main and not live_bar:
+                    step_log.info("step %d/%d  %s", step, tc.max_steps, info)
                 log_time, log_steps = 0.0, 0
-            if step % tc.eval_interval == 0 or step == tc.max_steps:
-                metrics, last_eval_step = run_eval(), step
-                if tc.target_accuracy is not None and metrics["test/accuracy"] >= tc.target_accuracy:
-                    log.info("test/accuracy %.4f >= target %.4f at step %d: stopping early",
-                             metrics["test/accuracy"], tc.target_accuracy, step)
-                    save_latest()
-                    break
+            if last_eval_step == step and tc.target_accuracy is not None \
+                    and metrics["test/accuracy"] >= tc.target_accuracy:
+                log.info("test/accuracy %.4f >= target %.4f at step %d: stopping early",
+                         metrics["test/accuracy"], tc.target_accuracy, step)
+                save_latest()
+                break
             if step % tc.checkpoint_interval == 0 or step == tc.max_steps:
                 save_latest()
             if stopping:
