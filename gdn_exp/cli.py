@@ -18,8 +18,11 @@ def main():
     from gdn_exp.config import check_override_keys
     from gdn_exp.rundir import exit_with
 
+    args = sys.argv[1:]
+    if {"-m", "--multirun"} & set(args) and {"-c", "--cfg"} & set(args):  # Hydra's refusal is a traceback
+        exit_with("--cfg and -m do not go together: to print one job's config, drop -m and give one value per key")
     try:
-        check_override_keys(sys.argv[1:])
+        check_override_keys(args)
     except ValueError as e:
         exit_with(str(e))
     try:

@@ -43,6 +43,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
     (["kernel.mode=parallel"], "expected one of [chunk, recurrent]"),  # Hydra + schema: not an option
     (["trainer.device=gpu"], "trainer.device=gpu"),         # ours: picked before the other checks
     (["+trainer.foo=1"], "+trainer.foo=1"),                 # ours: Hydra lets + add a key to a typed group
+    (["-m", "trainer.lr=1e-3,3e-3", "--cfg", "hydra"], "--cfg and -m do not go together"),  # Hydra: a traceback
     (["hydra.run.dir=a_file/run"], "cannot write the run directory hydra.run.dir=a_file/run"),  # before Hydra
     (["hydra.sweep.dir=a_file/sweep", "-m"], "cannot write the sweep directory hydra.sweep.dir=a_file/sweep"),
 ], ids=lambda x: x if isinstance(x, str) else " ".join(x))

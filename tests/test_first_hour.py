@@ -130,3 +130,21 @@ def test_a_sweep_job_keeps_a_log_like_a_single_runs(compose, tmp_path):
         if step in accuracy:
             assert f"acc {accuracy[step]:.3f}" in line, (line, accuracy)
     assert "completed, test/accuracy" in lines[-1]
+
+
+def test_config_yaml_records_what_each_auto_chose(compose, tmp_path):
+    import yaml
+
+    assert run_job(compose(*FAST), tmp_path / "run")["status"] == "completed"
+    trainer = yaml.safe_load((tmp_path / "run/config.yaml").read_text())["trainer"]
+    assert (trainer["device"], trainer["precision"], trainer["strategy"]) == ("cpu", "fp32", "none")
+    assert trainer["num_threads"] == threads.auto_threads()
+
+
+def test_the_notebook_writes_no_tracked_file():
+    import json
+    from pathlib import Path
+
+    notebook = json.loads((Path(__file__).parents[1] / "examples/look_inside.ipynb").read_text())
+    code = "".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
+    assert "docs/" not in code  # its figures go to outputs/look_inside/figures/

@@ -103,8 +103,10 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         else nullcontext
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     varlen = cfg.task.get("varlen", False)  # task=lm: documents packed with their boundaries
-    if is_main:  # beside Hydra's .hydra/config.yaml, which keeps the interpolations
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    if is_main:  # beside Hydra's .hydra/config.yaml, which keeps the interpolations; with what each `auto` chose
+        used = {"device": str(device), "precision": precision_used(tc.precision, device.type),
+                "strategy": dist_info.strategy, "num_threads": torch.get_num_threads()}
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**config, "trainer": {**config["trainer"], **used}}))
 
     if not is_main:  # rank 0 fills the data cache first, the others then read it
         dist_info.barrier()
