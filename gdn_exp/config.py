@@ -2,8 +2,8 @@
 
 With these schemas a wrong type (`trainer.lr=fast`) fails at composition with Hydra's own message, and so does a
 string option (`kernel.mode=parallel`: Hydra lists chunk and recurrent); a misspelled key (`trainer.lrr=1`) is
-caught just before, by `check_override_keys`, which names the group's keys. What a schema cannot say (a key added with `+group.key=...`, a value out of range, checks across
-groups) `validate` checks at start-up, in one line.
+caught just before, by `check_override_keys`, which names the group's keys. What a schema cannot say (a key added
+with `+group.key=...`, a value out of range, checks across groups) `validate` checks at start-up, in one line.
 """
 import dataclasses
 import hashlib
@@ -99,7 +99,7 @@ class TrainerConfig:
     target_accuracy: Optional[float] = 0.99   # stop early once test/accuracy reaches it (null: never)
     checkpoint_interval: int = 50         # steps between checkpoints/latest.pt
     resume: Any = False                   # false | true (latest matching run) | path to a run dir or .pt
-    skip_completed: bool = True           # skip a job that completed before (a sweep's: also with the same config under outputs/)
+    skip_completed: bool = True           # skip a completed job (a sweep's: also one with its config under outputs/)
     device: str = "auto"                  # auto (cuda if present) | cpu | cuda | cuda:N
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA, fp32 on CPU
     strategy: Strategy = Strategy.auto    # auto: ddp under torchrun, else none; fsdp: FSDP2

@@ -50,15 +50,21 @@ def exit_with(message: str) -> None:
 
 
 class RunDirLock(Callback):
-    """Hydra callback (conf/hydra/default.yaml): a single run claims its directory before Hydra writes .hydra/
-    there; a job of a sequential sweep claims its own for as long as it runs. (The local launcher's workers
-    claim their jobs' directories themselves, `gdn_exp.sweep`.) A directory that cannot be made ends the
-    command with one line, before Hydra tries."""
+    """Hydra callback (conf/hydra/default.yaml): a single run checks its config (`config.validate`) and claims its
+    directory before Hydra writes .hydra/ there; a job of a sequential sweep claims its own for as long as it
+    runs. (The local launcher's workers claim their jobs' directories themselves, `gdn_exp.sweep`.) A directory
+    that cannot be made ends the command with one line, before Hydra tries."""
 
     def on_run_start(self, config, **kwargs) -> None:
+        from gdn_exp.config import validate
+
         run_dir = config.hydra.run.dir
         if int(os.environ.get("RANK", "0")) > 0:  # torchrun: the job's ranks share rank 0's directory
             return
+        try:  # a config mistake (an impossible size) leaves no run directory behind
+            validate(config)
+        except ValueError as e:
+            exit_with(str(e))
         try:
             claim(Path(run_dir))
         except RunDirInUse as e:

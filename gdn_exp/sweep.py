@@ -242,8 +242,8 @@ def summary(jobs: list, results: dict) -> tuple:
             error = (results.get(job.index) or {}).get("error", "")
             lines.append(f"  {key}: {job.run_dir}" + (f"  ({error})" if error else ""))
     if groups["reused"]:
-        lines.append(f"  reused: {len(groups['reused'])} jobs link to a run under outputs/ that completed with the same "
-                     "config; trainer.skip_completed=false trains them anew")
+        lines.append(f"  reused: {len(groups['reused'])} jobs link to a run under outputs/ that completed with the "
+                     "same config; trainer.skip_completed=false trains them anew")
     if groups["failed"] or groups["not started"]:
         lines.append("  re-run the same command to continue: completed jobs are skipped; add trainer.resume=true "
                      "to continue stopped ones from their checkpoints")

@@ -148,3 +148,21 @@ def test_the_notebook_writes_no_tracked_file():
     notebook = json.loads((Path(__file__).parents[1] / "examples/look_inside.ipynb").read_text())
     code = "".join("".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code")
     assert "docs/" not in code  # its figures go to outputs/look_inside/figures/
+
+
+def test_a_config_mistake_leaves_no_run_directory(tmp_path):
+    from test_cli import gdn_exp
+
+    done = gdn_exp(tmp_path, "model=tiny", "model.num_heads=0")
+    assert done.returncode == 1 and "model.num_heads=0" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_the_start_up_line_names_a_hybrids_attention_layers():
+    from gdn_exp.model import ModelConfig
+    from gdn_exp.train.loop import describe_mixers
+
+    assert describe_mixers(ModelConfig(n_layers=4)) == "gdn mixer"
+    assert describe_mixers(ModelConfig(n_layers=2, mixer="attention")) == "attention mixer"
+    assert describe_mixers(ModelConfig(n_layers=4, attention_every=2, attention_window=64)) == \
+        "gdn mixer, attention in layers 2, 4 of 4, window 64"

@@ -45,6 +45,17 @@ def lr_multiplier(step: int, *, warmup_steps: int, decay_steps: int, min_lr_rati
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def describe_mixers(cfg: ModelConfig) -> str:
+    """The start-up line's words for the layers' mixers: `gdn mixer`, `attention mixer` or, for a hybrid,
+    `gdn mixer, attention in layers 2, 4 of 4` (counted from 1; `, window 2048` for sliding-window attention)."""
+    kinds = cfg.layer_mixers()
+    if len(set(kinds)) == 1:
+        return f"{kinds[0]} mixer"
+    layers = ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "attention")
+    window = f", window {cfg.attention_window}" if cfg.attention_window else ""
+    return f"gdn mixer, attention in layers {layers} of {len(kinds)}{window}"
+
+
 CPU_PARAMS_WARNING = 100_000_000  # a model this big on a CPU gets a warning at start-up (gdn_400m: 419M)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # SIGUSR2: SLURM's warning before a time limit
 
@@ -128,9 +139,10 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     # a CUDA graph needs fixed shapes and no host round trip inside the step: packed documents (their boundaries
     # are read on the host) and several ranks (their collectives) run eagerly
     graphed = tc.cuda_graph and device.type == "cuda" and dist_info.world_size == 1 and not varlen
-    log.info("model %s (d_model %d, %d layers): %s parameters (%s without embeddings; %s mixer, kernel %s/%s) "
+    log.info("model %s (d_model %d, %d layers): %s parameters (%s without embeddings; %s, kernel %s/%s) "
              "on %s x %d (%s%s), %s", model_cfg.name, model_cfg.d_model, model_cfg.n_layers, f"{num_params:,}",
-             f"{model.num_params(exclude_embeddings=True):,}", model_cfg.mixer, cfg.kernel.mode, cfg.kernel.backend,
+             f"{model.num_params(exclude_embeddings=True):,}", describe_mixers(model_cfg), cfg.kernel.mode,
+             cfg.kernel.backend,
              device.type, dist_info.world_size, dist_info.strategy, ", CUDA graph" if graphed else "",
              describe_threads(tc.num_threads, torch.get_num_threads()))
     if device.type == "cpu" and num_params > CPU_PARAMS_WARNING:
