@@ -166,3 +166,22 @@ def test_the_start_up_line_names_a_hybrids_attention_layers():
     assert describe_mixers(ModelConfig(n_layers=2, mixer="attention")) == "attention mixer"
     assert describe_mixers(ModelConfig(n_layers=4, attention_every=2, attention_window=64)) == \
         "gdn mixer, attention in layers 2, 4 of 4, window 64"
+
+
+def test_checkpoints_and_exports_get_the_umasks_mode_and_a_cpu_note(compose, tmp_path, capsys):
+    import os
+
+    pytest.importorskip("safetensors")
+    from gdn_exp.export import main as export
+
+    previous = os.umask(0o022)
+    try:
+        assert run_job(compose(*FAST), tmp_path / "run")["status"] == "completed"
+        export([str(tmp_path / "run"), str(tmp_path / "hf")])
+    finally:
+        os.umask(previous)
+    for path in [*(tmp_path / "run/checkpoints").glob("*.pt"), tmp_path / "hf/model.safetensors"]:
+        assert oct(path.stat().st_mode & 0o777) == "0o644", path
+    import torch
+
+    assert ("import_fla" in capsys.readouterr().out) == (not torch.cuda.is_available())  # the note: on a CPU only

@@ -44,7 +44,16 @@ def save(path: Path, state: dict) -> None:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     torch.save(state, tmp)
+    set_default_mode(tmp)
     os.replace(tmp, path)
+
+
+def set_default_mode(path) -> None:
+    """Gives a file the mode a plain open() would (0666 less the umask: 0644 as a rule). mkstemp and safetensors
+    make theirs 0600, which keeps a run's checkpoints and exports from the colleagues who share its outputs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load(path: Path) -> dict:
