@@ -185,3 +185,31 @@ def test_checkpoints_and_exports_get_the_umasks_mode_and_a_cpu_note(compose, tmp
     import torch
 
     assert ("import_fla" in capsys.readouterr().out) == (not torch.cuda.is_available())  # the note: on a CPU only
+
+
+def test_curves_wrap_into_a_grid_with_plain_log_ticks(tmp_path, monkeypatch):
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gdn_exp import report
+
+    runs = []
+    for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2):
+        run_dir = tmp_path / f"lr={lr}"
+        run_dir.mkdir()
+        rows = [{"step": s, "train/loss": 5.0 - s / 100, "test/accuracy": s / 200} for s in (10, 100, 200)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(report.Run(run_dir, {"trainer.lr": lr}, {}, {}, {"test/accuracy": 1.0}))
+    monkeypatch.setattr(plt, "close", lambda fig: None)  # keep the figure to read its tick labels
+    report.plot_curves(runs, ["trainer.lr"], "test/accuracy", tmp_path / "curves.png")
+    height, width, _ = plt.imread(tmp_path / "curves.png").shape
+    assert width < 1500 and height > width / 2, (width, height)  # 3 columns and 2 rows of panel pairs, not 5 wide
+    loss_axes = [ax for ax in plt.gcf().axes if ax.get_visible() and ax.get_yscale() == "log"]
+    assert len(loss_axes) == 5
+    labels = [t.get_text() for t in loss_axes[0].get_yticklabels(minor=True) if t.get_text()]
+    assert labels and all("10" not in text and "times" not in text for text in labels), labels  # 3, 4, not 4x10^0
+    plt.close("all")
