@@ -74,10 +74,25 @@ class RunDirLock(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = config.hydra.sweep.dir
+        if config.hydra.launcher.get("dry_run"):  # Hydra's sweeper will write multirun.yaml: put back after
+            path = Path(sweep_dir) / "multirun.yaml"
+            self.multirun_yaml = (path, Path(sweep_dir).exists(), path.read_bytes() if path.is_file() else None)
         try:
             Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             exit_with(f"cannot write the sweep directory hydra.sweep.dir={sweep_dir}: {e.strerror or e}")
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        """A dry run (hydra.launcher.dry_run) leaves the sweep directory as it found it."""
+        if getattr(self, "multirun_yaml", None) is None:
+            return
+        path, existed, content = self.multirun_yaml
+        if content is not None:
+            path.write_bytes(content)
+        else:
+            path.unlink(missing_ok=True)
+            if not existed:
+                path.parent.rmdir()
 
     def on_job_start(self, config, **kwargs) -> None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:

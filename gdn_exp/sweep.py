@@ -291,7 +291,7 @@ def completed_runs(roots: list) -> dict:
             continue
         device = str(config.get("trainer", {}).get("device", ""))
         device_type = "cpu" if device == "cpu" or results.get("device") == "cpu" else "cuda"
-        found[computation_key(config, device_type)] = Path(results.get("reused_from") or path.parent)
+        found[computation_key(config, device_type)] = Path(results.get("reused_from") or path.parent).resolve()
     return found
 
 
@@ -338,3 +338,22 @@ def link_reused(job: Job, source: Path) -> dict:
         target.symlink_to(os.path.relpath(entry.resolve(), run_dir.resolve()))
     results = json.loads((source / "results.json").read_text())
     return write_results(run_dir, {**results, "reused_from": str(source.resolve())})
+
+
+def dry_run_text(jobs: list, reusable: dict) -> str:
+    """What a sweep would do with each job, one line each (train, skip: completed in its own directory, reuse: a
+    run that completed with its config), and the counts: the output of hydra.launcher.dry_run=true."""
+    from gdn_exp.train.checkpoint import completed
+
+    lines, counts = [], {"train": 0, "skip": 0, "reuse": 0}
+    for job in jobs:
+        if completed(Path(job.run_dir)) and job_config(job, "cpu").trainer.skip_completed:
+            action, note = "skip", "  (completed)"
+        elif job.index in reusable:
+            action, note = "reuse", f"  <- {reusable[job.index]}"
+        else:
+            action, note = "train", ""
+        counts[action] += 1
+        lines.append(f"  {action:<5} {job.run_dir}{note}")
+    head = f"dry run, nothing trained: {len(jobs)} jobs, " + ", ".join(f"{n} to {k}" for k, n in counts.items())
+    return "\n".join([head, *lines])

@@ -213,3 +213,19 @@ def test_curves_wrap_into_a_grid_with_plain_log_ticks(tmp_path, monkeypatch):
     labels = [t.get_text() for t in loss_axes[0].get_yticklabels(minor=True) if t.get_text()]
     assert labels and all("10" not in text and "times" not in text for text in labels), labels  # 3, 4, not 4x10^0
     plt.close("all")
+
+
+def test_a_dry_run_lists_what_a_sweep_would_train_skip_and_reuse(tmp_path):
+    from test_sweeps import TINY, gdn_exp
+
+    gdn_exp(tmp_path, "-m", *TINY, "task.seq_len=8,16", "logger=none")
+    (first,) = (tmp_path / "outputs/multiruns").iterdir()
+    grown = ["-m", *TINY, "task.seq_len=8,16,32", "logger=none", "hydra.launcher.dry_run=true"]
+    pinned = gdn_exp(tmp_path, *grown, f"hydra.sweep.dir={first}")
+    assert "dry run, nothing trained: 3 jobs, 1 to train, 2 to skip, 0 to reuse" in pinned
+    assert pinned.count("  skip ") == 2 and pinned.count("  train ") == 1
+    fresh = gdn_exp(tmp_path, *grown)
+    assert "3 jobs, 1 to train, 0 to skip, 2 to reuse" in fresh and f"<- {first.resolve()}/" in fresh
+    assert list((tmp_path / "outputs/multiruns").iterdir()) == [first]  # nothing made
+    assert not list(first.glob("*seq_len=32*"))
+    assert (first / "multirun.yaml").read_text().count("task.seq_len=8,16,32") == 0  # the sweep's own, kept

@@ -27,18 +27,22 @@ def record_job(cfg: DictConfig):
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, jobs_per_gpu: int = 4, n_jobs: int = 1, gpus: Optional[int] = None):
-        self.jobs_per_gpu, self.n_jobs, self.gpus = jobs_per_gpu, n_jobs, gpus
+    def __init__(self, jobs_per_gpu: int = 4, n_jobs: int = 1, gpus: Optional[int] = None, dry_run: bool = False):
+        self.jobs_per_gpu, self.n_jobs, self.gpus, self.dry_run = jobs_per_gpu, n_jobs, gpus, dry_run
         self.config = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from gdn_exp.sweep import link_reused, plan_workers, reusable_jobs, run_jobs, summary
+        from gdn_exp.sweep import dry_run_text, link_reused, plan_workers, reusable_jobs, run_jobs, summary
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        if self.dry_run:
+            jobs = self.planned_jobs(job_overrides, initial_job_idx)
+            log.info(dry_run_text(jobs, reusable_jobs(jobs, self.search_roots(), self.device_type())))
+            return []
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         returns = []
         for offset, overrides in enumerate(job_overrides):
@@ -55,7 +59,7 @@ class LocalLauncher(Launcher):
         workers = plan_workers(self.gpus if self.gpus is not None else _visible_gpus(), self.jobs_per_gpu,
                                self.n_jobs)
         log.info("%d jobs, %d at once on %s", len(jobs), len(workers), ", ".join(sorted(set(workers))))
-        reused = reusable_jobs(jobs, self.search_roots(), "cuda" if workers[0].startswith("cuda") else "cpu")
+        reused = reusable_jobs(jobs, self.search_roots(), self.device_type())
         results = run_jobs([job for job in jobs if job.index not in reused], workers)
         results.update({job.index: link_reused(job, reused[job.index]) for job in jobs if job.index in reused})
         for ret, job in zip(returns, jobs):
@@ -65,6 +69,24 @@ class LocalLauncher(Launcher):
         if code:
             sys.exit(code)
         return returns
+
+    def planned_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
+        """The sweep's jobs as `gdn_exp.sweep.Job`s, as `record_job` makes them, but without their directories."""
+        from gdn_exp.sweep import Job
+
+        jobs = []
+        for offset, overrides in enumerate(job_overrides):
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            hydra = sweep_config.hydra
+            task_config = OmegaConf.masked_copy(sweep_config, [key for key in sweep_config if key != "hydra"])
+            jobs.append(Job(index=initial_job_idx + offset, config_yaml=OmegaConf.to_yaml(task_config),
+                            run_dir=str(Path(str(hydra.sweep.dir)) / str(hydra.sweep.subdir)),
+                            name=hydra.job.override_dirname or hydra.job.name, group=Path(str(hydra.sweep.dir)).name))
+        return jobs
+
+    def device_type(self) -> str:
+        """Where the jobs would train: cuda with a GPU to use, else cpu."""
+        return "cuda" if (self.gpus if self.gpus is not None else _visible_gpus()) > 0 else "cpu"
 
     def search_roots(self) -> list:
         """Where a job may find a run that completed with its config: beside this sweep (outputs/multiruns/) and
