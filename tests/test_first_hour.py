@@ -69,7 +69,7 @@ def test_help_lists_every_option_a_user_picks_and_no_internal_group(tmp_path):
 
     done = subprocess.run([sys.executable, "-m", "gdn_exp.cli", "--help"], capture_output=True, text=True, timeout=120)
     groups = done.stdout.split("== Groups (group=option) ==")[1].split("== Config ==")[0]
-    for group in ("model", "task", "kernel", "ablation", "logger", "trainer", "experiment"):
+    for group in ("model", "task", "kernel", "ablation", "logger", "trainer", "experiment", "debug"):
         for option in sorted((CONF_DIR / group).glob("*.yaml")):
             assert f" {option.stem}" in groups, (group, option.stem)
     assert "schema" not in groups and "mqar_length " not in groups
@@ -229,3 +229,14 @@ def test_a_dry_run_lists_what_a_sweep_would_train_skip_and_reuse(tmp_path):
     assert list((tmp_path / "outputs/multiruns").iterdir()) == [first]  # nothing made
     assert not list(first.glob("*seq_len=32*"))
     assert (first / "multirun.yaml").read_text().count("task.seq_len=8,16,32") == 0  # the sweep's own, kept
+
+
+def test_debug_fdr_runs_a_few_steps_of_everything(compose, tmp_path):
+    import json
+
+    cfg = compose("debug=fdr", "model=tiny", "task=copy", "logger=none")
+    assert run_job(cfg, tmp_path / "run")["status"] == "completed"
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "test/accuracy" in r] == [2, 4]
+    assert {p.name for p in (tmp_path / "run/checkpoints").iterdir()} >= {"latest.pt", "previous.pt", "best.pt"}
