@@ -130,14 +130,16 @@ class Config:
     task_cache_dir: str = "outputs/cache/tasks"   # generated task splits (Arrow) and tokenized corpora (task=lm)
 
 
-def dir_name(overrides: str) -> str:
-    """A run or job directory's name from its override string (hydra.job.override_dirname): shell-safe (only
-    letters, digits and ._,=+- ; the rest becomes -), at most 200 characters (a longer one ends in a hash of
-    the whole), "defaults" when there are none."""
+def dir_name(overrides: str, limit: int = 60, prefix: str = "") -> str:
+    """A run or job directory's name: `prefix` (a run's time and model) and its override string
+    (hydra.job.override_dirname), shell-safe (only letters, digits and ._,=+- ; the rest becomes -), at most
+    `limit` characters (a longer one is cut and ends in a hash of the whole, so that two override strings never
+    share a name); "defaults" when there are no overrides."""
     name = re.sub(r"[^A-Za-z0-9._,=+-]", "-", overrides) or "defaults"
-    if len(name) > 200:
-        name = name[:187] + "-" + hashlib.md5(overrides.encode()).hexdigest()[:12]
-    return name
+    room = max(limit - len(prefix), 16)
+    if len(name) > room:
+        name = name[:room - 9] + "-" + hashlib.md5(overrides.encode()).hexdigest()[:8]
+    return prefix + name
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:

@@ -65,7 +65,8 @@ def find_run_dirs(patterns: list[str]) -> list[Path]:
     """Run directories (holding results.json) at or below each path; a path may be a glob pattern."""
     run_dirs = set()
     for pattern in patterns:
-        paths = [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
+        # a pattern's symlinks (outputs/runs/latest) are the runs it also matches by name; named alone, one counts
+        paths = [Path(p) for p in sorted(glob.glob(pattern)) if not Path(p).is_symlink()] or [Path(pattern)]
         for path in paths:
             if not path.exists():
                 raise ValueError(f"{pattern}: no such file or directory")

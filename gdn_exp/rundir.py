@@ -49,6 +49,23 @@ def exit_with(message: str) -> None:
     sys.exit(1)
 
 
+def overridden(config) -> set:
+    """The hydra.* keys set on the command line."""
+    return {override.split("=")[0].lstrip("+~") for override in config.hydra.overrides.hydra}
+
+
+def point_latest_at(directory: Path, *, pinned: bool) -> None:
+    """Makes <parent>/latest a relative symlink to directory (outputs/runs/latest: the newest run, outputs/
+    multiruns/latest: the newest sweep), replaced atomically; not for a directory the command line named."""
+    if pinned:
+        return
+    link = directory.parent / "latest"
+    tmp = directory.parent / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(directory.name)
+    os.replace(tmp, link)
+
+
 class RunDirLock(Callback):
     """Hydra callback (conf/hydra/default.yaml): a single run checks its config (`config.validate`) and claims its
     directory before Hydra writes .hydra/ there; a job of a sequential sweep claims its own for as long as it
@@ -71,6 +88,7 @@ class RunDirLock(Callback):
             exit_with(str(e))
         except OSError as e:  # Hydra would fail to make it with a traceback
             exit_with(f"cannot write the run directory hydra.run.dir={run_dir}: {e.strerror or e}")
+        point_latest_at(Path(run_dir), pinned="hydra.run.dir" in overridden(config))
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = config.hydra.sweep.dir
@@ -81,6 +99,8 @@ class RunDirLock(Callback):
             Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             exit_with(f"cannot write the sweep directory hydra.sweep.dir={sweep_dir}: {e.strerror or e}")
+        if not config.hydra.launcher.get("dry_run"):
+            point_latest_at(Path(sweep_dir), pinned="hydra.sweep.dir" in overridden(config))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         """A dry run (hydra.launcher.dry_run) leaves the sweep directory as it found it."""

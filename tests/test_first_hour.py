@@ -240,3 +240,22 @@ def test_debug_fdr_runs_a_few_steps_of_everything(compose, tmp_path):
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if "test/accuracy" in r] == [2, 4]
     assert {p.name for p in (tmp_path / "run/checkpoints").iterdir()} >= {"latest.pt", "previous.pt", "best.pt"}
+
+
+def test_runs_have_readable_names_and_a_latest_pointer(tmp_path):
+    from test_cli import gdn_exp
+
+    overrides = ["model=tiny", "task=copy", "task.num_train=64", "task.num_test=16", "task.copy_len=2",
+                 "task.seq_len=8", "trainer.max_steps=2", "trainer.eval_interval=2", "trainer.batch_size=4"]
+    for seed in (0, 1):
+        assert gdn_exp(tmp_path, *overrides, f"seed={seed}").returncode == 0
+    runs = tmp_path / "outputs/runs"
+    names = sorted(p.name for p in runs.iterdir() if not p.is_symlink())
+    assert len(names) == 2 and all(len(name) <= 60 for name in names), names
+    assert names[0][-8:] != names[1][-8:]  # cut to length, told apart by the hash of the whole
+    assert (runs / "latest").resolve() == (runs / names[1]).resolve()
+    assert (runs / "latest/results.json").is_file()
+    from gdn_exp import report
+
+    assert len(report.find_run_dirs([str(runs / "*")])) == 2  # latest is not a third run
+    assert report.find_run_dirs([str(runs / "latest")]) == [runs / "latest"]
