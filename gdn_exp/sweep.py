@@ -12,6 +12,7 @@ context) fails only the job it was running; a new worker takes its place. SIGINT
 running jobs checkpoint and stop, and no new job start: re-running the sweep skips what completed, and
 trainer.resume=true continues the stopped ones.
 """
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -257,10 +258,8 @@ CHANGE_THE_END = {"trainer.max_steps", "trainer.target_accuracy", "trainer.eval_
 
 
 def computation_key(config: dict, device_type: str) -> str:
-    """What a job computes, as one string: its resolved config without the keys in REUSE_IGNORES, with
+    """What a job computes, as one string: its resolved config without RESUMABLE_CHANGES (less CHANGE_THE_END), with
     trainer.precision as trained on `device_type` (cpu, cuda) when it is auto."""
-    import json
-
     from gdn_exp.config import flatten_config, precision_used
     from gdn_exp.train.checkpoint import RESUMABLE_CHANGES
 
@@ -274,8 +273,6 @@ def computation_key(config: dict, device_type: str) -> str:
 def completed_runs(roots: list) -> dict:
     """{computation_key: run dir} of the completed runs under `roots` (run dirs one or two levels down: runs/<run>,
     multiruns/<sweep>/<job>), the newest for each key. A job that reused another run points to that run."""
-    import json
-
     import yaml
 
     found = {}
@@ -296,10 +293,9 @@ def completed_runs(roots: list) -> dict:
 
 
 def reusable_jobs(jobs: list, roots: list, device_type: str) -> dict:
-    """{job index: the completed run dir under `roots` that computed the same} for the jobs that have no completed
-    run of their own and do not force re-training (trainer.skip_completed=false)."""
-    import json
-
+    """{job index: the completed run dir under `roots` that computed the same} for the jobs whose directory holds
+    no run yet (a stopped or failed one there is resumed or trained again, not mixed with another's files) and
+    that do not force re-training (trainer.skip_completed=false)."""
     from omegaconf import OmegaConf
 
     from gdn_exp.config import register_configs
@@ -308,9 +304,8 @@ def reusable_jobs(jobs: list, roots: list, device_type: str) -> dict:
     done = completed_runs(roots)
     reusable = {}
     for job in jobs:
-        own = Path(job.run_dir) / "results.json"
-        if own.is_file() and json.loads(own.read_text()).get("status") == "completed":
-            continue  # the job's own run: run_job skips it
+        if (Path(job.run_dir) / "results.json").exists() or (Path(job.run_dir) / "checkpoints").exists():
+            continue
         config = OmegaConf.to_container(OmegaConf.create(job.config_yaml), resolve=True)
         if not config["trainer"].get("skip_completed", True):
             continue
@@ -325,8 +320,6 @@ def link_reused(job: Job, source: Path) -> dict:
     """Makes job's run dir stand for the completed run `source`: a relative symlink to each of its files and
     directories (checkpoints, metrics.jsonl, config.yaml, ...) beside the job's own .hydra/, and its results.json
     with `reused_from`. Returns those results."""
-    import json
-
     from gdn_exp.train import write_results
 
     run_dir = Path(job.run_dir)
