@@ -49,7 +49,8 @@ def test_rerun_sweep_in_a_new_directory_reuses_what_completed(tmp_path):
     gdn_exp(tmp_path, *sweep, returncode=1)
     output = gdn_exp(tmp_path, *sweep, "trainer.log_interval=2", returncode=1)  # not a computation key
     assert "sweep: 1 reused, 1 failed" in output and "trainer.skip_completed=false" in output
-    first, second = sorted((tmp_path / "outputs/multiruns").iterdir())
+    first, second = sorted(p for p in (tmp_path / "outputs/multiruns").iterdir() if not p.is_symlink())
+    assert (tmp_path / "outputs/multiruns/latest").resolve() == second.resolve()
     trained, = [n for n, (r, _) in job_results(first).items() if r["status"] == "completed"]
     reused, = [(n, r) for n, (r, _) in job_results(second).items() if r["status"] == "completed"]
     assert reused[1]["reused_from"] == str((first / trained).resolve())
@@ -219,14 +220,15 @@ def test_a_dry_run_lists_what_a_sweep_would_train_skip_and_reuse(tmp_path):
     from test_sweeps import TINY, gdn_exp
 
     gdn_exp(tmp_path, "-m", *TINY, "task.seq_len=8,16", "logger=none")
-    (first,) = (tmp_path / "outputs/multiruns").iterdir()
+    (first,) = [p for p in (tmp_path / "outputs/multiruns").iterdir() if not p.is_symlink()]
     grown = ["-m", *TINY, "task.seq_len=8,16,32", "logger=none", "hydra.launcher.dry_run=true"]
     pinned = gdn_exp(tmp_path, *grown, f"hydra.sweep.dir={first}")
     assert "dry run, nothing trained: 3 jobs, 1 to train, 2 to skip, 0 to reuse" in pinned
     assert pinned.count("  skip ") == 2 and pinned.count("  train ") == 1
     fresh = gdn_exp(tmp_path, *grown)
     assert "3 jobs, 1 to train, 0 to skip, 2 to reuse" in fresh and f"<- {first.resolve()}/" in fresh
-    assert list((tmp_path / "outputs/multiruns").iterdir()) == [first]  # nothing made
+    assert sorted((tmp_path / "outputs/multiruns").iterdir()) == [first, first.parent / "latest"]  # nothing made
+    assert (first.parent / "latest").resolve() == first.resolve()  # a dry run moves no pointer
     assert not list(first.glob("*seq_len=32*"))
     assert (first / "multirun.yaml").read_text().count("task.seq_len=8,16,32") == 0  # the sweep's own, kept
 
