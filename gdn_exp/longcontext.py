@@ -27,6 +27,7 @@ from gdn_exp.data import task_params
 from gdn_exp.extras import have, missing
 from gdn_exp.model import GDN_SWITCHES, LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
+from gdn_exp.train.threads import auto_threads
 from tasks import IGNORE_INDEX
 
 MAX_LENGTH = 32768
@@ -159,14 +160,14 @@ def main(argv=None) -> None:
     # attention scores of one call take batch x heads x chunk x length floats: 0.5 GB at 32K with 2 heads
     parser.add_argument("--chunk-size", type=int, default=512, help="tokens per forward call")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward call")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: half the available cores, as trainer.num_threads=null)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default: outputs/longcontext/<date>_<time>, a new one per call)")
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = Path("outputs/longcontext") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or auto_threads())
     rows = []
     for run in args.runs:
         if run.suffix == ".json":

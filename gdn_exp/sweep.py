@@ -318,8 +318,8 @@ def reusable_jobs(jobs: list, roots: list, device_type: str) -> dict:
 
 def link_reused(job: Job, source: Path) -> dict:
     """Makes job's run dir stand for the completed run `source`: a relative symlink to each of its files and
-    directories (checkpoints, metrics.jsonl, config.yaml, ...) beside the job's own .hydra/, and its results.json
-    with `reused_from`. Returns those results."""
+    directories (checkpoints, metrics.jsonl, config.yaml, ...) beside the job's own .hydra/ and cli.log (which
+    says so), and its results.json with `reused_from`. Returns those results."""
     from gdn_exp.train import write_results
 
     run_dir = Path(job.run_dir)
@@ -329,6 +329,8 @@ def link_reused(job: Job, source: Path) -> dict:
         if entry.name in (".hydra", ".lock", "results.json") or target.exists() or target.is_symlink():
             continue
         target.symlink_to(os.path.relpath(entry.resolve(), run_dir.resolve()))
+    with (run_dir / "cli.log").open("a") as log_file:  # Hydra's, empty: the source's log stays there
+        log_file.write(f"reused: completed before in {source.resolve()} (its log: cli.log there)\n")
     results = json.loads((source / "results.json").read_text())
     return write_results(run_dir, {**results, "reused_from": str(source.resolve())})
 

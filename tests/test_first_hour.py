@@ -54,7 +54,9 @@ def test_rerun_sweep_in_a_new_directory_reuses_what_completed(tmp_path):
     trained, = [n for n, (r, _) in job_results(first).items() if r["status"] == "completed"]
     reused, = [(n, r) for n, (r, _) in job_results(second).items() if r["status"] == "completed"]
     assert reused[1]["reused_from"] == str((first / trained).resolve())
-    assert (second / reused[0] / "checkpoints/best.pt").is_file() and (second / reused[0] / "metrics.jsonl").is_symlink()
+    job_dir = second / reused[0]
+    assert (job_dir / "checkpoints/best.pt").is_file() and (job_dir / "metrics.jsonl").is_symlink()
+    assert "reused: completed before in" in (job_dir / "cli.log").read_text()
 
     output = gdn_exp(tmp_path, *sweep, "trainer.max_steps=4", returncode=1)  # another computation: trained
     assert "sweep: 1 completed, 1 failed" in output
