@@ -107,7 +107,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     device, is_main = dist_info.device, dist_info.is_main
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(tc.num_threads or auto_threads())
+    torch.set_num_threads(tc.num_threads or auto_threads(dist_info.world_size))  # ranks share the machine's cores
     use_bf16 = precision_used(tc.precision, device.type) == "bf16"
     # no weight-cast cache: a cast cached while capturing a CUDA graph would be freed under the graph
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False) if use_bf16 \

@@ -5,7 +5,7 @@ the threads of one op wait for each other at every barrier, and a thread the OS 
 all of them wait. On 2 cores with 2 busy processes beside it, 100 steps of `model=small task=copy` took 109 s with
 2 threads and 16 s with 1 (2026-12-08); quiet, 1 thread was within 30% of 2. So `auto` takes half the cores this
 process may run on (os.sched_getaffinity: a container's or taskset's limit, not the host's count), shared among
-the processes a sweep runs at once, at least 1 and at most 4.
+the processes that train at once (a sweep's workers, a torchrun job's ranks), at least 1 and at most 4.
 """
 import os
 from typing import Optional
