@@ -22,7 +22,7 @@ def main():
     if {"-m", "--multirun"} & set(args) and {"-c", "--cfg"} & set(args):  # Hydra's refusal is a traceback
         exit_with("--cfg and -m do not go together: to print one job's config, drop -m and give one value per key")
     try:
-        check_override_keys(args)
+        check_override_keys(args, [path.name for path in sorted(CONF_DIR.iterdir()) if path.is_dir()])
     except ValueError as e:
         exit_with(str(e))
     try:

@@ -185,29 +185,36 @@ def check_known_keys(cfg) -> None:
                                  f"known keys: {', '.join(known)}")
 
 
-def check_override_keys(overrides: list) -> None:
+def check_override_keys(overrides: list, config_groups: list) -> None:
     """Hydra's message for a misspelled key (`trainer.lrr=1`) suggests adding it with `+` and lists no valid keys;
-    this check runs first and says, in one line, which keys the group has. Only `group.key=value` overrides of
-    the typed groups are checked (a task key against every task's keys: the chosen task may come from a preset);
-    Hydra checks the rest."""
+    this check runs first and says, in one line, which keys the group has. Checked: `group.key=value` overrides
+    of the typed groups (a task key against every task's keys: the chosen task may come from a preset) and
+    top-level names (a key, or one of `config_groups` to choose from: `seed=1`, `model=small`); Hydra checks
+    the rest."""
     import difflib
 
     groups = {"model": ModelConfig, "kernel": KernelConfig, "trainer": TrainerConfig, "logger": LoggerConfig}
     for override in overrides:
-        if override.startswith(("-", "+", "~")) or "=" not in override or "." not in override.split("=")[0]:
+        if override.startswith(("-", "+", "~")) or "=" not in override:
             continue
-        group, key = override.split("=")[0].split(".")[:2]
-        if group == "task":
+        path = override.split("=")[0]
+        if "." not in path:
+            group, key = "", path.split("/")[0]  # hydra/launcher=local chooses within the hydra group
+            known = list(dict.fromkeys([f.name for f in dataclasses.fields(Config)] + list(config_groups)))
+        elif path.split(".")[0] == "task":
+            group, key = path.split(".")[:2]
             known = list(dict.fromkeys(f.name for source in TASKS.values()
                                        for f in dataclasses.fields(source.schema)))
-        elif group in groups:
+        elif path.split(".")[0] in groups:
+            group, key = path.split(".")[:2]
             known = [f.name for f in dataclasses.fields(groups[group])]
         else:
             continue
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {group}.{close[0]}?)" if close else ""
-            raise ValueError(f"{group}.{key} is not a key of {group}{hint}; its keys: {', '.join(known)}")
+            hint = f" (did you mean {group + '.' if group else ''}{close[0]}?)" if close else ""
+            where = f"a key of {group}{hint}; its keys" if group else f"a top-level key or group{hint}; those are"
+            raise ValueError(f"{path} is not {where}: {', '.join(known)}")
 
 
 def check_range(key: str, value, *, low=None, high=None, low_open=False, high_open=False,

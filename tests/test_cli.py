@@ -38,6 +38,7 @@ def test_tiny_run_writes_the_run_directory(tmp_path):
     (["kernel.backend=triton"], "backend=triton"),          # ours: no CUDA here
     (["task=nonexistent"], "task/nonexistent"),             # Hydra: unknown group option
     (["trainer.lrr=1"], "trainer.lrr is not a key of trainer (did you mean trainer.lr?); its keys: max_steps"),
+    (["seeed=1"], "seeed is not a top-level key or group (did you mean seed?); those are: model, task"),
     (["-m", "task.seq_lenn=8,16"], "task.seq_lenn is not a key of task (did you mean task.seq_len?)"),
     (["trainer.lr=fast"], "trainer.lr"),                    # Hydra + schema: wrong type
     (["kernel.mode=parallel"], "expected one of [chunk, recurrent]"),  # Hydra + schema: not an option
