@@ -14,8 +14,28 @@ log = logging.getLogger("gdn_exp")
 CONF_DIR = Path(__file__).resolve().parent / "conf"  # inside the package, so a wheel has it (conf/ links here)
 register_configs()
 
+def main():
+    """The `gdn-exp` command: a misspelled key stops here, in one line; everything else is Hydra's."""
+    from gdn_exp.config import check_override_keys
+    from gdn_exp.rundir import exit_with
+
+    args = sys.argv[1:]
+    if {"-m", "--multirun"} & set(args) and {"-c", "--cfg"} & set(args):  # Hydra's refusal is a traceback
+        exit_with("--cfg and -m do not go together: to print one job's config, drop -m and give one value per key")
+    try:
+        check_override_keys(args, [path.name for path in sorted(CONF_DIR.iterdir()) if path.is_dir()])
+    except ValueError as e:
+        exit_with(str(e))
+    try:
+        run()
+    except KeyboardInterrupt:  # a second Ctrl-C (train.loop.StopRequest): no traceback
+        print("interrupted: the run stopped without a final checkpoint; its last one is in checkpoints/",
+              file=sys.stderr)
+        sys.exit(130)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg):
+def run(cfg):
     from gdn_exp.train import run_job  # imported here so --help and config errors stay fast
 
     hydra_cfg = HydraConfig.get()

@@ -75,6 +75,23 @@ def exit_with(message: str) -> None:
     sys.exit(1)
 
 
+def overridden(config) -> set:
+    """The hydra.* keys set on the command line."""
+    return {override.split("=")[0].lstrip("+~") for override in config.hydra.overrides.hydra}
+
+
+def point_latest_at(directory: Path, *, pinned: bool) -> None:
+    """Makes <parent>/latest a relative symlink to directory (outputs/runs/latest: the newest run, outputs/
+    multiruns/latest: the newest sweep), replaced atomically; not for a directory the command line named."""
+    if pinned:
+        return
+    link = directory.parent / "latest"
+    tmp = directory.parent / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(directory.name)
+    os.replace(tmp, link)
+
+
 def continue_in_place(config) -> None:
     """Moves a single run that resumes into the run it continues (hydra.run.dir), and claims that directory:
     with trainer.resume=<run dir>, that one; with trainer.resume=true and a run dir without checkpoints (a new
@@ -114,17 +131,24 @@ def job_config(config):
 
 
 class RunDirLock(Callback):
-    """Hydra callback (conf/hydra/default.yaml): a single run claims its directory before Hydra writes .hydra/
-    there, after moving into the run it continues (`continue_in_place`), and ends there, with one line and
-    nothing written, when `gdn_exp.train.resume.decide` skips or refuses it. A job of a sequential sweep claims
-    its own for as long as it runs. (The local launcher's workers claim their jobs' directories themselves,
-    `gdn_exp.sweep`.) A directory that cannot be made ends the command with one line, before Hydra tries."""
+    """Hydra callback (conf/hydra/default.yaml): a single run checks its config (`config.validate`: a mistake leaves
+    no run directory) and claims its directory before Hydra writes .hydra/ there, after moving into the run it
+    continues (`continue_in_place`), and ends there, with one line and nothing written, when
+    `gdn_exp.train.resume.decide` skips or refuses it. A job of a sequential sweep claims its own for as long as
+    it runs. (The local launcher's workers claim their jobs' directories themselves, `gdn_exp.sweep`.) A directory
+    that cannot be made ends the command with one line, before Hydra tries."""
 
     def on_run_start(self, config, **kwargs) -> None:
+        from gdn_exp.config import validate
+
         if int(os.environ.get("RANK", "0")) > 0:  # torchrun: the job's ranks share rank 0's directory
             return
         if not str(config.hydra.run.dir).strip():  # Hydra would write the run into the working directory
             exit_with("hydra.run.dir is empty: give the run a directory")
+        try:  # a config mistake (an impossible size) leaves no run directory behind
+            validate(config)
+        except ValueError as e:
+            exit_with(str(e))
         try:
             from gdn_exp.train.resume import decide
 
@@ -141,15 +165,30 @@ class RunDirLock(Callback):
         except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing was written
             print("interrupted before training started: nothing to resume", file=sys.stderr)
             sys.exit(130)
+        point_latest_at(Path(config.hydra.run.dir), pinned="hydra.run.dir" in overridden(config))
 
     def on_multirun_start(self, config, **kwargs) -> None:
         sweep_dir = config.hydra.sweep.dir
+        if config.hydra.launcher.get("dry_run"):  # Hydra's sweeper will write multirun.yaml: put back after
+            path = Path(sweep_dir) / "multirun.yaml"
+            self.multirun_yaml = (path, Path(sweep_dir).exists(), path.read_bytes() if path.is_file() else None)
         try:
             Path(sweep_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             exit_with(f"cannot write the sweep directory hydra.sweep.dir={sweep_dir}: {e.strerror or e}")
+        if not config.hydra.launcher.get("dry_run"):
+            point_latest_at(Path(sweep_dir), pinned="hydra.sweep.dir" in overridden(config))
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        """A dry run (hydra.launcher.dry_run) leaves the sweep directory as it found it."""
+        if getattr(self, "multirun_yaml", None) is not None:
+            path, existed, content = self.multirun_yaml
+            if content is not None:
+                path.write_bytes(content)
+            else:
+                path.unlink(missing_ok=True)
+                if not existed:
+                    path.parent.rmdir()
         if FAILED_JOBS:  # a sweep run in this process (hydra/launcher=basic): exit 1 as the local launcher does
             exit_with(f"{len(FAILED_JOBS)} job(s) did not complete: {', '.join(map(str, FAILED_JOBS))}")
 

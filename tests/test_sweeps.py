@@ -46,7 +46,7 @@ def test_parallel_sweep_isolates_a_broken_job(tmp_path):
     assert len(jobs) == 4  # a run dir per job, named by its overrides in a shell-safe form
     assert any("ablation=-no_conv,no_output_gate-" in name for name in jobs)
     for name, (results, _) in jobs.items():
-        if "task.seq_len=3" in name:
+        if "task.seq_len=3" in (sweep_dir / name / ".hydra/overrides.yaml").read_text():  # names are cut at 60
             assert results["status"] == "failed" and results["user_error"], name
             assert "seq_len=3 is too small" in results["error"]
         else:

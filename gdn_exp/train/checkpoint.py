@@ -57,12 +57,21 @@ def save(path: Path, state: dict) -> None:
     try:
         torch.save(state, tmp)
         record_sums(path.parent, {path.name: sha256(Path(tmp))})
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, RuntimeError) and "file write failed" in str(e):  # torch's writer on a full disk
             raise OSError(f"cannot write {path} (is the disk full?)") from None
         raise
+
+
+def set_default_mode(path) -> None:
+    """Gives a file the mode a plain open() would (0666 less the umask: 0644 as a rule). mkstemp and safetensors
+    make theirs 0600, which keeps a run's checkpoints and exports from the colleagues who share its outputs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def load(path: Path) -> dict:
