@@ -54,7 +54,7 @@ class TrainStep:
         self.history = torch.zeros(window, 2, device=device)       # the records since the last read
         self.rows = 0
         if optimizer.defaults.get("fused"):  # the fused AdamW skips its update where found_inf is 1
-            optimizer.found_inf = torch.zeros((), device=device)
+            optimizer.found_inf = torch.zeros((), device=device, dtype=torch.float32)
 
     def forward_backward(self, sync: bool = True):
         """Forward and backward on self.indices, the gradients synchronised over ranks at the last micro-batch

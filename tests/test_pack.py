@@ -1,0 +1,158 @@
+"""Packs (`gdn_exp.pack`, `gdn_exp.train.pack`): in float64 on the CPU every model of a pack reproduces its solo
+run (logged metrics and final weights to 1e-10 relative) for each mixer; the stacked AdamW and clipping are
+torch's per model; a diverging model stays alone; a stopped pack checkpoints every model and resumes."""
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from gdn_exp.model import LanguageModel, ModelConfig
+from gdn_exp.pack import ModelPack
+from gdn_exp.train import run_job
+from gdn_exp.train.loop import StopRequest
+from gdn_exp.train.pack import run_pack
+from gdn_exp.train.pack_step import StackedAdamW, clip_grad_norms
+
+TOLERANCE = 1e-10
+TINY = ["model=tiny", "model.d_model=32", "model.head_dim=16", "task=copy", "task.seq_len=16", "task.copy_len=6",
+        "task.num_train=64", "task.num_test=16", "logger=none", "trainer.batch_size=4", "trainer.max_steps=6",
+        "trainer.warmup_steps=2", "trainer.log_interval=1", "trainer.eval_interval=3",
+        "trainer.checkpoint_interval=3", "trainer.target_accuracy=null"]
+MIXERS = {"gdn": [], "no_delta": ["ablation=no_delta"], "no_gate": ["ablation=no_gate"],
+          "attention": ["ablation=attention", "model.attention_heads=2"],
+          "hybrid": ["model.attention_every=2", "model.attention_heads=2"]}
+# the models of a pack differ in every key that keeps the shapes
+MEMBERS = [["seed=0"], ["seed=1", "trainer.lr=1e-2", "trainer.weight_decay=0.0", "trainer.warmup_steps=0",
+                        "trainer.grad_clip=0.05", "trainer.betas=[0.8,0.99]", "model.init_std=0.02"]]
+
+
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def relative(a, b) -> float:
+    return float((a - b).detach().norm() / b.detach().norm().clamp(min=1e-300))
+
+
+def assert_same_run(solo_dir, pack_dir, tolerance=TOLERANCE, stopped_at=None):
+    """Same metrics rows (perf/* aside) and the same weights in every checkpoint, to `tolerance` relative. A run
+    stopped at step `stopped_at` has evaluated there too (as a solo run does): that row is left out."""
+    solo = rows(solo_dir)
+    pack = [r for r in rows(pack_dir) if not (r["step"] == stopped_at and "test/loss" in r)]
+    assert [(r["step"], sorted(r)) for r in solo] == [(r["step"], sorted(r)) for r in pack]
+    for a, b in zip(solo, pack):
+        for key in a:
+            if key != "step" and not key.startswith("perf/"):
+                assert a[key] == pytest.approx(b[key], rel=tolerance, abs=1e-300), (a["step"], key)
+    for name in ("latest.pt", "best.pt"):
+        a, b = (torch.load(d / "checkpoints" / name, weights_only=True) for d in (solo_dir, pack_dir))
+        assert a["counters"].keys() == b["counters"].keys()
+        for state in a, b:
+            state["config"]["trainer"].pop("resume")
+        assert a["config"] == b["config"]
+        for key, weight in a["model"].items():
+            assert relative(b["model"][key], weight) <= tolerance, (name, key)
+    a, b = (json.loads((d / "results.json").read_text()) for d in (solo_dir, pack_dir))
+    assert a["status"] == b["status"] and a["steps"] == b["steps"]
+    assert a["test/accuracy"] == b["test/accuracy"]
+    assert set(a) ^ set(b) <= {"pack_size"}  # a pack says its size
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_pack_reproduces_solo_runs(compose, tmp_path, float64, mixer):
+    cfgs = [compose(*TINY, *MIXERS[mixer], *member) for member in MEMBERS]
+    for i, cfg in enumerate(cfgs):
+        assert run_job(cfg, tmp_path / f"solo{i}")["status"] == "completed"
+    results = run_pack(cfgs, [tmp_path / f"pack{i}" for i in range(len(cfgs))])
+    assert [r["status"] for r in results] == ["completed"] * len(cfgs), results[0].get("traceback")
+    for i in range(len(cfgs)):
+        assert_same_run(tmp_path / f"solo{i}", tmp_path / f"pack{i}")
+    latest = torch.load(tmp_path / "pack1" / "checkpoints" / "latest.pt", weights_only=True)
+    model = LanguageModel(ModelConfig(**latest["config"]["model"]))
+    model.load_state_dict(latest["model"])  # a pack's checkpoint is a solo model's
+
+
+def test_stacked_adamw_is_torch_adamw_per_model(float64):
+    """Three models with their own lr, betas, eps, weight decay and clipping, one of them frozen for a step: each
+    follows torch.optim.AdamW (fused, as the solo run) and clip_grad_norm_ on its own."""
+    cfg = ModelConfig(vocab_size=16, d_model=16, n_layers=1, num_heads=2, head_dim=8)
+    models = [LanguageModel(cfg, backend="torch") for _ in range(3)]
+    pack = ModelPack(models)
+    hyper = [dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, clip=1.0),
+             dict(lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0, clip=0.01),
+             dict(lr=1e-1, betas=(0.5, 0.9), eps=1e-8, weight_decay=0.5, clip=1e9)]
+    stacked = StackedAdamW(pack.params, pack.decay_names, betas=[h["betas"] for h in hyper],
+                           eps=[h["eps"] for h in hyper], weight_decay=[h["weight_decay"] for h in hyper])
+    solo = [torch.optim.AdamW(m.param_groups(h["weight_decay"]), lr=h["lr"], betas=h["betas"], eps=h["eps"],
+                              fused=True) for m, h in zip(models, hyper)]
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        active = torch.tensor([True, step != 1, True])
+        grads = {name: torch.randn(p.shape, generator=generator) for name, p in pack.params.items()}
+        for name, p in pack.params.items():
+            p.grad = grads[name].clone()
+        norms = clip_grad_norms(pack.params, torch.tensor([h["clip"] for h in hyper]))
+        stacked.step(torch.tensor([h["lr"] for h in hyper]), active)
+        for i, (model, optimizer, h) in enumerate(zip(models, solo, hyper)):
+            for name, p in model.named_parameters():
+                p.grad = grads[name][i].clone()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), h["clip"])
+            assert float(norm) == pytest.approx(float(norms[i]), rel=1e-12)
+            if active[i]:
+                optimizer.step()
+            for name, p in model.named_parameters():
+                assert relative(pack.params[name][i], p.detach()) <= 1e-13, (step, i, name)
+
+
+def test_a_diverging_model_stays_alone(compose, tmp_path, float64):
+    """A learning rate of 1e300 makes model 1 diverge: it ends `diverged` at its solo run's step, and model 0 is its
+    solo run to the last digit's tolerance."""
+    cfgs = [compose(*TINY, "seed=0"), compose(*TINY, "seed=1", "trainer.lr=1e300")]
+    solo = [run_job(cfg, tmp_path / f"solo{i}") for i, cfg in enumerate(cfgs)]
+    assert solo[1]["status"] == "diverged"
+    results = run_pack(cfgs, [tmp_path / "pack0", tmp_path / "pack1"])
+    assert [r["status"] for r in results] == ["completed", "diverged"]
+    assert results[1]["steps"] == solo[1]["steps"] and results[1]["error"] == solo[1]["error"]
+    assert_same_run(tmp_path / "solo0", tmp_path / "pack0")
+    assert all(math.isfinite(r["train/loss"]) for r in rows(tmp_path / "pack0") if "train/loss" in r)
+
+
+def test_stopped_pack_checkpoints_every_model_and_resumes(compose, tmp_path, float64, monkeypatch):
+    """SIGTERM in step 4: both models checkpoint and stop; the re-run with trainer.resume=true continues each from
+    its checkpoint to the uninterrupted pack's weights; a completed model is then skipped."""
+    import gdn_exp.pack as pack_module
+
+    cfgs = [compose(*TINY, *member) for member in MEMBERS]
+    dirs = [tmp_path / "a0", tmp_path / "a1"]
+    run_pack(cfgs, [tmp_path / "whole0", tmp_path / "whole1"])
+    real_loss, calls = pack_module.lm_loss, {"n": 0}
+
+    def loss_then_signal(logits, labels, **kwargs):  # under vmap: called once per step for the whole pack
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(logits, labels, **kwargs)
+
+    monkeypatch.setattr(pack_module, "lm_loss", loss_then_signal)
+    stopped = run_pack(cfgs, dirs)
+    monkeypatch.setattr(pack_module, "lm_loss", real_loss)
+    StopRequest.signal = None
+    assert [r["status"] for r in stopped] == ["failed", "failed"] and "SIGTERM" in stopped[0]["error"]
+    assert all(torch.load(d / "checkpoints" / "latest.pt", weights_only=True)["counters"]["step"] == 4 for d in dirs)
+    resumed = run_pack([compose(*TINY, *member, "trainer.resume=true") for member in MEMBERS], dirs)
+    assert [r["status"] for r in resumed] == ["completed", "completed"]
+    for i, d in enumerate(dirs):
+        assert_same_run(tmp_path / f"whole{i}", d, stopped_at=4)
+    again = run_pack(cfgs, dirs)
+    assert all(r.get("skipped") for r in again)
