@@ -156,3 +156,23 @@ def test_stopped_pack_checkpoints_every_model_and_resumes(compose, tmp_path, flo
         assert_same_run(tmp_path / f"whole{i}", d, stopped_at=4)
     again = run_pack(cfgs, dirs)
     assert all(r.get("skipped") for r in again)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("use_delta", [True, False], ids=["gdn", "no_delta"])
+def test_triton_ops_under_vmap_match_each_model(use_delta):
+    """The Triton Functions' vmap rules (`ops.vmap`: the gated delta rule and SwiGLU as one launch over the models'
+    sequences, the norms, short conv and loss per model) give each model's own loss and gradients."""
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, num_heads=2, head_dim=16, use_delta=use_delta)
+    torch.manual_seed(0)
+    models = [LanguageModel(cfg, backend="triton") for _ in range(2)]
+    pack = ModelPack(models)
+    input_ids, labels = torch.randint(16, (2, 2, 20)), torch.randint(16, (2, 2, 20))
+    labels[:, :, :5] = -100
+    pack.loss_sums(input_ids, None, labels).sum().backward()
+    for i, model in enumerate(models):
+        from gdn_exp.train.evaluate import lm_loss
+
+        lm_loss(model(input_ids[i]), labels[i], reduction="sum").backward()
+        for name, param in model.named_parameters():
+            assert relative(pack.params[name].grad[i], param.grad) <= 1e-5, name

@@ -27,8 +27,8 @@ def record_job(cfg: DictConfig):
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, jobs_per_gpu: int = 4, n_jobs: int = 1, gpus: Optional[int] = None):
-        self.jobs_per_gpu, self.n_jobs, self.gpus = jobs_per_gpu, n_jobs, gpus
+    def __init__(self, jobs_per_gpu: int = 4, n_jobs: int = 1, gpus: Optional[int] = None, pack_size: int = 1):
+        self.jobs_per_gpu, self.n_jobs, self.gpus, self.pack_size = jobs_per_gpu, n_jobs, gpus, pack_size
         self.config = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -36,6 +36,7 @@ class LocalLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from gdn_exp.sweep import plan_workers, run_jobs, summary
+        from gdn_exp.sweep_pack import group_jobs
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -54,8 +55,10 @@ class LocalLauncher(Launcher):
         jobs = [ret.return_value for ret in returns]
         workers = plan_workers(self.gpus if self.gpus is not None else _visible_gpus(), self.jobs_per_gpu,
                                self.n_jobs)
-        log.info("%d jobs, %d at once on %s", len(jobs), len(workers), ", ".join(sorted(set(workers))))
-        results = run_jobs(jobs, workers)
+        units = group_jobs(jobs, self.pack_size)  # packs of same-shape jobs (gdn_exp.sweep_pack)
+        log.info("%d jobs%s, %d at once on %s", len(jobs), f" in {len(units)} packs and solo jobs"
+                 if len(units) < len(jobs) else "", len(workers), ", ".join(sorted(set(workers))))
+        results = run_jobs(units, workers)
         for ret, job in zip(returns, jobs):
             ret.return_value = (results.get(job.index) or {}).get("test/accuracy")  # the sweep objective
         text, code = summary(jobs, results)

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn_exp.ops.vmap import loop_models
+
 BLOCK_V = 4096  # vocabulary entries per step along a row
 NUM_WARPS = 8
 
@@ -56,7 +58,8 @@ def cross_entropy_bwd_kernel(x, labels, lse, scale, dx, V, ignore_index, BLOCK: 
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, reduction, block_v):
+    def forward(logits, labels, ignore_index, reduction, block_v):
+        """(the loss, and what backward keeps: logsumexp per row [N], the number of scored rows or None)."""
         N, V = logits.shape
         block = min(block_v, triton.next_power_of_2(V))
         logits, labels = logits.contiguous(), labels.contiguous()
@@ -65,13 +68,24 @@ class CrossEntropyFunction(torch.autograd.Function):
         cross_entropy_fwd_kernel[(N,)](logits, labels, loss, lse, V, ignore_index, BLOCK=block, num_warps=NUM_WARPS)
         total = loss.sum()
         num_scored = (labels != ignore_index).sum() if reduction == "mean" else None
-        ctx.save_for_backward(logits, labels, lse, num_scored)
-        ctx.ignore_index, ctx.block = ignore_index, block
-        return total / num_scored if reduction == "mean" else total
+        return total / num_scored if reduction == "mean" else total, lse, num_scored
 
     @staticmethod
-    def backward(ctx, dloss):
+    def setup_context(ctx, inputs, output):
+        logits, labels, ctx.ignore_index, _, block_v = inputs
+        _, lse, num_scored = output
+        ctx.save_for_backward(logits, labels, lse, num_scored)
+        ctx.block = min(block_v, triton.next_power_of_2(logits.shape[1]))
+        ctx.mark_non_differentiable(*(x for x in (lse, num_scored) if x is not None))
+
+    @staticmethod
+    def vmap(info, in_dims, *args):  # the loss sums over the batch: one launch per model
+        return loop_models(CrossEntropyFunction.apply, info, in_dims, args)
+
+    @staticmethod
+    def backward(ctx, dloss, dlse, dnum_scored):
         logits, labels, lse, num_scored = ctx.saved_tensors
+        logits, labels = logits.contiguous(), labels.contiguous()
         N, V = logits.shape
         scale = dloss.float() if num_scored is None else dloss.float() / num_scored  # a device scalar: no sync
         dx = torch.empty_like(logits)
@@ -88,4 +102,4 @@ def triton_cross_entropy(logits, labels, ignore_index: int = -100, reduction: st
         raise ValueError(f"reduction={reduction!r} must be 'mean' or 'sum'")
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
         raise ValueError(f"logits {tuple(logits.shape)} must be [N, V] and labels {tuple(labels.shape)} [N]")
-    return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, block_v)
+    return CrossEntropyFunction.apply(logits, labels, ignore_index, reduction, block_v)[0]

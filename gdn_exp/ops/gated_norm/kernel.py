@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn_exp.ops.vmap import loop_models
+
 # rows per program = ROW_ELEMENTS / D (D padded to a power of 2). The fastest of 512-8192 x 1-8 warps at
 # B8 T4096 H8 V128 bf16 on the H100: forward 73 us, forward + backward 225 us (8192 at 4 warps: 91 / 378,
 # the backward spilling at 255 registers).
@@ -105,7 +107,7 @@ def launch(D: int) -> tuple:
 
 class GatedRMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, o, weight, gate, delta, eps, out_dtype):
+    def forward(o, weight, gate, delta, eps, out_dtype):
         """(y, s): s = o + delta, the norm's input, or None without a delta."""
         D = o.shape[-1]
         o = o.contiguous()
@@ -117,14 +119,22 @@ class GatedRMSNormFunction(torch.autograd.Function):
         s = None if delta is None else torch.empty_like(o, dtype=torch.promote_types(o.dtype, delta.dtype))
         gated_norm_fwd_kernel[grid(N)](o, gate, delta, s, weight, y, N, eps, D=D, BR=BR, BD=BD,
                                        HAS_GATE=gate is not None, HAS_DELTA=delta is not None, num_warps=NUM_WARPS)
-        ctx.save_for_backward(o if s is None else s, weight, gate)
-        ctx.eps, ctx.o_dtype, ctx.delta_dtype = eps, o.dtype, None if delta is None else delta.dtype
-        ctx.set_materialize_grads(False)  # ds stays None when s is not used later (the final norm): nothing to add
         return y, s
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        o, weight, gate, delta, eps, _ = inputs
+        ctx.save_for_backward(o if output[1] is None else output[1], weight, gate)
+        ctx.eps, ctx.o_dtype, ctx.delta_dtype = eps, o.dtype, None if delta is None else delta.dtype
+        ctx.set_materialize_grads(False)  # ds stays None when s is not used later (the final norm): nothing to add
+
+    @staticmethod
+    def vmap(info, in_dims, *args):  # one weight per model: one launch per model
+        return loop_models(GatedRMSNormFunction.apply, info, in_dims, args)
+
+    @staticmethod
     def backward(ctx, dy, ds):
-        norm_input, weight, gate = ctx.saved_tensors
+        norm_input, weight, gate = (None if x is None else x.contiguous() for x in ctx.saved_tensors)
         D = norm_input.shape[-1]
         grid, BR, BD = launch(D)
         N = norm_input.numel() // D

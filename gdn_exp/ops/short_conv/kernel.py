@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from gdn_exp.ops.backend import sm_count
+from gdn_exp.ops.vmap import loop_models
 
 NORM_EPS = 1e-12  # F.normalize's
 # Tokens (and channels) per program, and warps; NB: row blocks per backward program (it adds up their weight-
@@ -164,7 +165,7 @@ def part_launches(parts):
 
 class ShortConvSiluFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, position, parts):
+    def forward(x, weight, position, parts):
         x, weight = x.contiguous(), weight.contiguous()
         B, T, C = x.shape
         outs = []
@@ -175,13 +176,21 @@ class ShortConvSiluFunction(torch.autograd.Function):
                 BD=triton.next_power_of_2(dim), NORM=norm, IS_VARLEN=position is not None, EPS=NORM_EPS,
                 **FWD_LAUNCH)
             outs.append(out)
-        ctx.save_for_backward(x, weight, position)
-        ctx.parts = parts
         return tuple(outs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, position, ctx.parts = inputs
+        ctx.save_for_backward(x, weight, position)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):  # one conv weight per model: one launch per model
+        return loop_models(ShortConvSiluFunction.apply, info, in_dims, args)
 
     @staticmethod
     def backward(ctx, *douts):
         x, weight, position = ctx.saved_tensors
+        x, weight = x.contiguous(), weight.contiguous()
         B, T, C = x.shape
         W = weight.shape[1]
         NB = backward_blocks(B, T, min(heads for heads, _, _ in ctx.parts), sm_count(x.device))
