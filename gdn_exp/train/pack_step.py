@@ -188,7 +188,7 @@ class PackStep:
 
     def __call__(self, indices: torch.Tensor, lr: torch.Tensor) -> None:
         self.indices.copy_(indices)
-        self.lr.copy_(lr)
+        self.lr.copy_(lr, non_blocking=True)  # from the host: staged at once, without waiting for the device
         if self.graph is not None:
             self.graph.replay()
         elif not self.cuda_graph:
