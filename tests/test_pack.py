@@ -158,21 +158,49 @@ def test_stopped_pack_checkpoints_every_model_and_resumes(compose, tmp_path, flo
     assert all(r.get("skipped") for r in again)
 
 
+def assert_pack_gradients_are_each_models(cfg, device, tolerance, autocast=None, length=20):
+    """The pack's summed losses and gradients (ModelPack.loss_sums under vmap) against each model run alone."""
+    from contextlib import nullcontext
+
+    from gdn_exp.train.evaluate import lm_loss
+
+    autocast = autocast or nullcontext
+    torch.manual_seed(0)
+    models = [LanguageModel(cfg, backend="triton").to(device) for _ in range(2)]
+    pack = ModelPack(models)
+    input_ids = torch.randint(cfg.vocab_size, (2, 2, length), device=device)
+    labels = torch.randint(cfg.vocab_size, (2, 2, length), device=device)
+    labels[:, :, :5] = -100
+    with autocast():
+        losses = pack.loss_sums(input_ids, None, labels)
+    losses.sum().backward()
+    for i, model in enumerate(models):
+        with autocast():
+            loss = lm_loss(model(input_ids[i]), labels[i], reduction="sum")
+        loss.backward()
+        assert float(losses[i]) == pytest.approx(float(loss), rel=tolerance)
+        for name, param in model.named_parameters():
+            assert relative(pack.params[name].grad[i], param.grad) <= tolerance, name
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("use_delta", [True, False], ids=["gdn", "no_delta"])
 def test_triton_ops_under_vmap_match_each_model(use_delta):
     """The Triton Functions' vmap rules (`ops.vmap`: the gated delta rule and SwiGLU as one launch over the models'
     sequences, the norms, short conv and loss per model) give each model's own loss and gradients."""
     cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, num_heads=2, head_dim=16, use_delta=use_delta)
-    torch.manual_seed(0)
-    models = [LanguageModel(cfg, backend="triton") for _ in range(2)]
-    pack = ModelPack(models)
-    input_ids, labels = torch.randint(16, (2, 2, 20)), torch.randint(16, (2, 2, 20))
-    labels[:, :, :5] = -100
-    pack.loss_sums(input_ids, None, labels).sum().backward()
-    for i, model in enumerate(models):
-        from gdn_exp.train.evaluate import lm_loss
+    assert_pack_gradients_are_each_models(cfg, "cpu", 1e-5)
 
-        lm_loss(model(input_ids[i]), labels[i], reduction="sum").backward()
-        for name, param in model.named_parameters():
-            assert relative(pack.params[name].grad[i], param.grad) <= 1e-5, name
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_pack_on_the_gpu_in_bf16_matches_each_model(mixer):
+    """Compiled kernels under bf16 autocast (which also runs the fused residual-add norm and the Triton loss): the
+    pack's losses and gradients are each model's, to bf16's rounding."""
+    from functools import partial
+
+    switches = {"gdn": {}, "no_delta": {"use_delta": False}, "no_gate": {"use_gate": False},
+                "attention": {"mixer": "attention"}, "hybrid": {"attention_every": 2}}[mixer]
+    cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=2, num_heads=1, head_dim=128, **switches)
+    assert_pack_gradients_are_each_models(cfg, "cuda", 2e-2, partial(torch.autocast, "cuda", dtype=torch.bfloat16),
+                                          length=200)  # several chunks

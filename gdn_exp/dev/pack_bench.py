@@ -28,7 +28,7 @@ COLUMNS = ["point", "mixer", "M", "step_ms", "gpu_ms", "model_steps_per_s", "mem
 class PackRun:
     """M reference-shaped models of `mixer` as one pack on `data`'s device, with the trainer's step."""
 
-    def __init__(self, mixer: str, data, M: int, *, ref=REFERENCE, cuda_graph: bool = True):
+    def __init__(self, mixer: str, data, M: int, *, ref=REFERENCE, cuda_graph: bool = True, base_lrs=None):
         device = data.input_ids.device
         cfg = ModelConfig(name="reference", vocab_size=ref["vocab_size"], d_model=ref["d_model"],
                           n_layers=ref["n_layers"], num_heads=ref["num_heads"], head_dim=ref["head_dim"],
@@ -48,7 +48,7 @@ class PackRun:
                                    cuda_graph=cuda_graph and device.type == "cuda", window=LOG_INTERVAL)
         self.indices = [BatchIndices(seed=seed, batch_size=ref["batch_size"], num_examples=len(data), device=device)
                         for seed in range(M)]
-        self.base_lrs = [1e-3 * (1 + seed % 4) for seed in range(M)]   # a sweep's learning rates
+        self.base_lrs = base_lrs or [1e-3 * (1 + seed % 4) for seed in range(M)]   # a sweep's learning rates
         self.step = 0
 
     def run(self, steps: int) -> None:
