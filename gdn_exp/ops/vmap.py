@@ -41,9 +41,10 @@ def loop_models(apply, info, in_dims, args):
     """The vmap rule that applies the Function to each model's slice of the args in turn and stacks the outputs
     (None stays None). An arg's in_dim is an int where it has a model axis (else None, or a tuple of them for a
     tuple arg)."""
-    outputs = []
-    for m in range(info.batch_size):
-        outputs.append(apply(*(x.select(dim, m) if isinstance(dim, int) else x for x, dim in zip(args, in_dims))))
+    # unbind, not select: its backward stacks the M slices' gradients in one kernel (select's would write each
+    # into a zero tensor of the whole input, M times)
+    per_model = [x.unbind(dim) if isinstance(dim, int) else [x] * info.batch_size for x, dim in zip(args, in_dims)]
+    outputs = [apply(*model_args) for model_args in zip(*per_model)]
     if not isinstance(outputs[0], tuple):
         return torch.stack(outputs), 0
     stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outputs))
