@@ -11,6 +11,7 @@ batch axis, `ops.vmap`). Nothing mixes models: model m's outputs and gradients a
 pack reproduces M solo runs (tests/test_pack.py) and a NaN in one model stays in it.
 """
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -20,12 +21,22 @@ from gdn_exp.model import LanguageModel
 from gdn_exp.train.evaluate import lm_loss
 
 
+# a gradient that is a view into flat_grad has the parameter's strides, not a contiguous layout: torch notes it
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
 class ModelPack(nn.Module):
     """M LanguageModels with equal parameter shapes as one module of stacked parameters [M, ...].
 
     `params` maps each of the model's parameter names (`named_parameters()`: tied weights once) to its stacked
     Parameter, which the pack registers as its own (`_attr`). The models' configs may differ in anything that
     keeps every shape (init_std, name); their decay groups (`LanguageModel.param_groups`) are the same.
+
+    Every stacked parameter is a view into one buffer `flat` [M, P] (P: one model's parameter count; row m is
+    model m's parameters, one after another, the `num_decay` columns of those with weight decay first), and its
+    gradient a view into `flat_grad` [M, P], into which backward accumulates in place: the optimizer and the
+    clipping then work on contiguous rows whatever the number of parameters (`train.pack_step`).
+    Build the models on their device first: `.to()` would give the pack parameters of its own, outside `flat`.
     """
 
     def __init__(self, models: list):
@@ -36,15 +47,30 @@ class ModelPack(nn.Module):
             raise ValueError("a pack needs models whose parameters have the same names and shapes")
         if list(first.buffers()):
             raise ValueError("a pack stacks parameters only; the model has buffers")
-        stacked, _ = stack_module_state(models)                              # {name: [M, ...]}, requires grad
+        stacked, _ = stack_module_state(models)                              # {name: [M, ...]}
+        self.num_models = M = len(models)
+        decay_ids = {id(p) for p in first.param_groups(0.0)[0]["params"]}
+        decays = [n for n, p in first.named_parameters() if id(p) in decay_ids]
+        stacked = {name: stacked[name] for name in decays + [n for n in stacked if n not in decays]}
         self.names = list(stacked)
+        self.num_decay = sum(stacked[name][0].numel() for name in decays)  # the first columns: weight decay
+        self.flat = torch.cat([t.detach().reshape(M, -1) for t in stacked.values()], dim=1)         # [M, P]
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.layout, offset = {}, 0  # {name: (first column in flat, stacked shape)}
         for name, tensor in stacked.items():
-            self.register_parameter(_attr(name), nn.Parameter(tensor.detach()))
-        self.num_models = len(models)
+            self.layout[name] = (offset, tensor.shape)
+            offset += tensor[0].numel()
+            param = nn.Parameter(self.view(self.flat, name))
+            param.grad = self.view(self.flat_grad, name)
+            self.register_parameter(_attr(name), param)
         # the computation, without weights of its own: functional_call swaps in one model's slices
         self._template = (copy.deepcopy(first).to("meta"),)  # a tuple: not a submodule, no parameters here
-        decay_ids = {id(p) for p in first.param_groups(0.0)[0]["params"]}
-        self.decay_names = {n for n, p in first.named_parameters() if id(p) in decay_ids}
+
+    def view(self, flat: torch.Tensor, name: str) -> torch.Tensor:
+        """Parameter `name`'s part of a tensor laid out as `flat` [M, P] (the weights, their gradients, an
+        optimizer state), as [M, *its shape]."""
+        offset, shape = self.layout[name]
+        return flat[:, offset : offset + shape[1:].numel()].view(shape)
 
     @property
     def params(self) -> dict:

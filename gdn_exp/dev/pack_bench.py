@@ -39,8 +39,7 @@ class PackRun:
             models.append(LanguageModel(cfg).to(device))
         self.pack = ModelPack(models)
         del models
-        optimizer = StackedAdamW(self.pack.params, self.pack.decay_names, betas=[(0.9, 0.95)] * M, eps=[1e-8] * M,
-                                 weight_decay=[0.1] * M)
+        optimizer = StackedAdamW(self.pack, betas=[(0.9, 0.95)] * M, eps=[1e-8] * M, weight_decay=[0.1] * M)
         autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16, cache_enabled=False) \
             if device.type == "cuda" else nullcontext
         self.train_step = PackStep(self.pack, optimizer, PackSplit([data] * M), batch_size=ref["batch_size"],

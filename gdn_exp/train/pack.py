@@ -148,10 +148,8 @@ class PackTrainer:
                  self.solo.cfg.mixer, self.solo.cfg.d_model, self.solo.cfg.n_layers, f"{self.num_params:,}",
                  device, ", CUDA graph" if self.graphed else "")
         trainers = [m.cfg.trainer for m in self.members]
-        self.optimizer = StackedAdamW(
-            self.pack.params, self.pack.decay_names, betas=[list(t.betas) for t in trainers],
-            eps=[ADAMW_EPS] * len(trainers),
-            weight_decay=[t.weight_decay for t in trainers])
+        self.optimizer = StackedAdamW(self.pack, betas=[list(t.betas) for t in trainers],
+                                      eps=[ADAMW_EPS] * len(trainers), weight_decay=[t.weight_decay for t in trainers])
         for i, m in enumerate(self.members):
             self.resume(i, m)
         self.step = PackStep(self.pack, self.optimizer, data, batch_size=tc.batch_size,
@@ -216,7 +214,7 @@ class PackTrainer:
         for i, m in enumerate(self.members):  # resumed at its end already
             if m.counters["step"] >= m.cfg.trainer.max_steps:
                 results[i] = self.finish(i, m)
-        dtype = self.optimizer.eps.dtype
+        dtype = self.pack.flat.dtype
         with StopRequest() as stop:
             window_start = time.perf_counter()
             while not all(m.done for m in self.members):

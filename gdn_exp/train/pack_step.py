@@ -13,61 +13,39 @@ from gdn_exp.train.step import TrainStep
 from tasks import IGNORE_INDEX
 
 
-def per_model(values, like: torch.Tensor) -> torch.Tensor:
-    """A per-model vector [M] shaped to broadcast against a stacked tensor `like` [M, ...]."""
-    return values.view(-1, *([1] * (like.dim() - 1)))
-
-
 class StackedAdamW:
-    """torch.optim.AdamW (decoupled weight decay, bias-corrected moments) over parameters stacked on a leading
-    model axis [M, ...], every model with its own hyperparameters; equal, model by model, to torch.optim.AdamW
-    (tests/test_pack.py checks it).
+    """torch.optim.AdamW over a ModelPack's parameters, every model with its own learning rate, betas, eps and
+    weight decay: per model, torch's own fused AdamW kernel (`torch._fused_adamw_`, what
+    torch.optim.AdamW(fused=True) runs, so the update is the solo run's to the bit) on row m of the pack's `flat`
+    [M, P] and `flat_grad`, twice: on the columns with weight decay (the matrices) and on those without.
 
-    Per model m and stacked parameter p (weight decay only on `decay_names`, the model's matrices):
-
-        p[m] <- p[m] (1 - lr[m] wd[m]);   m1 <- lerp(m1, g, 1 - beta1[m]);   m2 <- beta2[m] m2 + (1 - beta2[m]) g^2
-        p[m] <- p[m] - lr[m] / (1 - beta1[m]^t) * m1 / (sqrt(m2) / sqrt(1 - beta2[m]^t) + eps[m])
-
-    where t counts model m's own updates. `step(lr, active)` updates only the models where `active` [M] is True;
-    the others keep their weights, moments and t (even where their gradients are NaN).
+    `step(lr, active)` updates only the models where `active` [M] is True (the kernel's found_inf for the others):
+    they keep their weights, moments and step count t, even where their gradients are NaN.
 
     Args:
-        params: {name: stacked Parameter [M, ...]}.
-        decay_names: the names that get weight decay.
-        betas: [M, 2]; eps, weight_decay: [M] (sequences of floats).
+        pack: the ModelPack.
+        betas: [M] pairs; eps, weight_decay: [M] floats.
     """
 
-    def __init__(self, params: dict, decay_names, *, betas, eps, weight_decay):
-        first = next(iter(params.values()))
-        vector = lambda values: torch.tensor(values, dtype=first.dtype, device=first.device)   # noqa: E731
-        self.params, self.decay_names = params, set(decay_names)
-        betas = vector([list(b) for b in betas])
-        self.beta1, self.beta2 = betas[:, 0], betas[:, 1]
-        self.eps, self.weight_decay = vector(eps), vector(weight_decay)
-        self.no_decay = torch.zeros_like(self.weight_decay)
-        self.steps = torch.zeros(len(self.eps), dtype=first.dtype, device=first.device)   # t of each model
-        self.state = {name: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                      for name, p in params.items()}
+    def __init__(self, pack, *, betas, eps, weight_decay):
+        self.pack, self.betas, self.eps, self.weight_decay = pack, [tuple(b) for b in betas], list(eps), \
+            list(weight_decay)
+        self.steps = torch.zeros(pack.num_models, dtype=torch.float32, device=pack.flat.device)   # t per model
+        self.exp_avg, self.exp_avg_sq = torch.zeros_like(pack.flat), torch.zeros_like(pack.flat)
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor, active: torch.Tensor) -> None:
-        """One update of the active models. lr: [M] (param dtype); active: BoolTensor [M]."""
-        steps = self.steps + active.to(self.steps.dtype)
-        bias_correction1 = 1 - self.beta1 ** steps
-        bias_correction2_sqrt = (1 - self.beta2 ** steps).sqrt()
-        for name, p in self.params.items():
-            state, grad = self.state[name], p.grad
-            shaped = lambda values: per_model(values, p)   # noqa: E731
-            wd = self.weight_decay if name in self.decay_names else self.no_decay
-            exp_avg = state["exp_avg"].lerp(grad, shaped(1 - self.beta1))
-            exp_avg_sq = state["exp_avg_sq"] * shaped(self.beta2) + shaped(1 - self.beta2) * grad * grad
-            denom = (exp_avg_sq.sqrt() / shaped(bias_correction2_sqrt)) + shaped(self.eps)
-            new = p * shaped(1 - lr * wd) - shaped(lr / bias_correction1) * exp_avg / denom
-            keep = shaped(active)
-            p.copy_(torch.where(keep, new, p))
-            state["exp_avg"].copy_(torch.where(keep, exp_avg, state["exp_avg"]))
-            state["exp_avg_sq"].copy_(torch.where(keep, exp_avg_sq, state["exp_avg_sq"]))
-        self.steps.copy_(steps)
+        """One update of the active models. lr: [M] (the parameters' dtype); active: BoolTensor [M]."""
+        self.steps += active
+        skip = (~active).float()
+        tensors = (self.pack.flat, self.pack.flat_grad, self.exp_avg, self.exp_avg_sq)
+        decay = self.pack.num_decay
+        for m, ((beta1, beta2), eps, weight_decay) in enumerate(zip(self.betas, self.eps, self.weight_decay)):
+            for columns, wd in ((slice(None, decay), weight_decay), (slice(decay, None), 0.0)):
+                p, grad, exp_avg, exp_avg_sq = ([t[m, columns]] for t in tensors)
+                torch._fused_adamw_(p, grad, exp_avg, exp_avg_sq, [], [self.steps[m]], lr=lr[m], beta1=beta1,
+                                    beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+                                    grad_scale=None, found_inf=skip[m])
 
     @torch.no_grad()
     def export(self, index: int, model, optimizer) -> None:
@@ -75,8 +53,9 @@ class StackedAdamW:
         `model` (a solo LanguageModel), so that its state_dict is the one a solo run would save."""
         for name, param in model.named_parameters():
             optimizer.state[param] = {
-                "step": torch.tensor(float(self.steps[index]), dtype=torch.float32, device=param.device),
-                **{key: self.state[name][key][index].clone() for key in ("exp_avg", "exp_avg_sq")}}
+                "step": self.steps[index].clone(),
+                "exp_avg": self.pack.view(self.exp_avg, name)[index].clone(),
+                "exp_avg_sq": self.pack.view(self.exp_avg_sq, name)[index].clone()}
 
     @torch.no_grad()
     def load(self, index: int, model, optimizer) -> None:
@@ -84,27 +63,22 @@ class StackedAdamW:
         for name, param in model.named_parameters():
             state = optimizer.state.get(param)
             if state:  # a parameter never updated has no state yet
-                self.steps[index] = state["step"].to(self.steps.dtype)
-                for key in ("exp_avg", "exp_avg_sq"):
-                    self.state[name][key][index].copy_(state[key])
+                self.steps[index] = state["step"]
+                self.pack.view(self.exp_avg, name)[index].copy_(state["exp_avg"])
+                self.pack.view(self.exp_avg_sq, name)[index].copy_(state["exp_avg_sq"])
 
     def zero_grad(self) -> None:
-        for p in self.params.values():
-            p.grad = None
+        self.pack.flat_grad.zero_()  # backward accumulates into it
 
 
 @torch.no_grad()
-def clip_grad_norms(params: dict, max_norms: torch.Tensor) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` of each model's own gradients: every stacked gradient [M, ...] of model m
-    is scaled by min(1, max_norms[m] / (norm_m + 1e-6)), norm_m the L2 norm over all of model m's gradients.
-    Returns the norms before clipping, [M]."""
-    grads = [p.grad for p in params.values()]
-    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads], dim=1)   # [M, n]
-    total = torch.linalg.vector_norm(norms, dim=1)                                              # [M]
-    coef = (max_norms / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(per_model(coef, g))
-    return total
+def clip_grad_norms(flat_grad: torch.Tensor, max_norms: torch.Tensor) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` of each model's own gradients: row m of `flat_grad` [M, P] (model m's
+    gradients) is scaled by min(1, max_norms[m] / (norm_m + 1e-6)), norm_m its L2 norm. Returns the norms before
+    clipping, [M]."""
+    norms = torch.linalg.vector_norm(flat_grad, dim=1)
+    flat_grad.mul_((max_norms / (norms + 1e-6)).clamp(max=1.0)[:, None])
+    return norms
 
 
 class PackSplit:
@@ -158,10 +132,10 @@ class PackStep:
         M = pack.num_models
         self.pack, self.optimizer, self.data = pack, optimizer, data
         self.grad_accum_steps, self.autocast = grad_accum_steps, autocast
-        self.max_norms = torch.tensor(grad_clip, dtype=optimizer.eps.dtype, device=device)
+        self.max_norms = torch.tensor(grad_clip, dtype=pack.flat.dtype, device=device)
         self.cuda_graph, self.graph, self.eager_steps = cuda_graph, None, 0
         self.indices = torch.zeros(M, batch_size, dtype=torch.long, device=device)   # the step's inputs
-        self.lr = torch.zeros(M, dtype=optimizer.eps.dtype, device=device)
+        self.lr = torch.zeros(M, dtype=pack.flat.dtype, device=device)
         self.active = torch.ones(M, dtype=torch.bool, device=device)
         self.record = torch.zeros(M, 2, device=device)               # its output: loss, gradient norm per model
         self.history = torch.zeros(window, M, 2, device=device)      # the records since the last read
@@ -169,6 +143,7 @@ class PackStep:
 
     def compute(self) -> None:
         """One step on self.indices: writes each model's (token-mean loss, gradient norm) into self.record."""
+        self.optimizer.zero_grad()
         scored = (self.data.batch(self.indices)[2] != IGNORE_INDEX).sum(-1).sum(-1).clamp(min=1)   # [M]
         loss_sum = torch.zeros(self.pack.num_models, device=self.indices.device)
         for micro in self.indices.chunk(self.grad_accum_steps, dim=1):
@@ -177,14 +152,12 @@ class PackStep:
                 loss = self.pack.loss_sums(input_ids, positions, labels)          # [M]
             (loss / scored).sum().backward()
             loss_sum += loss.detach()
-        grad_norm = clip_grad_norms(self.pack.params, self.max_norms)
+        grad_norm = clip_grad_norms(self.pack.flat_grad, self.max_norms)
         self.active &= torch.isfinite(grad_norm)
         self.optimizer.step(self.lr, self.active)
         self.record.copy_(torch.stack([loss_sum / scored, grad_norm.float()], dim=1))  # as the solo step
 
-    def eager(self) -> None:
-        self.compute()
-        self.optimizer.zero_grad()
+    eager = compute  # the gradients are zeroed at the start of each step (also in a captured one)
 
     def __call__(self, indices: torch.Tensor, lr: torch.Tensor) -> None:
         self.indices.copy_(indices)
