@@ -162,16 +162,10 @@ class PackStep:
     def __call__(self, indices: torch.Tensor, lr: torch.Tensor) -> None:
         self.indices.copy_(indices)
         self.lr.copy_(lr, non_blocking=True)  # from the host: staged at once, without waiting for the device
-        if self.graph is not None:
-            self.graph.replay()
-        elif not self.cuda_graph:
-            self.eager()
-        else:
-            self.warm_up_or_capture()
-        self.history[self.rows].copy_(self.record)
-        self.rows += 1
+        self.run()
 
-    warm_up_or_capture = TrainStep.warm_up_or_capture  # the same warm-up and capture as a solo step
+    # as a solo step: replay, or eager steps, a warm-up and the capture
+    run, warm_up_or_capture = TrainStep.run, TrainStep.warm_up_or_capture
 
     def read(self) -> torch.Tensor:
         """Host FloatTensor [n, M, 2]: each model's (token-mean loss, gradient norm) in each of the n steps since

@@ -107,6 +107,10 @@ class TrainStep:
         self.indices.copy_(indices)
         if not self.kernels_compiled and self.indices.is_cuda:
             self.compile_kernels()
+        self.run()
+
+    def run(self) -> None:
+        """The step on the inputs in place: replayed, eager, or a warm-up or capture; its record kept for `read`."""
         if self.graph is not None:
             self.graph.replay()
         elif not self.cuda_graph:
