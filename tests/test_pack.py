@@ -204,3 +204,27 @@ def test_pack_on_the_gpu_in_bf16_matches_each_model(mixer):
     cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=2, num_heads=1, head_dim=128, **switches)
     assert_pack_gradients_are_each_models(cfg, "cuda", 2e-2, partial(torch.autocast, "cuda", dtype=torch.bfloat16),
                                           length=200)  # several chunks
+
+
+@pytest.mark.interpreter
+def test_norm_kernels_take_one_weight_per_model_under_vmap():
+    """Under vmap the norms run one launch for all models, model m's rows with weight[m] (the kernels' model grid
+    axis): outputs and gradients are the per-model calls'."""
+    from gdn_exp.ops.gated_norm.kernel import triton_add_rms_norm, triton_gated_rms_norm
+
+    torch.manual_seed(0)
+    M, D = 3, 24
+    x, other, weight = torch.randn(M, 2, 5, D), torch.randn(M, 2, 5, D), 1 + torch.randn(M, D)
+    for fn in (lambda o, w, g: (triton_gated_rms_norm(o, w, g, 1e-6),),
+               lambda o, w, d: triton_add_rms_norm(o, d, w, 1e-6, out_dtype=torch.float32)):
+        inputs = [t.clone().requires_grad_() for t in (x, weight, other)]
+        packed = torch.func.vmap(fn)(*inputs)
+        sum(out.square().sum() for out in packed).backward()
+        for m in range(M):
+            solo = [t[m].clone().requires_grad_() for t in (x, weight, other)]
+            outputs = fn(*solo)
+            sum(out.square().sum() for out in outputs).backward()
+            for out, out_packed in zip(outputs, packed):
+                assert relative(out_packed[m], out) <= 1e-6
+            for t, t_packed in zip(solo, inputs):
+                assert relative(t_packed.grad[m], t.grad) <= 1e-5

@@ -6,9 +6,10 @@ staticmethod, which torch calls with the physical tensors and the model axis of 
 
     fold: the ops treat every sequence (row) of their batch independently, so M models' batches [M, B, ...] are
           one batch [M * B, ...]: one launch for the whole pack. Inputs without a model axis that are per-sequence
-          data (a constant beta) are expanded to all models first.
-    loop: a Function with a per-model weight (norms, short conv) or a reduction over its batch (the loss) runs
-          once per model: M launches, each on its own slice.
+          data (a constant beta) are expanded to all models first. A Function whose kernel takes a weight per
+          model (the norms: [M, D]) gets the models' weights stacked.
+    loop: a Function with a per-model weight its kernel does not take per model (short conv) or a reduction over
+          its batch (the loss) runs once per model: M launches, each on its own slice.
 
 Both call the Function's `apply` on plain tensors, so autograd records the launches as usual and the backward
 pass needs no rule of its own.
@@ -16,18 +17,19 @@ pass needs no rule of its own.
 import torch
 
 
-def fold_models(apply, info, in_dims, args, *, per_sequence, num_outputs):
+def fold_models(apply, info, in_dims, args, *, per_sequence, num_outputs, per_model=()):
     """The vmap rule that folds the model axis into the batch axis (axis 0) of the args at `per_sequence` (indices
-    into args); the others must have no model axis. The first `num_outputs` outputs come back as [M, B, ...]
+    into args); the args at `per_model` (a weight the Function takes per model) get the model axis first,
+    [M, ...]; the others must have no model axis. The first `num_outputs` outputs come back as [M, B, ...]
     (None stays None); any further ones (what backward keeps) have no model axis."""
     M = info.batch_size
     folded = list(args)
-    for i in per_sequence:
+    for i in (*per_sequence, *per_model):
         x, dim = args[i], in_dims[i]
         if x is None:
             continue
         x = x.movedim(dim, 0) if dim is not None else x.expand(M, *x.shape)
-        folded[i] = x.reshape(-1, *x.shape[2:])
+        folded[i] = x.reshape(-1, *x.shape[2:]) if i in per_sequence else x
     outputs = apply(*folded)
     single = not isinstance(outputs, tuple)
     outputs = (outputs,) if single else outputs
