@@ -228,3 +228,23 @@ def test_norm_kernels_take_one_weight_per_model_under_vmap():
                 assert relative(out_packed[m], out) <= 1e-6
             for t, t_packed in zip(solo, inputs):
                 assert relative(t_packed.grad[m], t.grad) <= 1e-5
+
+
+@pytest.mark.interpreter
+def test_short_conv_kernels_take_one_weight_per_model_under_vmap():
+    """The short conv under vmap: one launch per kernel for all models, sequence b of the folded batch with the
+    weight of its model; outputs and gradients are the per-model calls'."""
+    from gdn_exp.ops.short_conv.kernel import triton_short_conv_silu
+
+    torch.manual_seed(0)
+    M, parts = 3, ((2, 8, True), (2, 8, True), (1, 8, False))
+    x, weight = torch.randn(M, 2, 20, 40, requires_grad=True), torch.randn(M, 40, 4, requires_grad=True)
+    packed = torch.func.vmap(lambda x, w: triton_short_conv_silu(x, w, parts))(x, weight)
+    sum(out.square().sum() for out in packed).backward()
+    for m in range(M):
+        x_m, w_m = x[m].detach().clone().requires_grad_(), weight[m].detach().clone().requires_grad_()
+        outputs = triton_short_conv_silu(x_m, w_m, parts)
+        sum(out.square().sum() for out in outputs).backward()
+        for out, out_packed in zip(outputs, packed):
+            assert relative(out_packed[m], out) <= 1e-6
+        assert relative(x.grad[m], x_m.grad) <= 1e-5 and relative(weight.grad[m], w_m.grad) <= 1e-5
