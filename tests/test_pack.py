@@ -248,3 +248,24 @@ def test_short_conv_kernels_take_one_weight_per_model_under_vmap():
         for out, out_packed in zip(outputs, packed):
             assert relative(out_packed[m], out) <= 1e-6
         assert relative(x.grad[m], x_m.grad) <= 1e-5 and relative(weight.grad[m], w_m.grad) <= 1e-5
+
+
+@pytest.mark.interpreter
+def test_loss_kernels_sum_each_model_under_vmap():
+    """The Triton loss under vmap: one launch each way for all models, each model's rows summed on their own and
+    scaled by that model's own upstream gradient in backward."""
+    from gdn_exp.ops.cross_entropy.kernel import triton_cross_entropy
+
+    torch.manual_seed(0)
+    M = 3
+    logits, labels = torch.randn(M, 10, 40, requires_grad=True), torch.randint(40, (M, 10))
+    labels[:, :3] = -100
+    upstream = torch.tensor([1.0, 0.5, 3.0])
+    packed = torch.func.vmap(lambda x, y: triton_cross_entropy(x, y, reduction="sum"))(logits, labels)
+    (packed * upstream).sum().backward()
+    for m in range(M):
+        x = logits[m].detach().clone().requires_grad_()
+        loss = triton_cross_entropy(x, labels[m], reduction="sum")
+        (loss * upstream[m]).backward()
+        assert float(packed[m].detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
+        assert relative(logits.grad[m], x.grad) <= 1e-6

@@ -6,10 +6,11 @@ staticmethod, which torch calls with the physical tensors and the model axis of 
 
     fold: the ops treat every sequence (row) of their batch independently, so M models' batches [M, B, ...] are
           one batch [M * B, ...]: one launch for the whole pack. Inputs without a model axis that are per-sequence
-          data (a constant beta) are expanded to all models first. A Function whose kernel takes a weight per
-          model (the norms: [M, D]) gets the models' weights stacked.
-    loop: a Function with a per-model weight its kernel does not take per model (short conv) or a reduction over
-          its batch (the loss) runs once per model: M launches, each on its own slice.
+          data (a constant beta) are expanded to all models first. A Function whose kernels take a weight per
+          model (the norms, the short conv) gets the models' weights stacked, [M, ...].
+          The loss sums each model's rows on its own (its kernels take the number of models).
+    loop: what cannot fold (packed sequences, a mean loss) runs once per model: M launches, each on its own
+          slice.
 
 Both call the Function's `apply` on plain tensors, so autograd records the launches as usual and the backward
 pass needs no rule of its own.
