@@ -12,8 +12,6 @@ from pathlib import Path
 
 from gdn_exp.config import flatten_config
 
-log = logging.getLogger(__name__)
-
 # Keys in which the models of one pack may differ (a key covers its sub-keys: "logger" is every logger.* key).
 PACKABLE_KEYS = ("seed", "model.name", "model.init_std", "trainer.lr", "trainer.min_lr_ratio",
                  "trainer.lr_decay_steps", "trainer.warmup_steps", "trainer.weight_decay", "trainer.betas",
