@@ -269,3 +269,18 @@ def test_loss_kernels_sum_each_model_under_vmap():
         (loss * upstream[m]).backward()
         assert float(packed[m].detach()) == pytest.approx(float(loss.detach()), rel=1e-6)
         assert relative(logits.grad[m], x.grad) <= 1e-6
+
+
+def test_a_solo_run_resumes_from_a_packs_checkpoint(compose, tmp_path, float64):
+    """A pack's latest.pt is a solo run's: a solo run resumed from it at step 3 ends where the solo run trained
+    straight through to step 6 ends (optimizer moments, step counts and schedule included)."""
+    common = [*TINY, "trainer.lr_decay_steps=6", "trainer.checkpoint_interval=3"]
+    run_pack([compose(*common, *MEMBERS[1], "trainer.max_steps=3")], [tmp_path / "resumed"])
+    resumed = run_job(compose(*common, *MEMBERS[1], "trainer.resume=true"), tmp_path / "resumed",
+                      skip_completed=False)
+    assert resumed["status"] == "completed" and resumed["resumed_from"]
+    run_job(compose(*common, *MEMBERS[1]), tmp_path / "straight")
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "latest.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["counters"]["step"] == b["counters"]["step"] == 6
+    for key, weight in a["model"].items():
+        assert relative(b["model"][key], weight) <= TOLERANCE, key
