@@ -284,3 +284,19 @@ def test_a_solo_run_resumes_from_a_packs_checkpoint(compose, tmp_path, float64):
     assert a["counters"]["step"] == b["counters"]["step"] == 6
     for key, weight in a["model"].items():
         assert relative(b["model"][key], weight) <= TOLERANCE, key
+
+
+@pytest.mark.gpu
+def test_pack_trainer_on_the_gpu(compose, tmp_path):
+    """The pack trainer on compiled kernels with its CUDA graph and bf16 autocast: both models complete, and their
+    first losses are their solo runs' to bf16's rounding (later ones drift apart as any two bf16 runs do)."""
+    cfgs = [compose(*TINY, "trainer.device=cuda", "trainer.max_steps=20", *member) for member in MEMBERS]
+    results = run_pack(cfgs, [tmp_path / "pack0", tmp_path / "pack1"])
+    assert [r["status"] for r in results] == ["completed", "completed"] and all(r["cuda_graph"] for r in results)
+    for i, cfg in enumerate(cfgs):
+        run_job(cfg, tmp_path / f"solo{i}")
+        solo, pack = ({r["step"]: r["train/loss"] for r in rows(tmp_path / f"{kind}{i}") if "train/loss" in r}
+                      for kind in ("solo", "pack"))
+        assert solo.keys() == pack.keys()
+        for step in (1, 2, 3):
+            assert pack[step] == pytest.approx(solo[step], rel=2e-2), (i, step)
