@@ -300,3 +300,16 @@ def test_pack_trainer_on_the_gpu(compose, tmp_path):
         assert solo.keys() == pack.keys()
         for step in (1, 2, 3):
             assert pack[step] == pytest.approx(solo[step], rel=2e-2), (i, step)
+
+
+@pytest.mark.slow  # ~5 min on a loaded 2-core CPU: the interpreter runs every kernel of three runs
+@pytest.mark.interpreter
+def test_pack_trainer_on_the_triton_kernels(compose, tmp_path):
+    """The pack trainer with kernel.backend=triton (the interpreter, float32): every fold rule in a real step;
+    each model's logged losses and weights are its solo run's to float32's rounding."""
+    cfgs = [compose(*TINY, "kernel.backend=triton", "trainer.max_steps=3", *member) for member in MEMBERS]
+    results = run_pack(cfgs, [tmp_path / "pack0", tmp_path / "pack1"])
+    assert [r["status"] for r in results] == ["completed", "completed"], results[0].get("traceback")
+    for i, cfg in enumerate(cfgs):
+        run_job(cfg, tmp_path / f"solo{i}")
+        assert_same_run(tmp_path / f"solo{i}", tmp_path / f"pack{i}", tolerance=1e-4)
