@@ -635,6 +635,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
     parser.add_argument("--packs", default="1,2,4,8,16,32", help="pack: the pack sizes M")
     parser.add_argument("--mixers", default="gdn,no_delta,no_gate,attention", help="pack: the mixers")
+    parser.add_argument("--points", default="reference,zoology_t512", help="pack: the job shapes")
     parser.add_argument("--quick", action="store_true", help="check: the short cases only")
     parser.add_argument("--jobs", type=int, help="check: worker processes (the checker's default if not given)")
     parser.add_argument("--data-tokens", type=int, default=200 * 2 ** 20,
@@ -733,7 +734,10 @@ def main(argv=None):
     if "pack" in what:
         from gdn_exp.dev.pack_bench import COLUMNS, POINTS, bench_pack
 
-        for point in POINTS:  # one table per point
+        unknown = [point for point in args.points.split(",") if point not in POINTS]
+        if unknown:
+            sys.exit(f"gdn-bench: --points {unknown[0]} is not one of {', '.join(POINTS)}")
+        for point in args.points.split(","):  # one table per point
             emit("pack", bench_pack([point], args.mixers.split(","), [int(m) for m in args.packs.split(",")]),
                  COLUMNS)
     if "data" in what:
