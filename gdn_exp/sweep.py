@@ -112,9 +112,18 @@ def run_one(job: Job, device: str, processes: int = 1) -> dict:
         release(Path(job.run_dir))
 
 
+def run_unit(unit, device: str, processes: int) -> dict:
+    """{job index: results dict} of a Job, or of each job of a `sweep_pack.PackJob`, trained in this process."""
+    from gdn_exp.sweep_pack import PackJob, run_pack_job
+
+    if isinstance(unit, PackJob):
+        return run_pack_job(unit, device)
+    return {unit.index: run_one(unit, device, processes)}
+
+
 def _worker(device: str, conn, processes: int) -> None:
-    """A worker process: runs the jobs its launcher sends over `conn` and sends back each one's results, until it
-    gets None or a stop signal came."""
+    """A worker process: runs the jobs (or packs) its launcher sends over `conn` and sends back each one's
+    {job index: results}, until it gets None or a stop signal came."""
     from gdn_exp.train.loop import StopRequest, request_stop
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] [%(job)s] %(message)s", datefmt="%H:%M:%S")
@@ -131,15 +140,17 @@ def _worker(device: str, conn, processes: int) -> None:
         if job is None:
             return
         try:
-            results = run_one(job, device, processes)
+            results = run_unit(job, device, processes)
         except Exception as e:  # run_job records failures itself; this is a bug in the runner
-            results = {"status": "failed", "error": f"{type(e).__name__}: {e}", "user_error": False,
-                       "traceback": traceback.format_exc()}
+            failed = {"status": "failed", "error": f"{type(e).__name__}: {e}", "user_error": False,
+                      "traceback": traceback.format_exc()}
+            results = {j.index: failed for j in getattr(job, "jobs", [job])}
         try:
             conn.send(results)
         except (BrokenPipeError, ConnectionResetError):  # the launcher is gone: its job is stopped and recorded
             return
-        if results.get("status") == "failed" and not results.get("user_error") and not _device_healthy(device):
+        if any(r.get("status") == "failed" and not r.get("user_error") for r in results.values()) \
+                and not _device_healthy(device):
             os._exit(3)  # the CUDA context is lost: the launcher starts another worker
 
 
@@ -165,7 +176,8 @@ def _device_healthy(device: str) -> bool:
 
 
 def run_jobs(jobs: list, workers: list) -> dict:
-    """Runs `jobs` on `workers` (a device per worker process, see `plan_workers`); returns {job index: results}.
+    """Runs `jobs` (Jobs, or `sweep_pack.PackJob`s: several jobs as one pack) on `workers` (a device per worker
+    process, see `plan_workers`); returns {job index: results}.
 
     Each worker has its own pipe to the launcher, which hands it one job at a time: a worker that dies (even
     while writing) blocks no other, and its pipe's end tells which job it took down. Jobs that never started
@@ -215,15 +227,16 @@ def run_jobs(jobs: list, workers: list) -> dict:
                     conn.close()
                     process.join()
                     if process.exitcode != 0:  # a worker leaves cleanly only between jobs: then `job` never began
-                        if job is not None:
-                            results[job.index] = _lost_job(job, process.exitcode)
+                        for lost in getattr(job, "jobs", [job] if job is not None else []):  # a pack: each job
+                            results[lost.index] = _lost_job(lost, process.exitcode)
                         log.error("worker on %s died (exit code %s); failed: %s", device, process.exitcode,
                                   job.name if job else "no job")
                         if pending and stopping is None:
                             start(device)
                     continue
-                results[job.index] = payload
-                log.info("job %d %s: %s", job.index, job.name, describe(payload))
+                results.update(payload)
+                for index, job_results in payload.items():
+                    log.info("job %d %s: %s", index, job.name, describe(job_results))
                 hand_next(conn)
     finally:
         for sig, handler in previous.items():

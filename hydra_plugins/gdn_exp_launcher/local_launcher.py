@@ -27,8 +27,10 @@ def record_job(cfg: DictConfig):
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, jobs_per_gpu: int = 4, n_jobs: int = 1, gpus: Optional[int] = None, dry_run: bool = False):
-        self.jobs_per_gpu, self.n_jobs, self.gpus, self.dry_run = jobs_per_gpu, n_jobs, gpus, dry_run
+    def __init__(self, jobs_per_gpu: int = 4, n_jobs: int = 1, gpus: Optional[int] = None, dry_run: bool = False,
+                 pack_size: int = 1):
+        self.jobs_per_gpu, self.n_jobs, self.gpus = jobs_per_gpu, n_jobs, gpus
+        self.dry_run, self.pack_size = dry_run, pack_size
         self.config = self.hydra_context = None
 
     def setup(self, *, hydra_context, task_function, config: DictConfig) -> None:
@@ -37,6 +39,7 @@ class LocalLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from gdn_exp.rundir import hydra_records
         from gdn_exp.sweep import dry_run_text, link_reused, plan_workers, reusable_jobs, run_jobs, summary
+        from gdn_exp.sweep_pack import group_jobs
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -65,9 +68,11 @@ class LocalLauncher(Launcher):
             returns[-1].return_value.records = records  # put back if the job is skipped or refused
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)  # run_job set up the last job's
         jobs = [ret.return_value for ret in returns]
-        log.info("%d jobs, %d at once on %s", len(jobs), len(workers), ", ".join(sorted(set(workers))))
         reused = reusable_jobs(jobs, self.search_roots(), self.device_type())
-        results = run_jobs([job for job in jobs if job.index not in reused], workers)
+        units = group_jobs([job for job in jobs if job.index not in reused], self.pack_size)  # gdn_exp.sweep_pack
+        log.info("%d jobs%s, %d at once on %s", len(jobs), f" in {len(units)} packs and solo jobs"
+                 if len(units) < len(jobs) - len(reused) else "", len(workers), ", ".join(sorted(set(workers))))
+        results = run_jobs(units, workers)
         results.update({job.index: link_reused(job, reused[job.index]) for job in jobs if job.index in reused})
         for ret, job in zip(returns, jobs):
             ret.return_value = (results.get(job.index) or {}).get("test/accuracy")  # the sweep objective
