@@ -117,7 +117,7 @@ def run_unit(unit, device: str, processes: int) -> dict:
     from gdn_exp.sweep_pack import PackJob, run_pack_job
 
     if isinstance(unit, PackJob):
-        return run_pack_job(unit, device)
+        return run_pack_job(unit, device, processes)
     return {unit.index: run_one(unit, device, processes)}
 
 

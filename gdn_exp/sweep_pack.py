@@ -82,10 +82,11 @@ def group_jobs(jobs: list, pack_size: int) -> list:
     return sorted(units, key=lambda unit: unit.index)
 
 
-def run_pack_job(pack: PackJob, device: str) -> dict:
+def run_pack_job(pack: PackJob, device: str, processes: int = 1) -> dict:
     """Trains a pack in this process (a sweep worker): {job index: results dict}. Each run dir is claimed as a solo
-    job's is; one taken by another process fails its job only. Log records go to every member's train.log."""
-    from gdn_exp.rundir import RunDirInUse, claim, release
+    job's is; one taken by another process fails its job only. Log records go to every member's cli.log; a job
+    that was skipped or refused gets Hydra's files back as they were (as `sweep.run_one` does)."""
+    from gdn_exp.rundir import RunDirInUse, claim, release, restore_records
     from gdn_exp.sweep import job_config
     from gdn_exp.train.pack import run_pack
 
@@ -96,16 +97,19 @@ def run_pack_job(pack: PackJob, device: str) -> dict:
             claimed.append(job)
         except RunDirInUse as e:
             results[job.index] = {"status": "failed", "user_error": True, "error": str(e)}
-    handlers = [logging.FileHandler(Path(job.run_dir) / "train.log") for job in claimed]
+    handlers = [logging.FileHandler(Path(job.run_dir) / "cli.log") for job in claimed]
     for handler in handlers:
         handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         logging.getLogger().addHandler(handler)
     try:
-        cfgs = [job_config(job, device) for job in claimed]
+        cfgs = [job_config(job, device, processes) for job in claimed]
         if cfgs:
             trained = run_pack(cfgs, [Path(job.run_dir) for job in claimed],
                                skip_completed=cfgs[0].trainer.skip_completed)
             results.update({job.index: r for job, r in zip(claimed, trained)})
+            for job, r in zip(claimed, trained):
+                if r.get("skipped") or r.get("refused"):
+                    restore_records(Path(job.run_dir), job.records)
     finally:
         for handler in handlers:
             logging.getLogger().removeHandler(handler)

@@ -41,8 +41,8 @@ def metrics(job_dir) -> list:
 def test_packed_sweep_leaves_the_job_dirs_of_the_unpacked_sweep(tmp_path):
     grid = [*TINY, "task.seq_len=8", "logger=none", "seed=0,1", "trainer.lr=1e-3,1e-2"]
     gdn_exp(tmp_path, "-m", "hydra/launcher=local", f"hydra.sweep.dir={tmp_path / 'solo'}", *grid)
-    output = gdn_exp(tmp_path, "-m", "hydra/launcher=local", "hydra.launcher.pack_size=4",
-                     f"hydra.sweep.dir={tmp_path / 'packed'}", *grid)
+    output = gdn_exp(tmp_path, "-m", "hydra/launcher=local", "hydra.launcher.pack_size=4",  # trained, not reused
+                     f"hydra.sweep.dir={tmp_path / 'packed'}", "trainer.skip_completed=false", *grid)
     assert "4 jobs in 1 packs" in output and "sweep: 4 completed" in output
     solo, packed = job_dirs(tmp_path / "solo"), job_dirs(tmp_path / "packed")
     assert solo == packed and len(solo) == 4

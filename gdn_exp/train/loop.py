@@ -57,6 +57,14 @@ def describe_mixers(cfg: ModelConfig) -> str:
 
 
 CPU_PARAMS_WARNING = 100_000_000  # a model this big on a CPU gets a warning at start-up (gdn_400m: 419M)
+def new_counters() -> dict:
+    """A run's counters, saved in its checkpoints (a solo run's and each model's of a pack): target_step is the
+    first evaluation at trainer.target_accuracy (None: not yet), wall_time_s the wall time of a resumed run's
+    earlier segments."""
+    return {"step": 0, "best_accuracy": -1.0, "best_step": -1, "target_step": None, "tokens_seen": 0,
+            "train_time_s": 0.0, "wall_time_s": 0.0}
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # SIGUSR2: SLURM's warning before a time limit
 
 
@@ -157,9 +165,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         lr_multiplier, warmup_steps=tc.warmup_steps, decay_steps=tc.lr_decay_steps or tc.max_steps,
         min_lr_ratio=tc.min_lr_ratio))
 
-    # target_step: the first evaluation at or above trainer.target_accuracy (kept across a resume)
-    counters = {"step": 0, "best_accuracy": -1.0, "best_step": -1, "target_step": None, "tokens_seen": 0,
-                "train_time_s": 0.0, "wall_time_s": 0.0}
+    counters = new_counters()
     resume_path = dist_info.broadcast(checkpoint.find_resume(tc.resume, run_dir, config) if is_main else None)
     saved = checkpoint.load_latest(resume_path, network, optimizer) if resume_path else None
     if saved:

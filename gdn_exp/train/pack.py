@@ -28,13 +28,13 @@ from omegaconf import OmegaConf
 from gdn_exp.data import task_source
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.pack import ModelPack
-from gdn_exp.train import USER_ERRORS, check_config, read_results, write_results
+from gdn_exp.train import USER_ERRORS, check_config, decision_of, write_results
 from gdn_exp.train import checkpoint
 from gdn_exp.train.data import BatchIndices, device_splits
 from gdn_exp.train.distributed import Distributed, distributed_job
-from gdn_exp.train.evaluate import evaluate
+from gdn_exp.train.evaluate import evaluate_splits, reached_target
 from gdn_exp.train.loggers import RunLogger, finish_crashed_run
-from gdn_exp.train.loop import StopRequest, lr_multiplier
+from gdn_exp.train.loop import StopRequest, lr_multiplier, new_counters
 from gdn_exp.train.pack_step import PackSplit, PackStep, StackedAdamW
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ class Member:
     config: dict                                 # the resolved config, as the solo run writes it
     splits: dict
     indices: BatchIndices
-    counters: dict = field(default_factory=lambda: {"step": 0, "best_accuracy": -1.0, "best_step": -1,
-                                                    "tokens_seen": 0, "train_time_s": 0.0})
+    counters: dict = field(default_factory=new_counters)
+    earlier_s: float = 0.0                       # wall time of the run's earlier segments (a resume)
     logger: Any = None
     resume_path: Optional[Path] = None
     status: str = "completed"
@@ -72,17 +72,17 @@ class Member:
 
 
 def run_pack(cfgs: list, run_dirs: list, *, skip_completed: bool = True) -> list:
-    """`train.run_job` for the jobs of a pack: skips the completed ones, checks each config, trains the rest as one
+    """`train.run_job` for the jobs of a pack: skips the completed ones and refuses what `resume.decide` refuses
+    (as run_job does), checks each config, trains the rest as one
     pack and writes every run dir's results.json; returns each job's results dict. Never raises for a failed run:
     a config error fails only its job; a crash of the pack fails every job still in it."""
     results = [None] * len(cfgs)
     todo = []
     with distributed_job(cfgs[0].trainer.device, "none") as dist_info:
         for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
-            previous = read_results(run_dir)
-            if skip_completed and previous.get("status") == "completed":
-                log.info("skipping %s: results.json says completed", run_dir)
-                results[i] = {**previous, "skipped": True}
+            decided = decision_of(cfg, run_dir, skip_completed)  # skipped or refused: nothing written
+            if decided is not None:
+                results[i] = decided
                 continue
             try:
                 check_config(cfg, dist_info)
@@ -174,10 +174,12 @@ class PackTrainer:
             self.pack.copy_from(i, self.solo)
             self.optimizer.load(i, self.solo, solo_optimizer)
             m.counters.update(saved["counters"])
+            m.earlier_s = m.counters["wall_time_s"]
             log.info("%s: resumed from %s at step %d", m.run_dir.name, m.resume_path, m.counters["step"])
         m.logger = RunLogger(m.run_dir, m.cfg.logger, m.config,
                              history=m.resume_path.parent.parent / "metrics.jsonl" if saved else None,
-                             resume_step=m.counters["step"], wandb_id=saved.get("wandb_id") if saved else None)
+                             resume_step=m.counters["step"], history_rows=saved.get("metrics_rows") if saved else None,
+                             wandb_id=saved.get("wandb_id") if saved else None)
 
     def save_latest(self, i: int, m: Member) -> None:
         """Model i's latest.pt, as its solo run writes it."""
@@ -189,18 +191,21 @@ class PackTrainer:
         for group in solo_optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.export(i, self.solo, solo_optimizer)
+        m.counters["wall_time_s"] = m.earlier_s + time.time() - self.start
         checkpoint.save_latest(m.run_dir / "checkpoints", self.solo, solo_optimizer, {
             "scheduler": scheduler, "counters": dict(m.counters), "rng": checkpoint.rng_state(),
-            "config": m.config, "wandb_id": m.logger.wandb_id}, self.dist_info)
+            "config": m.config, "wandb_id": m.logger.wandb_id, "metrics_rows": m.logger.rows}, self.dist_info)
 
     def evaluate(self, i: int, m: Member) -> dict:
         """Model i's test metrics, logged; best.pt when its accuracy is the best so far."""
         self.pack.copy_to(i, self.solo)
-        metrics = evaluate(self.solo, m.splits["test"], batch_size=m.cfg.trainer.eval_batch_size,
-                           autocast=self.autocast)
+        metrics = evaluate_splits(self.solo, m.splits, batch_size=m.cfg.trainer.eval_batch_size,
+                                  autocast=self.autocast)
         if task_source(m.cfg.task.name).text:
             metrics["test/perplexity"] = math.exp(min(metrics["test/loss"], 700.0))
         m.logger.log(m.counters["step"], metrics)
+        if m.counters["target_step"] is None and reached_target(metrics, m.cfg.trainer.target_accuracy):
+            m.counters["target_step"] = m.counters["step"]
         if math.isfinite(metrics["test/loss"]) and metrics["test/accuracy"] > m.counters["best_accuracy"]:
             m.counters.update(best_accuracy=metrics["test/accuracy"], best_step=m.counters["step"])
             checkpoint.save(m.run_dir / "checkpoints" / "best.pt", {
@@ -262,23 +267,23 @@ class PackTrainer:
             m.status, m.error = "diverged", f"{what} became {value} at step {m.counters['step']}"
             return True
         m.loss_value, grad_norm = rows[-1].tolist()
+        if step % tc.eval_interval == 0 or step == tc.max_steps:  # first, as the solo loop does
+            self.evaluate(i, m)
         if step % tc.log_interval == 0 or step == tc.max_steps:
             tokens_per_s = m.log_steps * self.tokens_per_step / max(m.log_time, 1e-9)
             m.logger.log(step, {"train/loss": m.loss_value, "train/lr": m.lr(step - 1), "train/grad_norm": grad_norm,
                                 "perf/tokens_per_s": tokens_per_s})
             m.log_time, m.log_steps = 0.0, 0
-        if step % tc.eval_interval == 0 or step == tc.max_steps:
-            metrics = self.evaluate(i, m)
-            if tc.target_accuracy is not None and metrics["test/accuracy"] >= tc.target_accuracy:
-                log.info("%s: test/accuracy %.4f >= target %.4f at step %d: stopping early", m.run_dir.name,
-                         metrics["test/accuracy"], tc.target_accuracy, step)
-                self.save_latest(i, m)
-                return True
+        if m.last_eval_step == step and reached_target(m.metrics, tc.target_accuracy):
+            log.info("%s: test/accuracy %.4f >= target %.4f at step %d (and at every test length): stopping early",
+                     m.run_dir.name, m.metrics["test/accuracy"], tc.target_accuracy, step)
+            self.save_latest(i, m)
+            return True
         if step % tc.checkpoint_interval == 0 or step == tc.max_steps:
             self.save_latest(i, m)
         if stop_signal:
             self.save_latest(i, m)
-            m.status, m.error = "failed", f"stopped by {stop_signal} at step {step}; resume with trainer.resume=true"
+            m.status, m.error = "stopped", f"stopped by {stop_signal} at step {step}; resume with trainer.resume=true"
             return True
         return step >= tc.max_steps
 
@@ -291,8 +296,10 @@ class PackTrainer:
         c, device = m.counters, self.device
         results = {
             "status": m.status, **({"error": m.error} if m.error else {}), **m.metrics,
-            "best/accuracy": c["best_accuracy"], "best/step": c["best_step"], "steps": c["step"],
-            "train/loss": m.loss_value, "num_params": self.num_params, "wall_time_s": time.time() - self.start,
+            "best/accuracy": c["best_accuracy"], "best/step": c["best_step"], "steps_to_target": c["target_step"],
+            "steps": c["step"],
+            "train/loss": m.loss_value, "num_params": self.num_params,
+            "wall_time_s": m.earlier_s + time.time() - self.start,
             "first_step_s": self.first_step_s,
             "tokens_per_s": c["tokens_seen"] / max(c["train_time_s"], 1e-9),
             "steps_per_s": c["tokens_seen"] / self.tokens_per_step / max(c["train_time_s"], 1e-9),
