@@ -374,11 +374,12 @@ def link_reused(job: Job, source: Path) -> dict:
 def dry_run_text(jobs: list, reusable: dict) -> str:
     """What a sweep would do with each job, one line each (train, skip: completed in its own directory, reuse: a
     run that completed with its config), and the counts: the output of hydra.launcher.dry_run=true."""
-    from gdn_exp.train.checkpoint import completed
+    from gdn_exp.train.checkpoint import read_results
 
     lines, counts = [], {"train": 0, "skip": 0, "reuse": 0}
     for job in jobs:
-        if completed(Path(job.run_dir)) and job_config(job, "cpu").trainer.skip_completed:
+        done = read_results(Path(job.run_dir)).get("status") == "completed"
+        if done and job_config(job, "cpu").trainer.skip_completed:
             action, note = "skip", "  (completed)"
         elif job.index in reusable:
             action, note = "reuse", f"  <- {reusable[job.index]}"
