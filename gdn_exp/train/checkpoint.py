@@ -272,7 +272,8 @@ def unfinished_runs(parent: Path, config: dict) -> list:
     """The run dirs in `parent` that `trainer.resume=true` may continue, newest checkpoint first: not completed,
     trained with this config, and not already continued in another run dir (one that names their checkpoint as
     its resumed_from, as runs before in-place resumes did)."""
-    runs = [d for d in parent.iterdir() if (d / "checkpoints").is_dir()] if parent.is_dir() else []
+    runs = [d for d in parent.iterdir() if not d.is_symlink() and (d / "checkpoints").is_dir()] \
+        if parent.is_dir() else []  # not outputs/runs/latest: a pointer to one of them
     results = {run: read_results(run) for run in runs}
     continued = {Path(str(r["resumed_from"])).resolve().parent.parent for run, r in results.items()
                  if r.get("resumed_from") and not Path(str(r["resumed_from"])).resolve().is_relative_to(run.resolve())}
@@ -297,7 +298,12 @@ def same_config(run_dir: Path, config: dict) -> bool:
         recorded = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     except Exception:  # missing, torn, not YAML
         return True
-    return not isinstance(recorded, dict) or not config_differences(recorded, config)
+    if not isinstance(recorded, dict):
+        return True
+    # config.yaml records what trainer.precision=auto chose (the checkpoint keeps the composed value): not compared
+    recorded, config = ({**c, "trainer": {k: v for k, v in c.get("trainer", {}).items() if k != "precision"}}
+                        for c in (recorded, config))
+    return not config_differences(recorded, config)
 
 
 def checkpoints_in(checkpoint_dir: Path) -> list:
