@@ -1,9 +1,9 @@
 """Typed schemas for the Hydra config, registered in Hydra's ConfigStore.
 
-With these schemas a misspelled key (`trainer.lrr=1`) or a wrong type (`trainer.lr=fast`) fails at
-composition with Hydra's own message, and so does a string option (`kernel.mode=parallel`: Hydra lists chunk and
-recurrent). What a schema cannot say (a key added with `+group.key=...`, a value out of range, checks across
-groups) `validate` checks at start-up, in one line.
+With these schemas a wrong type (`trainer.lr=fast`) fails at composition with Hydra's own message, and so does a
+string option (`kernel.mode=parallel`: Hydra lists chunk and recurrent); a misspelled key (`trainer.lrr=1`) is
+caught just before, by `check_override_keys`, which names the group's keys. What a schema cannot say (a key added
+with `+group.key=...`, a value out of range, checks across groups) `validate` checks at start-up, in one line.
 """
 import dataclasses
 import hashlib
@@ -47,6 +47,11 @@ class Precision(Choice):
     auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
+
+
+def precision_used(precision: str, device_type: str) -> str:
+    """trainer.precision as a run on `device_type` ("cpu", "cuda") trains: auto is bf16 on CUDA, fp32 elsewhere."""
+    return ("bf16" if device_type == "cuda" else "fp32") if precision == "auto" else str(precision)
 
 
 class Strategy(Choice):
@@ -93,14 +98,14 @@ class TrainerConfig:
     eval_batch_size: int = 256
     target_accuracy: Optional[float] = 0.99   # stop once test/accuracy and each test/accuracy@L reach it (null: never)
     checkpoint_interval: int = 50         # steps between checkpoints/latest.pt
-    resume: Any = False                   # false | true (latest matching run) | path to a run dir or .pt
-    skip_completed: bool = True           # a job whose run dir already holds a completed results.json is skipped
+    resume: Any = False                   # false | true (newest stopped run like it) | a run dir | a .pt (new run)
+    skip_completed: bool = True           # skip a completed job (a sweep's: also one with its config under outputs/)
     device: str = "auto"                  # auto (cuda if present) | cpu | cuda | cuda:N
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA, fp32 on CPU
     strategy: Strategy = Strategy.auto    # auto: ddp under torchrun, else none; fsdp: FSDP2
     activation_checkpointing: bool = False    # recompute each block's activations in the backward pass
     cuda_graph: bool = True               # replay each step from a CUDA graph (one CUDA device, fixed shapes)
-    num_threads: Optional[int] = None     # torch CPU threads (null: torch's default)
+    num_threads: Optional[int] = None     # torch CPU threads (null: auto, half the cores, 1-4: train/threads.py)
     progress: bool = True                 # rich progress bar
 
 
@@ -125,14 +130,16 @@ class Config:
     task_cache_dir: str = "outputs/cache/tasks"   # generated task splits (Arrow) and tokenized corpora (task=lm)
 
 
-def dir_name(overrides: str) -> str:
-    """A run or job directory's name from its override string (hydra.job.override_dirname): shell-safe (only
-    letters, digits and ._,=+- ; the rest becomes -), at most 200 characters (a longer one ends in a hash of
-    the whole), "defaults" when there are none."""
+def dir_name(overrides: str, limit: int = 60, prefix: str = "") -> str:
+    """A run or job directory's name: `prefix` (a run's time and model) and its override string
+    (hydra.job.override_dirname), shell-safe (only letters, digits and ._,=+- ; the rest becomes -), at most
+    `limit` characters (a longer one is cut and ends in a hash of the whole, so that two override strings never
+    share a name); "defaults" when there are no overrides."""
     name = re.sub(r"[^A-Za-z0-9._,=+-]", "-", overrides) or "defaults"
-    if len(name) > 200:
-        name = name[:187] + "-" + hashlib.md5(overrides.encode()).hexdigest()[:12]
-    return name
+    room = max(limit - len(prefix), 16)
+    if len(name) > room:
+        name = name[:room - 9] + "-" + hashlib.md5(overrides.encode()).hexdigest()[:8]
+    return prefix + name
 
 
 def flatten_config(tree: dict, prefix: str = "") -> dict:
@@ -176,6 +183,38 @@ def check_known_keys(cfg) -> None:
                 value = OmegaConf.select(node, str(key), throw_on_resolution_failure=False)
                 raise ValueError(f"+{path}={value} adds a key that {group or 'the top level'} does not have; "
                                  f"known keys: {', '.join(known)}")
+
+
+def check_override_keys(overrides: list, config_groups: list) -> None:
+    """Hydra's message for a misspelled key (`trainer.lrr=1`) suggests adding it with `+` and lists no valid keys;
+    this check runs first and says, in one line, which keys the group has. Checked: `group.key=value` overrides
+    of the typed groups (a task key against every task's keys: the chosen task may come from a preset) and
+    top-level names (a key, or one of `config_groups` to choose from: `seed=1`, `model=small`); Hydra checks
+    the rest."""
+    import difflib
+
+    groups = {"model": ModelConfig, "kernel": KernelConfig, "trainer": TrainerConfig, "logger": LoggerConfig}
+    for override in overrides:
+        if override.startswith(("-", "+", "~")) or "=" not in override:
+            continue
+        path = override.split("=")[0]
+        if "." not in path:
+            group, key = "", path.split("/")[0]  # hydra/launcher=local chooses within the hydra group
+            known = list(dict.fromkeys([f.name for f in dataclasses.fields(Config)] + list(config_groups)))
+        elif path.split(".")[0] == "task":
+            group, key = path.split(".")[:2]
+            known = list(dict.fromkeys(f.name for source in TASKS.values()
+                                       for f in dataclasses.fields(source.schema)))
+        elif path.split(".")[0] in groups:
+            group, key = path.split(".")[:2]
+            known = [f.name for f in dataclasses.fields(groups[group])]
+        else:
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {group + '.' if group else ''}{close[0]}?)" if close else ""
+            where = f"a key of {group}{hint}; its keys" if group else f"a top-level key or group{hint}; those are"
+            raise ValueError(f"{path} is not {where}: {', '.join(known)}")
 
 
 def check_range(key: str, value, *, low=None, high=None, low_open=False, high_open=False,

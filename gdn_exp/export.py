@@ -13,6 +13,9 @@ Loading an export (importing fla registers its model types with transformers' Au
     model = AutoModelForCausalLM.from_pretrained(OUT_DIR)    # fla.models.GatedDeltaNetForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(OUT_DIR)      # task=lm runs only
 
+fla's model runs on a GPU only: its Triton kernels' autotuner needs a GPU driver (our tests stub it out). On a CPU,
+`import_fla(OUT_DIR)` (below) gives the same logits from our PyTorch path.
+
 Importing an fla checkpoint (a directory with config.json and model.safetensors, sharded safetensors or
 pytorch_model.bin) to evaluate or fine-tune it here:
 
@@ -60,6 +63,7 @@ import torch
 
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.nn import swiglu_hidden_size
+from gdn_exp.train.checkpoint import set_default_mode
 
 FLA_MODEL_TYPE = "gated_deltanet"
 FLA_ARCHITECTURE = "GatedDeltaNetForCausalLM"
@@ -304,6 +308,7 @@ def save_safetensors(tensors: dict, path: Path, dtype: torch.dtype, metadata: Op
     safetensors_torch = require("safetensors.torch", "writing model.safetensors")
     tensors = {name: t.detach().to(dtype=dtype, copy=True).contiguous() for name, t in tensors.items()}
     safetensors_torch.save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    set_default_mode(path)
 
 
 def read_weights(path: Path) -> dict:
@@ -438,6 +443,9 @@ def main(argv=None) -> None:
         print(f"gdn-exp-export: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"wrote {out}")
+    if not args.ours and not torch.cuda.is_available():
+        print(f"note: fla runs this model on a GPU only (its Triton kernels' autotuner needs a GPU driver); on a CPU "
+              f"load it here: gdn_exp.export.import_fla('{out}')")
     if not args.ours and json.loads((out / "config.json").read_text())["attn"]:
         print("note: fla builds its attention layers with flash-attn (pip install flash-attn) to load this model")
 

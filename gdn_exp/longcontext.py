@@ -16,6 +16,7 @@ Writes longcontext.json (one row per run and length), longcontext.md (accuracy t
 import argparse
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -26,13 +27,15 @@ from gdn_exp.data import task_params
 from gdn_exp.extras import have, missing
 from gdn_exp.model import GDN_SWITCHES, LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
+from gdn_exp.train.threads import auto_threads
 from tasks import IGNORE_INDEX
 
 MAX_LENGTH = 32768
 
 
 def model_label(model_cfg: dict) -> str:
-    """A short name for the mixer: gdn, attention, gdn+attention/4 (hybrid), plus switched-off components."""
+    """A short name for the model: its mixer (gdn, attention, gdn+attention/4 for a hybrid), switched-off
+    components and width: `gdn [use_gate=False], d_model 64`."""
     defaults = ModelConfig()
     if model_cfg["mixer"] == "attention":
         label = "attention"
@@ -44,16 +47,17 @@ def model_label(model_cfg: dict) -> str:
         label += f" (window {model_cfg['attention_window']})"
     changed = [f"{flag}={model_cfg[flag]}" for flag in GDN_SWITCHES
                if "gdn" in label and model_cfg.get(flag, getattr(defaults, flag)) != getattr(defaults, flag)]
-    return label + (f" [{', '.join(changed)}]" if changed else "")
+    label += f" [{', '.join(changed)}]" if changed else ""
+    return label + (f", d_model {model_cfg['d_model']}" if "d_model" in model_cfg else "")
 
 
 def load_run(run_dir: Path) -> tuple[LanguageModel, dict]:
-    """The trained model (eval mode, on CPU) and the resolved config of a run dir."""
-    checkpoints = run_dir / "checkpoints"
-    path = checkpoints / "best.pt" if (checkpoints / "best.pt").is_file() else checkpoints / "latest.pt"
-    if not path.is_file():
-        raise ValueError(f"{run_dir}: no checkpoints/best.pt or latest.pt")
-    state = checkpoint.load(path)
+    """The trained model (eval mode, on CPU) and the resolved config of a run dir (`checkpoint.load_weights`)."""
+    return model_of(checkpoint.load_weights(run_dir)[1])
+
+
+def model_of(state: dict) -> tuple[LanguageModel, dict]:
+    """The model (eval mode, on CPU) and the resolved config of a checkpoint's contents."""
     config = state["config"]
     model = LanguageModel(ModelConfig(**config["model"]), mode=config["kernel"]["mode"],
                           backend=config["kernel"]["backend"])
@@ -103,11 +107,12 @@ def evaluate_run(run_dir: Path, factors: list, *, max_length: int, num_examples:
 
 
 def accuracy_table(rows: list) -> str:
-    """Accuracy per (task, model) row and evaluation-length column."""
+    """Accuracy per run (task, model, training length) row and evaluation-length column."""
     lengths = sorted({r["length"] for r in rows})
     lines = []
-    for key in dict.fromkeys((r["task"], r["label"], r["train_length"]) for r in rows):
-        accuracy = {r["length"]: r["accuracy"] for r in rows if (r["task"], r["label"], r["train_length"]) == key}
+    for key in dict.fromkeys((r["task"], r["label"], r["train_length"], r["run_dir"]) for r in rows):
+        accuracy = {r["length"]: r["accuracy"] for r in rows
+                    if (r["task"], r["label"], r["train_length"], r["run_dir"]) == key}
         lines.append([key[0], key[1], f"{key[2]:,}"] + [f"{accuracy[n]:.3f}" if n in accuracy else "" for n in lengths])
     return tables.markdown_table(["task", "model", "train L"] + [f"{n:,}" for n in lengths], lines) + "\n"
 
@@ -124,10 +129,9 @@ def plot(rows: list, path: Path) -> None:
     fig, axes = plt.subplots(1, len(task_names), figsize=(5 * len(task_names), 3.8), squeeze=False)
     for ax, task_name in zip(axes[0], task_names):
         task_rows = [r for r in rows if r["task"] == task_name]
-        for label, train_length in dict.fromkeys((r["label"], r["train_length"]) for r in task_rows):
-            # one line per trained model: same colour per mixer, the legend names each mixer once
-            points = sorted((r["length"], r["accuracy"]) for r in task_rows
-                            if (r["label"], r["train_length"]) == (label, train_length))
+        for label, run_dir in dict.fromkeys((r["label"], r["run_dir"]) for r in task_rows):
+            # one line per trained model: same colour per model label, the legend names each label once
+            points = sorted((r["length"], r["accuracy"]) for r in task_rows if r["run_dir"] == run_dir)
             shown = label in ax.get_legend_handles_labels()[1]
             ax.plot(*zip(*points), marker="o", label=None if shown else label, color=colors[label])
         for train_length in {r["train_length"] for r in task_rows}:
@@ -156,18 +160,25 @@ def main(argv=None) -> None:
     # attention scores of one call take batch x heads x chunk x length floats: 0.5 GB at 32K with 2 heads
     parser.add_argument("--chunk-size", type=int, default=512, help="tokens per forward call")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward call")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=Path("outputs/longcontext"), help="output directory")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: half the available cores, as trainer.num_threads=null)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: outputs/longcontext/<date>_<time>, a new one per call)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.out is None:
+        args.out = Path("outputs/longcontext") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    torch.set_num_threads(args.threads or auto_threads())
     rows = []
     for run in args.runs:
         if run.suffix == ".json":
             rows += json.loads(run.read_text())
             continue
-        rows += evaluate_run(run, args.factors, max_length=args.max_length, num_examples=args.num_examples,
-                             token_budget=args.token_budget, chunk_size=args.chunk_size, batch_size=args.batch_size)
+        try:
+            rows += evaluate_run(run, args.factors, max_length=args.max_length, num_examples=args.num_examples,
+                                 token_budget=args.token_budget, chunk_size=args.chunk_size,
+                                 batch_size=args.batch_size)
+        except ValueError as e:  # no readable checkpoint
+            sys.exit(f"gdn-exp-longeval: error: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "longcontext.json").write_text(json.dumps(rows, indent=1) + "\n")
     (args.out / "longcontext.md").write_text(accuracy_table(rows))

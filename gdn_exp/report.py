@@ -39,6 +39,7 @@ from gdn_exp.extras import have, missing
 
 # Config keys that get a "<metric> vs <key>" plot when they take several values.
 PLOT_AXES = ("model.d_model", "task.seq_len", "task.copy_len", "task.num_kv_pairs")
+CURVE_COLUMNS = 3  # curves.png: panels a row, so that many settings wrap into a grid rather than one wide row
 RESULT_COLUMNS = ("status", "test/accuracy", "best/accuracy", "steps_to_target", "steps", "num_params", "wall_time_s")
 
 
@@ -138,7 +139,8 @@ def find_run_dirs(patterns: list[str]) -> list[Path]:
     """Run directories (holding results.json) at or below each path; a path may be a glob pattern."""
     run_dirs = set()
     for pattern in patterns:
-        paths = [Path(p) for p in sorted(glob.glob(pattern))] or [Path(pattern)]
+        # a pattern's symlinks (outputs/runs/latest) are the runs it also matches by name; named alone, one counts
+        paths = [Path(p) for p in sorted(glob.glob(pattern)) if not Path(p).is_symlink()] or [Path(pattern)]
         for path in paths:
             if not path.exists():
                 raise ValueError(f"{pattern}: no such file or directory")
@@ -159,8 +161,23 @@ def parse_overrides(lines: list[str]) -> dict:
     return params
 
 
+def load_runs(run_dirs: list[Path]) -> list[Run]:
+    """load_run of each run dir; one whose records do not read (a torn results.json) is named in one line on
+    stderr and left out."""
+    runs = []
+    for run_dir in run_dirs:
+        try:
+            runs.append(load_run(run_dir))
+        except Exception as e:  # JSON, YAML or override syntax: whichever record is damaged
+            print(f"warning: leaving out {run_dir}: its records do not read ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:120] if str(e) else ''})", file=sys.stderr)
+    return runs
+
+
 def load_run(run_dir: Path) -> Run:
     results = json.loads((run_dir / "results.json").read_text())
+    if not isinstance(results, dict):
+        raise ValueError(f"results.json holds {json.dumps(results)[:40]}, not a run's results")
     hydra_dir = run_dir / ".hydra"
     config, params, choices, bookkeeping = {}, {}, {}, []
     if (hydra_dir / "config.yaml").is_file():
@@ -334,9 +351,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_curves(runs: list[Run], params: list[str], metric: str, path: Path) -> None:
-    """Training curves from metrics.jsonl: `metric` (top) and train/loss (bottom) against the step, one
-    column of panels per setting of the swept parameters that are not PLOT_AXES, one line per run."""
+    """Training curves from metrics.jsonl: `metric` (upper) and train/loss (lower) against the step, one such pair
+    of panels per setting of the swept parameters that are not PLOT_AXES (at most CURVE_COLUMNS pairs a row), one
+    line per run."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
 
     panel_keys = [key for key in params if key not in PLOT_AXES]
     line_keys = [key for key in params if key in PLOT_AXES]
@@ -344,28 +363,36 @@ def plot_curves(runs: list[Run], params: list[str], metric: str, path: Path) -> 
     for run in runs:
         panels[label(run, panel_keys)].append(run)
     colors = {line: f"C{i % 10}" for i, line in enumerate(sorted({label(run, line_keys) for run in runs}))}
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6), squeeze=False, sharex="col")
+    columns = min(CURVE_COLUMNS, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(4.2 * columns, 6 * rows), squeeze=False)
+    pairs = [(axes[2 * (i // columns)][i % columns], axes[2 * (i // columns) + 1][i % columns])
+             for i in range(rows * columns)]
     labelled = set()  # the seeds of a setting share their line's color and legend entry
-    for column, (panel, panel_runs) in enumerate(sorted(panels.items())):
+    for ax in (ax for pair in pairs[len(panels):] for ax in pair):  # the last row's empty places
+        ax.set_visible(False)
+    for (top, bottom), (panel, panel_runs) in zip(pairs, sorted(panels.items())):
         for run in sort_runs(panel_runs, line_keys):
-            rows = read_metrics(run.path)
-            for row_index, name in enumerate((metric, "train/loss")):
-                points = [(r["step"], float(r[name])) for r in rows if name in r]
+            rows_of_run = read_metrics(run.path)
+            for ax, name in ((top, metric), (bottom, "train/loss")):
+                points = [(r["step"], float(r[name])) for r in rows_of_run if name in r]
                 if points:
                     line = label(run, line_keys)
-                    axes[row_index][column].plot(*zip(*points), color=colors[line], linewidth=1.2,
-                                                 label=None if (line, row_index) in labelled else line)
-                    labelled.add((line, row_index))
-        axes[0][column].set_title(panel, fontsize=9)
+                    ax.plot(*zip(*points), color=colors[line], linewidth=1.2,
+                            label=None if (line, name) in labelled else line)
+                    labelled.add((line, name))
+        top.set_title(panel, fontsize=9)
         if "accuracy" in metric:
-            axes[0][column].set_ylim(0, 1.02)
-        axes[1][column].set_yscale("log")
-        axes[1][column].set_xlabel("step")
-        for ax in axes[:, column]:
+            top.set_ylim(0, 1.02)
+        bottom.set_yscale("log")
+        bottom.yaxis.set_major_formatter(LogFormatter())  # plain numbers (4, 0.5), not 4x10^0
+        bottom.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        bottom.set_xlabel("step")
+        top.set_ylabel(metric)
+        bottom.set_ylabel("train/loss")
+        for ax in (top, bottom):
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, loc="best")  # a line has one color in every panel
-    axes[0][0].set_ylabel(metric)
-    axes[1][0].set_ylabel("train/loss")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -403,7 +430,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        runs = [load_run(run_dir) for run_dir in find_run_dirs(args.paths)]
+        runs = load_runs(find_run_dirs(args.paths))
     except ValueError as e:
         sys.exit(f"error: {e}")
     if not runs:

@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 
@@ -117,20 +118,36 @@ def load_split(name: str, *, split: str, seed: int, num_examples: int, cache_dir
                       "num_examples": num_examples, "format": CACHE_FORMAT}, sort_keys=True)
     digest = hashlib.md5(key.encode()).hexdigest()
     path = os.path.join(cache_dir, f"{name}-{digest}")
-    write_once(path, lambda path: _write_entry(make_task(name, seed=split_seed, num_examples=num_examples,
-                                                         **params), path, fingerprint=digest))
-    return _read_entry(path)
+    def write(path):
+        _write_entry(make_task(name, seed=split_seed, num_examples=num_examples, **params), path, fingerprint=digest)
+
+    write_once(path, write)
+    try:
+        return _read_entry(path)
+    except (OSError, ValueError) as e:  # damaged since (a truncated .arrow file): the data is made again
+        logging.getLogger(__name__).warning("task cache entry %s does not read (%s: %s); generating it again", path,
+                                            type(e).__name__, str(e).splitlines()[0][:120] if str(e) else "")
+        write_once(path, write, replace=True)
+        return _read_entry(path)
 
 
-def write_once(path: str, write) -> None:
-    """Calls write(path) unless the cache entry (a directory) `path` exists. The first process to need it writes
-    it under an exclusive flock on <path>.lock while the others wait there, then find it; the OS drops the lock
-    if the writer dies. `write` must make `path` appear whole (write <path>.tmp, then rename it)."""
-    if os.path.isdir(path):  # a finished entry needs no lock: it only ever appears whole, by the rename
+def write_once(path: str, write, *, replace: bool = False) -> None:
+    """Calls write(path) unless the cache entry (a directory) `path` exists (or, with `replace`, after removing
+    it). The first process to need it writes it under an exclusive flock on <path>.lock while the others wait
+    there, then find it; the OS drops the lock if the writer dies. `write` must make `path` appear whole (write
+    <path>.tmp, then rename it)."""
+    if os.path.isdir(path) and not replace:  # a finished entry needs no lock: it only ever appears whole
         return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.lock", "a") as lock:  # closing releases the lock; the file stays (unlinking it would race)
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        lock = open(f"{path}.lock", "a")  # closing releases the lock; the file stays (unlinking it would race)
+    except OSError as e:  # a read-only or foreign cache directory
+        raise ValueError(f"cannot write the cache entry {path} (the cache directory, task_cache_dir): "
+                         f"{e.strerror or e}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if replace:
+            shutil.rmtree(path, ignore_errors=True)
         if not os.path.isdir(path):  # else the process that held the lock before this one wrote it
             write(path)
 

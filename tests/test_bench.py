@@ -125,3 +125,18 @@ def test_layer_rows_on_cpu(wall_clock_bench):
         ("GDN layer (autocast)", "ours")]
     for r in rows:
         assert "error" not in r and r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0, r
+
+
+def test_pack_rows_on_cpu():
+    """`gdn-bench pack`'s mechanics on a tiny shape: a row per (mixer, M), model-steps/s from the pack's step."""
+    from gdn_exp.dev import pack_bench
+
+    tiny = dict(pack_bench.REFERENCE, d_model=32, head_dim=32, vocab_size=64, seq_len=32, num_kv_pairs=4,
+                batch_size=4)
+    rows = pack_bench.bench_pack(["tiny"], ["gdn", "attention"], [1, 2], device="cpu", steps=1, warmup=1,
+                                 refs={"tiny": tiny})
+    assert [(r["mixer"], r["M"]) for r in rows] == [("gdn", 1), ("gdn", 2), ("attention", 1), ("attention", 2)]
+    for row in rows:
+        assert "error" not in row and row["step_ms"] > 0, row
+        assert row["model_steps_per_s"] == pytest.approx(row["M"] / row["step_ms"] * 1e3)
+    assert bench.parse_args(["pack", "--packs", "1,8"])[1] == {"pack"}

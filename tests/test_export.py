@@ -168,7 +168,7 @@ def test_export_command_on_trained_runs(compose, tmp_path, capsys):
                                                           "kernel": {"mode": "chunk", "backend": "torch"}}},
                tmp_path / "ablated/checkpoints/best.pt")
     for argv, message in [([str(tmp_path / "copy"), str(tmp_path / "hf")], "not an empty directory"),
-                          ([str(tmp_path / "nothing"), str(tmp_path / "new")], "no checkpoints/best.pt"),
+                          ([str(tmp_path / "nothing"), str(tmp_path / "new")], "no readable checkpoints/best.pt"),
                           ([str(tmp_path / "ablated"), str(tmp_path / "new")], "represent model.use_delta=false")]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -324,3 +324,13 @@ def test_the_data_bench_times_the_data_path(tmp_path):
     assert [(r["batch"], r["page_cache"]) for r in rows] == [("2x64", "warm"), ("2x64", "cold")]
     assert all(r["read_ms"] > 0 and r["host_ms"] > 0 and r["batches_per_s"] > 0 for r in rows)
     assert not list(tmp_path.iterdir())  # the token file is removed
+
+
+@pytest.mark.parametrize("name, content", [("binary.txt", bytes(range(128, 256)) * 8),
+                                           ("broken.jsonl", b'{"text": "a"}\n{oops\n'),
+                                           ("broken.parquet", b"not parquet" * 50)])
+def test_a_file_that_does_not_read_as_its_format_is_one_line_naming_it(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    for streaming in (True, False):
+        with pytest.raises(ValueError, match=f"task.path={tmp_path / name} does not read as "):
+            lm.lm_token_rows(task(path=str(tmp_path / name), streaming=streaming), cache_dir=str(tmp_path / "c"))

@@ -43,6 +43,7 @@ def test_model_labels_name_the_mixer_and_ablations():
     assert model_label({"mixer": "gdn", "attention_every": 4, "attention_window": 64}) == \
         "gdn+attention/4 (window 64)"
     assert model_label({"mixer": "gdn", "use_gate": False}) == "gdn [use_gate=False]"
+    assert model_label({"mixer": "gdn", "use_gate": False, "d_model": 64}) == "gdn [use_gate=False], d_model 64"
 
 
 def test_command_writes_table_json_and_plot(compose, tmp_path):
@@ -53,9 +54,26 @@ def test_command_writes_table_json_and_plot(compose, tmp_path):
           "--chunk-size", "48", "--out", str(tmp_path / "out")])
     rows = json.loads((tmp_path / "out/longcontext.json").read_text())
     assert [r["length"] for r in rows] == [32, 128]  # 16 x 32 = 512 is over --max-length
-    assert all(0 <= r["accuracy"] <= 1 and r["label"] == "gdn" and r["train_length"] == 32 for r in rows)
+    assert all(0 <= r["accuracy"] <= 1 and r["label"] == "gdn, d_model 64" and r["train_length"] == 32 for r in rows)
     table = (tmp_path / "out/longcontext.md").read_text()
-    assert "| needle | gdn | 32 |" in table and "| 128 |" in table
+    assert "| needle | gdn, d_model 64 | 32 |" in table and "| 128 |" in table
     assert (tmp_path / "out/longcontext.png").stat().st_size > 10_000
     main([str(tmp_path / "out/longcontext.json"), "--out", str(tmp_path / "merged")])  # earlier rows, re-rendered
     assert (tmp_path / "merged/longcontext.md").read_text() == table
+
+
+def test_runs_that_differ_in_width_stay_apart_and_calls_keep_their_outputs(compose, tmp_path, monkeypatch):
+    base = ["model=tiny", "task=copy", "task.seq_len=16", "task.copy_len=4", "task.num_train=64", "task.num_test=16",
+            "logger=none", "trainer.max_steps=2", "trainer.eval_interval=2", "trainer.num_threads=1"]
+    for width in (32, 64):
+        run_job(compose(*base, f"model.d_model={width}", "model.head_dim=16"), tmp_path / f"d{width}")
+    monkeypatch.chdir(tmp_path)
+    arguments = [str(tmp_path / "d32"), str(tmp_path / "d64"), "--factors", "1", "2", "--num-examples", "4"]
+    main(arguments)
+    (first,) = (tmp_path / "outputs/longcontext").iterdir()  # a directory of its own, named by the time
+    table = (first / "longcontext.md").read_text()
+    assert "gdn, d_model 32" in table and "gdn, d_model 64" in table and table.count("| copy |") == 2
+    monkeypatch.setattr("gdn_exp.longcontext.datetime", type("Later", (), {"now": staticmethod(
+        lambda: __import__("datetime").datetime(2099, 1, 1))}))
+    main(arguments)
+    assert len(list((tmp_path / "outputs/longcontext").iterdir())) == 2

@@ -178,3 +178,13 @@ def test_a_two_seed_sweep_is_one_row_per_learning_rate(seed_sweep, tmp_path, cap
     report.main([str(seed_sweep), "--per-seed"])
     header, rows = parse_markdown(capsys.readouterr().out)
     assert header[:2] == ["seed", "trainer.lr"] and len(rows) == 4
+
+
+@pytest.mark.parametrize("damage", ['{"status": "comp', "", "null"])
+def test_a_run_whose_records_do_not_read_is_named_and_left_out(sweep, capsys, damage):
+    (sweep / "0_job/results.json").write_text(damage)
+    report.main([str(sweep)])
+    captured = capsys.readouterr()
+    assert len(parse_markdown(captured.out)[1]) == 15
+    assert [line for line in captured.err.splitlines() if "0_job" in line] == [
+        next(line for line in captured.err.splitlines() if line.startswith(f"warning: leaving out {sweep / '0_job'}"))]

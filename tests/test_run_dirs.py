@@ -55,7 +55,7 @@ def test_sigusr2_checkpoints_and_stops_the_run(tmp_path):
     run.send_signal(signal.SIGUSR2)
     run.communicate(timeout=120)
     results = json.loads((run_dir / "results.json").read_text())
-    assert run.returncode == 1 and results["status"] == "failed" and "stopped by SIGUSR2" in results["error"]
+    assert run.returncode == 1 and results["status"] == "stopped" and "stopped by SIGUSR2" in results["error"]
     saved = torch.load(run_dir / "checkpoints/latest.pt", weights_only=True)["counters"]["step"]
     assert saved == results["steps"] > 0
 

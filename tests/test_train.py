@@ -13,6 +13,7 @@ import gdn_exp.train.step as step_module
 from gdn_exp.data import task_source
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import run_job
+from gdn_exp.train.checkpoint import unfinished_runs
 from gdn_exp.train.data import batch_indices
 from gdn_exp.train.evaluate import reached_target
 from gdn_exp.train.loop import StopRequest, lr_multiplier
@@ -119,7 +120,7 @@ def test_resume_after_kill_matches_uninterrupted_run(compose, tmp_path, signal_d
 
     disarm = signal_during_step(25)  # a real SIGTERM arrives during step 25
     killed = run_job(compose(*FAST, "trainer.max_steps=40"), tmp_path / "killed")
-    assert killed["status"] == "failed" and "SIGTERM" in killed["error"]
+    assert killed["status"] == "stopped" and "SIGTERM" in killed["error"]
     assert torch.load(tmp_path / "killed/checkpoints/latest.pt", weights_only=True)["counters"]["step"] == 25
     disarm()
     StopRequest.signal = None  # the stopped process would have exited; this one goes on as a new one
@@ -150,7 +151,7 @@ def stopped_run(compose, signal_during_step, run_dir, *overrides):
     results = run_job(compose(*FAST, "trainer.max_steps=20", *overrides), run_dir)
     disarm()
     StopRequest.signal = None  # the stopped process would have exited; this one goes on as a new one
-    assert results["status"] == "failed" and "SIGTERM at step 10" in results["error"]
+    assert results["status"] == "stopped" and "SIGTERM at step 10" in results["error"]
     return results
 
 
@@ -158,12 +159,14 @@ def test_resume_true_continues_only_an_unfinished_run_with_the_same_config(compo
     runs = tmp_path / "runs"
     run_job(compose(*FAST, "trainer.max_steps=10"), runs / "done")  # completed: never picked up
     stopped_run(compose, signal_during_step, runs / "stopped")
-    other = run_job(compose(*FAST, "trainer.max_steps=20", "seed=1", "trainer.resume=true"), runs / "b")
-    assert other["resumed_from"] is None  # a different seed is a different run
-    other_lr = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.lr=1e-3", "trainer.resume=true"), runs / "c")
-    assert other_lr["resumed_from"] is None  # so is a different learning rate
-    same = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), runs / "d")
+    config = lambda *overrides: OmegaConf.to_container(compose(*FAST, "trainer.max_steps=20", *overrides),
+                                                       resolve=True)
+    assert unfinished_runs(runs, config("seed=1")) == []  # a different seed is a different run
+    assert unfinished_runs(runs, config("trainer.lr=1e-3")) == []  # so is a different learning rate
+    assert unfinished_runs(runs, config("trainer.resume=true", "trainer.max_steps=30")) == [runs / "stopped"]
+    same = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), runs / "stopped")  # in place
     assert same["resumed_from"] == str(runs / "stopped/checkpoints/latest.pt") and same["steps"] == 20
+    assert same["status"] == "completed" and unfinished_runs(runs, config()) == []
 
 
 def test_resume_from_a_path_names_the_settings_that_differ(compose, tmp_path, signal_during_step):
@@ -186,7 +189,9 @@ def test_a_damaged_checkpoint_is_skipped_for_the_one_before_it(compose, tmp_path
     junk.mkdir(parents=True)
     (junk / "latest.pt").write_bytes(b"not a checkpoint")  # a sibling's damaged file must not stop the search
     with caplog.at_level("WARNING"):
-        resumed = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), tmp_path / "again")
+        assert unfinished_runs(tmp_path, OmegaConf.to_container(compose(*FAST, "trainer.max_steps=20"),
+                                                                resolve=True)) == [tmp_path / "stopped"]
+        resumed = run_job(compose(*FAST, "trainer.max_steps=20", "trainer.resume=true"), tmp_path / "stopped")
     assert resumed["status"] == "completed" and resumed["resumed_from"] == str(checkpoints / "previous.pt")
     assert any("skipping checkpoint" in r.message and "latest.pt" in r.message for r in caplog.records)
 

@@ -32,6 +32,7 @@ from gdn_exp import report, tables
 from gdn_exp.data import task_params, task_source
 from gdn_exp.extras import have, missing
 from gdn_exp.ops import KernelUnavailableError
+from gdn_exp.train.threads import auto_threads
 
 from tasks import IGNORE_INDEX
 
@@ -282,13 +283,13 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-examples", type=int, default=1000,
                         help="test examples for accuracy by distance (and loss by position, up to 256)")
     parser.add_argument("--device", default="cpu", help="torch device of the model (the maps are float64 there)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: half the available cores, as trainer.num_threads=null)")
     args = parser.parse_args(argv)
     for module in ("matplotlib", "pandas"):
         if not have(module):
             sys.exit(f"error: {missing(module, 'gdn-exp-analyze')}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or auto_threads())
     if args.out is None and len(args.paths) > 1:
         sys.exit("gdn-exp-analyze: several PATHs need --out DIR")
     out = args.out or args.paths[0] / "analysis"

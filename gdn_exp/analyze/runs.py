@@ -22,6 +22,7 @@ from gdn_exp.data import (LMTaskConfig, PackedDocuments, document_cu_seqlens, lo
 from gdn_exp.nn import GatedDeltaNet
 from gdn_exp.nn.attention import attention_mask
 from gdn_exp.ops.reference import recurrent_gated_delta_rule
+from gdn_exp.train import checkpoint
 
 from . import maps
 
@@ -224,9 +225,10 @@ def load_test_split(config: dict) -> dict:
 
 
 def load_run(path, device: str = "cpu") -> Run:
-    """The run in directory `path`: its weights (checkpoints/best.pt, else latest.pt), resolved config and test split.
+    """The run in directory `path`: its weights (checkpoints/best.pt, else latest.pt or previous.pt: the first
+    that loads), resolved config and test split.
     Raises ValueError when it has no checkpoint (a failed run)."""
     path = Path(path)
-    model, config = longcontext.load_run(path)
-    checkpoint = "best.pt" if (path / "checkpoints" / "best.pt").is_file() else "latest.pt"
-    return Run(path, model.to(device), config, load_test_split(config), checkpoint)
+    weights, state = checkpoint.load_weights(path)
+    model, config = longcontext.model_of(state)
+    return Run(path, model.to(device), config, load_test_split(config), weights.name)

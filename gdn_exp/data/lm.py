@@ -258,6 +258,24 @@ def dataset_errors(task):
         raise ValueError(f"{key}: {str(e).strip().splitlines()[0]}") from None
 
 
+@contextlib.contextmanager
+def file_errors(task):
+    """A local task.path that does not read as its format (binary bytes in a .txt, a broken .jsonl or .parquet) as
+    one line naming the key, whether `datasets` fails while loading it or, streamed, while it is read."""
+    import datasets
+    import pyarrow
+
+    try:
+        yield
+    except (datasets.exceptions.DatasetGenerationError, UnicodeDecodeError, pyarrow.ArrowException) as e:
+        if task.path is None:
+            raise
+        cause = e.__cause__ or e.__context__ or e if isinstance(e, datasets.exceptions.DatasetGenerationError) else e
+        raise ValueError(f"task.path={task.path} does not read as {data_format(Path(task.path), task.format)}: "
+                         f"{type(cause).__name__}: {str(cause).strip().splitlines()[0][:160] if str(cause) else ''}"
+                         ) from None
+
+
 def open_documents(task, cache_dir: str, streaming: bool) -> dict:
     """{"train": documents, "validation": documents (only when the data has a validation or test split)}, each a
     datasets.Dataset or, streamed, a datasets.IterableDataset."""
@@ -342,7 +360,8 @@ def write_entry(task, tokenizer, source: dict, path: Path, cache_dir: str) -> No
     the lock."""
     start = time.time()
     streaming = resolve_streaming(task)
-    splits = open_documents(task, cache_dir, streaming)
+    with file_errors(task):
+        splits = open_documents(task, cache_dir, streaming)
     dtype = token_dtype(tokenizer.vocab_size)
     tmp = Path(f"{path}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # left by a job that died mid-write: only the lock holder writes
@@ -352,7 +371,8 @@ def write_entry(task, tokenizer, source: dict, path: Path, cache_dir: str) -> No
              "" if streaming else "not ")
     with open(tmp / "tokens.bin", "wb") as file:
         for name, documents in splits.items():
-            counts = write_tokens(documents, tokenizer, task.text_field, file, dtype)
+            with file_errors(task):
+                counts = write_tokens(documents, tokenizer, task.text_field, file, dtype)
             if counts["tokens"] == 0:
                 raise ValueError(f"task.text_field={task.text_field}: the {name} split of the data has no text")
             ranges[name] = {"start": end, "end": end + counts["tokens"], "documents": counts["documents"]}

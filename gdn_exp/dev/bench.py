@@ -11,6 +11,8 @@
     gdn-bench profile [--seq-lens T]   the GDN model's training step: CUDA kernel time table (torch.profiler)
     gdn-bench sweep                    the small jobs of a research grid (gdn_exp/dev/throughput.py): ms per step
                                        alone (eager, graphed; GPU vs host time) and steps/s of 1-16 jobs at once
+    gdn-bench pack [--packs 1,2,..]    packs of M same-shape models (gdn_exp/dev/pack_bench.py): model-steps/s
+                                       against M per mixer, at the reference job and Zoology's T 512 point
     gdn-bench kernels [--sweep]        time of each chunk kernel at --shape (default B8 T4096 H16 D128);
                                        --sweep also tries the wy kernels at other num_warps and keeps the fastest
     gdn-bench data [--data-tokens N]   the task=lm data path alone at the presets' batches: rows of a memory-mapped
@@ -21,7 +23,7 @@
                                        worker processes
     gdn-bench all --out DIR            check, op, model and generate; writes DIR/bench.json and DIR/bench.md
     gdn-bench check op layer model     any several, in this order (check, kernels, op, decode, layer, model,
-                                       profile, sweep, data, generate), in one process; files rewritten after each
+                                       profile, sweep, pack, data, generate), in one process; files rewritten after each
                                        table
 
 Timings are medians of `triton.testing.do_bench` (CUDA events; a model step or a generation over 2 s of calls);
@@ -613,7 +615,8 @@ def add_ratios(rows):
             ours["fla_over_ours_fwd_bwd"] = fla["fwd_bwd_ms"] / ours["fwd_bwd_ms"]
 
 
-BENCHES = ("op", "decode", "kernels", "layer", "model", "generate", "profile", "sweep", "data", "check", "all")
+BENCHES = ("op", "decode", "kernels", "layer", "model", "generate", "profile", "sweep", "pack", "data", "check",
+           "all")
 
 
 def parse_args(argv=None):
@@ -630,6 +633,9 @@ def parse_args(argv=None):
                         help="model: sequence lengths T (profile: the first)")
     parser.add_argument("--no-fla", action="store_true", help="skip flash-linear-attention even if importable")
     parser.add_argument("--out", type=Path, help="directory for bench.json and bench.md")
+    parser.add_argument("--packs", default="1,2,4,8,16,32", help="pack: the pack sizes M")
+    parser.add_argument("--mixers", default="gdn,no_delta,no_gate,attention", help="pack: the mixers")
+    parser.add_argument("--points", default="reference,zoology_t512", help="pack: the job shapes")
     parser.add_argument("--quick", action="store_true", help="check: the short cases only")
     parser.add_argument("--jobs", type=int, help="check: worker processes (the checker's default if not given)")
     parser.add_argument("--data-tokens", type=int, default=200 * 2 ** 20,
@@ -725,6 +731,15 @@ def main(argv=None):
         single, packed = bench_sweep()
         emit("sweep", single, ["mixer", "eager_ms", "step_ms", "gpu_ms", "host_ms", "kernels", "kernel_ms", "mem_gib"])
         emit("sweep_concurrent", packed, ["mixer"] + [k for k in packed[0] if k != "mixer"])
+    if "pack" in what:
+        from gdn_exp.dev.pack_bench import COLUMNS, POINTS, bench_pack
+
+        unknown = [point for point in args.points.split(",") if point not in POINTS]
+        if unknown:
+            sys.exit(f"gdn-bench: --points {unknown[0]} is not one of {', '.join(POINTS)}")
+        for point in args.points.split(","):  # one table per point
+            emit("pack", bench_pack([point], args.mixers.split(","), [int(m) for m in args.packs.split(",")]),
+                 COLUMNS)
     if "data" in what:
         emit("data", bench_data(args.data_tokens), DATA_COLUMNS)
     if "generate" in what:

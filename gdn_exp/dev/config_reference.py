@@ -65,7 +65,7 @@ def reference() -> str:
              "(`gdn_exp/config.py`, `gdn_exp/model.py`, `tasks/*.py`, `gdn_exp/data/lm.py`); every key can be set "
              "on the command line (`trainer.lr=1e-3`). Groups choose a file of `conf/<group>/` (`model=tiny`); its "
              "YAML sets only what differs from these defaults.", ""]
-    for group in ("model", "task", "kernel", "ablation", "trainer", "logger", "experiment", "mqar_length"):
+    for group in ("model", "task", "kernel", "ablation", "trainer", "logger", "debug", "experiment", "mqar_length"):
         parts.append(f"- `{group}=`: {options(group)}")
     parts += ["", "## Top level", "", table(Config, ""), ""]
     for title, cls, prefix in (("model", ModelConfig, "model."), ("kernel", KernelConfig, "kernel."),

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from gdn_exp.config import precision_used
 from gdn_exp.data import PackedDocuments, make_tokenizer, task_source
 from gdn_exp.model import LanguageModel, ModelConfig
 from gdn_exp.train import checkpoint
@@ -29,8 +30,10 @@ from gdn_exp.train.distributed import Distributed, wrap_model
 from gdn_exp.train.evaluate import evaluate_splits, reached_target
 from gdn_exp.train.loggers import RunLogger, SilentLogger
 from gdn_exp.train.step import TrainStep, place_lr
+from gdn_exp.train.threads import auto_threads, describe_threads
 
 log = logging.getLogger(__name__)
+step_log = logging.getLogger("gdn_exp.progress")  # step lines: a sweep's console leaves them to each job's log
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, decay_steps: int, min_lr_ratio: float) -> float:
@@ -40,6 +43,26 @@ def lr_multiplier(step: int, *, warmup_steps: int, decay_steps: int, min_lr_rati
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def describe_mixers(cfg: ModelConfig) -> str:
+    """The start-up line's words for the layers' mixers: `gdn mixer`, `attention mixer` or, for a hybrid,
+    `gdn mixer, attention in layers 2, 4 of 4` (counted from 1; `, window 2048` for sliding-window attention)."""
+    kinds = cfg.layer_mixers()
+    if len(set(kinds)) == 1:
+        return f"{kinds[0]} mixer"
+    layers = ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "attention")
+    window = f", window {cfg.attention_window}" if cfg.attention_window else ""
+    return f"gdn mixer, attention in layers {layers} of {len(kinds)}{window}"
+
+
+CPU_PARAMS_WARNING = 100_000_000  # a model this big on a CPU gets a warning at start-up (gdn_400m: 419M)
+def new_counters() -> dict:
+    """A run's counters, saved in its checkpoints (a solo run's and each model's of a pack): target_step is the
+    first evaluation at trainer.target_accuracy (None: not yet), wall_time_s the wall time of a resumed run's
+    earlier segments."""
+    return {"step": 0, "best_accuracy": -1.0, "best_step": -1, "target_step": None, "tokens_seen": 0,
+            "train_time_s": 0.0, "wall_time_s": 0.0}
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # SIGUSR2: SLURM's warning before a time limit
@@ -61,7 +84,11 @@ class StopRequest:
 
     @staticmethod
     def _handle(signum, frame):
+        if StopRequest.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: now, not after a step that may take minutes (a big model)
         request_stop(signal.Signals(signum).name)
+        log.warning("%s: stopping after this step with a checkpoint%s", StopRequest.signal,
+                    " (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT else "")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -88,16 +115,17 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     device, is_main = dist_info.device, dist_info.is_main
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    if tc.num_threads:
-        torch.set_num_threads(tc.num_threads)
-    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    torch.set_num_threads(tc.num_threads or auto_threads(dist_info.world_size))  # ranks share the machine's cores
+    use_bf16 = precision_used(tc.precision, device.type) == "bf16"
     # no weight-cast cache: a cast cached while capturing a CUDA graph would be freed under the graph
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False) if use_bf16 \
         else nullcontext
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     varlen = cfg.task.get("varlen", False)  # task=lm: documents packed with their boundaries
-    if is_main:  # beside Hydra's .hydra/config.yaml, which keeps the interpolations
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    if is_main:  # beside Hydra's .hydra/config.yaml, which keeps the interpolations; with what each `auto` chose
+        used = {"device": str(device), "precision": precision_used(tc.precision, device.type),
+                "strategy": dist_info.strategy, "num_threads": torch.get_num_threads()}
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**config, "trainer": {**config["trainer"], **used}}))
 
     if not is_main:  # rank 0 fills the data cache first, the others then read it
         dist_info.barrier()
@@ -119,10 +147,15 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     # a CUDA graph needs fixed shapes and no host round trip inside the step: packed documents (their boundaries
     # are read on the host) and several ranks (their collectives) run eagerly
     graphed = tc.cuda_graph and device.type == "cuda" and dist_info.world_size == 1 and not varlen
-    log.info("model %s (d_model %d, %d layers): %s parameters (%s without embeddings; %s mixer, kernel %s/%s) "
-             "on %s x %d (%s%s)", model_cfg.name, model_cfg.d_model, model_cfg.n_layers, f"{num_params:,}",
-             f"{model.num_params(exclude_embeddings=True):,}", model_cfg.mixer, cfg.kernel.mode, cfg.kernel.backend,
-             device.type, dist_info.world_size, dist_info.strategy, ", CUDA graph" if graphed else "")
+    log.info("model %s (d_model %d, %d layers): %s parameters (%s without embeddings; %s, kernel %s/%s) "
+             "on %s x %d (%s%s), %s", model_cfg.name, model_cfg.d_model, model_cfg.n_layers, f"{num_params:,}",
+             f"{model.num_params(exclude_embeddings=True):,}", describe_mixers(model_cfg), cfg.kernel.mode,
+             cfg.kernel.backend,
+             device.type, dist_info.world_size, dist_info.strategy, ", CUDA graph" if graphed else "",
+             describe_threads(tc.num_threads, torch.get_num_threads()))
+    if device.type == "cpu" and num_params > CPU_PARAMS_WARNING:
+        log.warning("model %s has %.0fM parameters: it is meant for a GPU; on a CPU one step can take minutes and "
+                    "more memory than the machine has", model_cfg.name, num_params / 1e6)
     network = wrap_model(model, dist_info.strategy, device, tc.activation_checkpointing)
     # varlen: the model sees each batch as packed documents that never attend across a boundary
     forward = PackedDocuments(network, make_tokenizer(cfg.task.tokenizer).bos_id) if varlen else network
@@ -132,9 +165,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         lr_multiplier, warmup_steps=tc.warmup_steps, decay_steps=tc.lr_decay_steps or tc.max_steps,
         min_lr_ratio=tc.min_lr_ratio))
 
-    # target_step: the first evaluation at or above trainer.target_accuracy (kept across a resume)
-    counters = {"step": 0, "best_accuracy": -1.0, "best_step": -1, "target_step": None, "tokens_seen": 0,
-                "train_time_s": 0.0}
+    counters = new_counters()
     resume_path = dist_info.broadcast(checkpoint.find_resume(tc.resume, run_dir, config) if is_main else None)
     saved = checkpoint.load_latest(resume_path, network, optimizer) if resume_path else None
     if saved:
@@ -142,19 +173,22 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         counters.update(saved["counters"])
         checkpoint.set_rng_state(saved["rng"])
         log.info("resumed from %s at step %d", resume_path, counters["step"])
+    earlier_s = counters["wall_time_s"]  # a resumed run's wall time counts its earlier segments too
     place_lr(optimizer, device if graphed else None)
     logger = RunLogger(run_dir, cfg.logger, config,
                        history=resume_path.parent.parent / "metrics.jsonl" if saved else None,
-                       resume_step=counters["step"], wandb_id=saved.get("wandb_id") if saved else None,
+                       resume_step=counters["step"], history_rows=saved.get("metrics_rows") if saved else None,
+                       wandb_id=saved.get("wandb_id") if saved else None,
                        ) if is_main else SilentLogger()
     train_step = TrainStep(forward, optimizer, train_split, batch_size=tc.batch_size,
                            grad_accum_steps=tc.grad_accum_steps, grad_clip=tc.grad_clip, autocast=autocast,
                            dist_info=dist_info, cuda_graph=graphed, window=tc.log_interval)
 
     def save_latest():
+        counters["wall_time_s"] = earlier_s + time.time() - start
         checkpoint.save_latest(run_dir / "checkpoints", network, optimizer, {
             "scheduler": scheduler.state_dict(), "counters": dict(counters), "rng": checkpoint.rng_state(),
-            "config": config, "wandb_id": logger.wandb_id}, dist_info)
+            "config": config, "wandb_id": logger.wandb_id, "metrics_rows": logger.rows}, dist_info)
 
     def run_eval():
         metrics = evaluate_splits(forward, splits, batch_size=tc.eval_batch_size, autocast=autocast)
@@ -182,7 +216,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     network.train()
-    # a live bar on a terminal; elsewhere (a log file, a sweep worker) one plain line per log step instead
+    # a live bar on a terminal; elsewhere (a log file, trainer.progress=false, a sweep job) one plain line per log step
     live_bar = tc.progress and is_main and sys.stderr.isatty()
     with StopRequest() as stop, Progress(*columns, disable=not live_bar) as progress:
         bar = progress.add_task(f"{cfg.task.name}/{model_cfg.name}", total=tc.max_steps,
@@ -219,6 +253,8 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                 status, error = "diverged", f"{what} became {value} at step {counters['step']}"
                 break
             loss_value, grad_norm = rows[-1].tolist()
+            if step % tc.eval_interval == 0 or step == tc.max_steps:  # first, so that the step line shows it
+                metrics, last_eval_step = run_eval(), step
             if step % tc.log_interval == 0 or step == tc.max_steps:
                 tokens_per_s = log_steps * tokens_per_step / max(log_time, 1e-9)
                 lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1)  # the last step's
@@ -227,22 +263,20 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
                 acc = f"  acc {metrics['test/accuracy']:.3f}" if metrics else ""
                 info = f"loss {loss_value:.4f}{acc}  {tokens_per_s:,.0f} tok/s"
                 progress.update(bar, completed=step, info=info)
-                if tc.progress and is_main and not live_bar:
-                    log.info("step %d/%d  %s", step, tc.max_steps, info)
+                if is_main and not live_bar:
+                    step_log.info("step %d/%d  %s", step, tc.max_steps, info)
                 log_time, log_steps = 0.0, 0
-            if step % tc.eval_interval == 0 or step == tc.max_steps:
-                metrics, last_eval_step = run_eval(), step
-                if reached_target(metrics, tc.target_accuracy):
-                    log.info("test/accuracy %.4f >= target %.4f at step %d (and at every test length): stopping "
-                             "early", metrics["test/accuracy"], tc.target_accuracy, step)
-                    save_latest()
-                    break
+            if last_eval_step == step and reached_target(metrics, tc.target_accuracy):
+                log.info("test/accuracy %.4f >= target %.4f at step %d (and at every test length): stopping early",
+                         metrics["test/accuracy"], tc.target_accuracy, step)
+                save_latest()
+                break
             if step % tc.checkpoint_interval == 0 or step == tc.max_steps:
                 save_latest()
             if stopping:
                 save_latest()
                 signal_name = stop.signal or "a signal to another rank"
-                status, error = "failed", f"stopped by {signal_name} at step {step}; resume with trainer.resume=true"
+                status, error = "stopped", f"stopped by {signal_name} at step {step}; resume with trainer.resume=true"
                 break
             window_start = time.perf_counter()
 
@@ -255,7 +289,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
         "best/accuracy": counters["best_accuracy"], "best/step": counters["best_step"],
         "steps_to_target": counters["target_step"],
         "steps": counters["step"], "train/loss": loss_value, "num_params": num_params,
-        "wall_time_s": time.time() - start, "first_step_s": first_step_s,
+        "wall_time_s": earlier_s + time.time() - start, "first_step_s": first_step_s,
         "tokens_per_s": counters["tokens_seen"] / max(counters["train_time_s"], 1e-9),
         "steps_per_s": counters["tokens_seen"] / tokens_per_step / max(counters["train_time_s"], 1e-9),
         "cuda_graph": graphed,

@@ -54,7 +54,7 @@ class TrainStep:
         self.history = torch.zeros(window, 2, device=device)       # the records since the last read
         self.rows = 0
         if optimizer.defaults.get("fused"):  # the fused AdamW skips its update where found_inf is 1
-            optimizer.found_inf = torch.zeros((), device=device)
+            optimizer.found_inf = torch.zeros((), device=device, dtype=torch.float32)
 
     def forward_backward(self, sync: bool = True):
         """Forward and backward on self.indices, the gradients synchronised over ranks at the last micro-batch
@@ -107,6 +107,10 @@ class TrainStep:
         self.indices.copy_(indices)
         if not self.kernels_compiled and self.indices.is_cuda:
             self.compile_kernels()
+        self.run()
+
+    def run(self) -> None:
+        """The step on the inputs in place: replayed, eager, or a warm-up or capture; its record kept for `read`."""
         if self.graph is not None:
             self.graph.replay()
         elif not self.cuda_graph:

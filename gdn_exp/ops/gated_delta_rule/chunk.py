@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn_exp.ops.vmap import fold_models, loop_models
+
 from .launch import DEFAULT_LAUNCH
 from .triton_utils import (SequenceLayout, block_size, chunk_position, forward_state_mma, load_state,
                            load_state_stored, load_tokens, load_tokens_t, mma, sequence_layout, start_state,
@@ -647,35 +649,58 @@ class ChunkFunction(torch.autograd.Function):
     second state pass); `bwd` (chunk_gated_delta_rule_bwd, `chunk_gla.chunk_gla_bwd_all`) takes them back."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward, settings,
+    def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward, settings,
                 fwd, bwd):
+        """(o, final_state, then what else backward keeps: `fwd`'s three tensors and the layout's)."""
         q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
         initial_state = None if initial_state is None else initial_state.float().contiguous()
         layout = sequence_layout(q.shape[0], q.shape[1], cu_seqlens, CHUNK_SIZE, q.device)
         o, final_state, *kept = fwd(q, k, v, g, beta, scale, initial_state, output_final_state, layout, for_backward,
                                     settings)
-        ctx.save_for_backward(q, k, v, g, beta, *kept, *layout[:3])
-        ctx.num_chunks, ctx.scale, ctx.has_initial_state = layout.num_chunks, scale, initial_state is not None
-        ctx.settings, ctx.bwd = settings, bwd
-        return o, final_state
+        return o, final_state, *kept, *layout[:3]
 
     @staticmethod
-    def backward(ctx, do, dht):
-        *inputs_and_kept, cu_seqlens, chunk_indices, chunk_offsets = ctx.saved_tensors
-        layout = SequenceLayout(cu_seqlens, chunk_indices, chunk_offsets, ctx.num_chunks)
+    def setup_context(ctx, inputs, output):
+        q, k, v, g, beta, ctx.scale, initial_state, _, _, _, ctx.settings, _, ctx.bwd = inputs
+        ctx.save_for_backward(q, k, v, g, beta, *output[2:])
+        ctx.has_initial_state = initial_state is not None
+        ctx.mark_non_differentiable(*(x for x in output[2:] if x is not None))
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward,
+             settings, fwd, bwd):
+        """A pack's models are one launch over all their sequences (packed sequences, cu_seqlens, are not
+        packed models: one launch per model then)."""
+        # asked again here: under vmap, run_chunk saw wrappers that do not say whether they require grad
+        for_backward = needs_backward(q, k, v, g, beta, initial_state)
+        args = (q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward, settings, fwd,
+                bwd)
+        if cu_seqlens is not None:
+            return loop_models(ChunkFunction.apply, info, in_dims, args)
+        return fold_models(ChunkFunction.apply, info, in_dims, args, per_sequence=(0, 1, 2, 3, 4, 6), num_outputs=2)
+
+    @staticmethod
+    def backward(ctx, do, dht, *_):
+        q, k, v, g, beta, *kept, cu_seqlens, chunk_indices, chunk_offsets = ctx.saved_tensors
+        inputs_and_kept = (*(x.contiguous() for x in (q, k, v, g, beta)), *kept)
+        layout = SequenceLayout(cu_seqlens, chunk_indices, chunk_offsets, len(chunk_indices))
         dht = None if dht is None else dht.float().contiguous()
         dq, dk, dv, dg, dbeta, dh0 = ctx.bwd(*inputs_and_kept, ctx.scale, ctx.has_initial_state, do.contiguous(),
                                               dht, layout, ctx.settings)
         return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None, None
 
 
+def needs_backward(*inputs) -> bool:
+    """Whether autograd will call backward on these inputs (asked before forward, which runs in no-grad mode)."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+
+
 def run_chunk(fwd, bwd, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, settings):
     """ChunkFunction with fwd and bwd; whether backward can run is asked here, since inside forward autograd has
     already turned grad mode off."""
-    for_backward = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
+    for_backward = needs_backward(q, k, v, g, beta, initial_state)
     return ChunkFunction.apply(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, for_backward,
-                               settings, fwd, bwd)
+                               settings, fwd, bwd)[:2]
 
 
 def triton_chunk_gated_delta_rule(q, k, v, g, beta, *, scale, initial_state=None, output_final_state=False,

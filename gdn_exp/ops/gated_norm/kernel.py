@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn_exp.ops.vmap import fold_models
+
 # rows per program = ROW_ELEMENTS / D (D padded to a power of 2). The fastest of 512-8192 x 1-8 warps at
 # B8 T4096 H8 V128 bf16 on the H100: forward 73 us, forward + backward 225 us (8192 at 4 warps: 91 / 378,
 # the backward spilling at 255 registers).
@@ -32,7 +34,8 @@ NUM_WARPS = 4
 
 @triton.jit
 def load_rows(x, r, N, D: tl.constexpr, BD: tl.constexpr):
-    """Offsets [BR, BD] of rows r [BR] of x [N, D], their mask and the rows (float32, 0 where masked)."""
+    """Offsets [BR, BD] of rows r [BR] of x [., D], their mask (rows below N) and the rows (float32, 0 where
+    masked)."""
     d = tl.arange(0, BD)
     offs = r.to(tl.int64)[:, None] * D + d[None, :]
     mask = (r < N)[:, None] & (d < D)[None, :]
@@ -49,11 +52,14 @@ def normed(b_o, w, eps, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def gated_norm_fwd_kernel(o, gate, delta, s, w, y, N, eps, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+def gated_norm_fwd_kernel(o, gate, delta, s, w, y, R, eps, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
                           HAS_GATE: tl.constexpr, HAS_DELTA: tl.constexpr):
-    """y [N, D] = o / rms(o) * w (* silu(gate)); with a delta, o + delta in place of o, stored as s [N, D]."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    offs, mask, b_o = load_rows(o, r, N, D, BD)
+    """y [M R, D] = o / rms(o) * w[m] (* silu(gate)) for rows m R .. (m + 1) R - 1 (model m of a pack: program
+    axis 1; M = 1 alone); with a delta, o + delta in place of o, stored as s [M R, D]."""
+    m = tl.program_id(1)
+    r = m * R + tl.program_id(0) * BR + tl.arange(0, BR)
+    offs, mask, b_o = load_rows(o, r, (m + 1) * R, D, BD)
+    w += m * D
     if HAS_DELTA:
         # normalise s as stored (rounded to s's dtype), the values backward reads
         b_s = (b_o + tl.load(delta + offs, mask=mask, other=0).to(tl.float32)).to(s.dtype.element_ty)
@@ -68,14 +74,17 @@ def gated_norm_fwd_kernel(o, gate, delta, s, w, y, N, eps, D: tl.constexpr, BR: 
 
 
 @triton.jit
-def gated_norm_bwd_kernel(o, gate, w, dy, ds, do, dgate, ddelta, dw_part, N, eps, D: tl.constexpr,
+def gated_norm_bwd_kernel(o, gate, w, dy, ds, do, dgate, ddelta, dw_part, R, eps, D: tl.constexpr,
                           BR: tl.constexpr, BD: tl.constexpr, HAS_GATE: tl.constexpr, HAS_DS: tl.constexpr,
                           HAS_DELTA: tl.constexpr):
-    """do (+ ds where given; also stored as ddelta with a delta), dgate [N, D] and dw_part[program, :] = this
-    program's rows' sum of dy * silu(gate) * n. o is the norm's input (s with a delta)."""
-    i = tl.program_id(0)
-    r = i * BR + tl.arange(0, BR)
-    offs, mask, b_o = load_rows(o, r, N, D, BD)
+    """do (+ ds where given; also stored as ddelta with a delta), dgate [M R, D] and dw_part[m, program, :] = this
+    program's rows' sum of dy * silu(gate) * n. o is the norm's input (s with a delta). Rows and weights of model
+    m as in the forward."""
+    m, i = tl.program_id(1), tl.program_id(0)
+    r = m * R + i * BR + tl.arange(0, BR)
+    offs, mask, b_o = load_rows(o, r, (m + 1) * R, D, BD)
+    w += m * D
+    dw_part += (m * tl.num_programs(0) + i) * D
     b_n, b_rstd, b_w = normed(b_o, w, eps, D, BD)
     b_dy = tl.load(dy + offs, mask=mask, other=0).to(tl.float32)  # gradient w.r.t. y
     if HAS_GATE:
@@ -85,7 +94,7 @@ def gated_norm_bwd_kernel(o, gate, w, dy, ds, do, dgate, ddelta, dw_part, N, eps
         tl.store(dgate + offs, b_dgate.to(dgate.dtype.element_ty), mask=mask)
         b_dy = b_dy * b_g * b_sig  # now the gradient w.r.t. n * w
     d = tl.arange(0, BD)
-    tl.store(dw_part + i * D + d, tl.sum(b_dy * b_n, 0), mask=d < D)
+    tl.store(dw_part + d, tl.sum(b_dy * b_n, 0), mask=d < D)
     b_dn = b_dy * b_w[None, :]
     # n = o * rstd: do = rstd * (dn - n * mean(dn * n)) per row
     b_do = b_rstd[:, None] * (b_dn - b_n * (tl.sum(b_dn * b_n, 1) / D)[:, None])
@@ -97,48 +106,63 @@ def gated_norm_bwd_kernel(o, gate, w, dy, ds, do, dgate, ddelta, dw_part, N, eps
 
 
 def launch(D: int) -> tuple:
-    """(grid function of N, rows per program, padded D)."""
+    """(grid function of (rows per model R, models M), rows per program, padded D)."""
     BD = triton.next_power_of_2(D)
     BR = max(1, ROW_ELEMENTS // BD)
-    return (lambda N: (triton.cdiv(N, BR),)), BR, BD
+    return (lambda R, M: (triton.cdiv(R, BR), M)), BR, BD
 
 
 class GatedRMSNormFunction(torch.autograd.Function):
+    """weight [D], or [M, D] for a pack of M models whose rows come model after model (M R rows, o [M B, ..., D]):
+    rows m R .. (m + 1) R - 1 take weight[m]."""
+
     @staticmethod
-    def forward(ctx, o, weight, gate, delta, eps, out_dtype):
+    def forward(o, weight, gate, delta, eps, out_dtype):
         """(y, s): s = o + delta, the norm's input, or None without a delta."""
         D = o.shape[-1]
         o = o.contiguous()
         gate = None if gate is None else gate.contiguous()
         delta = None if delta is None else delta.contiguous()
         grid, BR, BD = launch(D)
-        N = o.numel() // D
+        M = 1 if weight.dim() == 1 else weight.shape[0]
+        R = o.numel() // D // M
         y = torch.empty_like(o, dtype=out_dtype)
         s = None if delta is None else torch.empty_like(o, dtype=torch.promote_types(o.dtype, delta.dtype))
-        gated_norm_fwd_kernel[grid(N)](o, gate, delta, s, weight, y, N, eps, D=D, BR=BR, BD=BD,
-                                       HAS_GATE=gate is not None, HAS_DELTA=delta is not None, num_warps=NUM_WARPS)
-        ctx.save_for_backward(o if s is None else s, weight, gate)
-        ctx.eps, ctx.o_dtype, ctx.delta_dtype = eps, o.dtype, None if delta is None else delta.dtype
-        ctx.set_materialize_grads(False)  # ds stays None when s is not used later (the final norm): nothing to add
+        gated_norm_fwd_kernel[grid(R, M)](o, gate, delta, s, weight.contiguous(), y, R, eps, D=D, BR=BR, BD=BD,
+                                          HAS_GATE=gate is not None, HAS_DELTA=delta is not None, num_warps=NUM_WARPS)
         return y, s
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        o, weight, gate, delta, eps, _ = inputs
+        ctx.save_for_backward(o if output[1] is None else output[1], weight, gate)
+        ctx.eps, ctx.o_dtype, ctx.delta_dtype = eps, o.dtype, None if delta is None else delta.dtype
+        ctx.set_materialize_grads(False)  # ds stays None when s is not used later (the final norm): nothing to add
+
+    @staticmethod
+    def vmap(info, in_dims, o, weight, gate, delta, eps, out_dtype):
+        """A pack's models in one launch: their rows one after another, each model's weight a row of [M, D]."""
+        return fold_models(GatedRMSNormFunction.apply, info, in_dims, (o, weight, gate, delta, eps, out_dtype),
+                           per_sequence=(0, 2, 3), per_model=(1,), num_outputs=2)
+
+    @staticmethod
     def backward(ctx, dy, ds):
-        norm_input, weight, gate = ctx.saved_tensors
+        norm_input, weight, gate = (None if x is None else x.contiguous() for x in ctx.saved_tensors)
         D = norm_input.shape[-1]
         grid, BR, BD = launch(D)
-        N = norm_input.numel() // D
+        M = 1 if weight.dim() == 1 else weight.shape[0]
+        R = norm_input.numel() // D // M
         if dy is None:  # only s is used later
             dy = torch.zeros_like(norm_input)
         do = torch.empty_like(norm_input, dtype=ctx.o_dtype)
         dgate = None if gate is None else torch.empty_like(gate)
         ddelta = None if ctx.delta_dtype is None else torch.empty_like(norm_input, dtype=ctx.delta_dtype)
-        dw_part = torch.empty(grid(N)[0], D, device=norm_input.device, dtype=torch.float32)
-        gated_norm_bwd_kernel[grid(N)](norm_input, gate, weight, dy.contiguous(),
-                                       None if ds is None else ds.contiguous(), do, dgate, ddelta, dw_part, N,
-                                       ctx.eps, D=D, BR=BR, BD=BD, HAS_GATE=gate is not None,
-                                       HAS_DS=ds is not None, HAS_DELTA=ddelta is not None, num_warps=NUM_WARPS)
-        return do, dw_part.sum(0).to(weight.dtype), dgate, ddelta, None, None
+        dw_part = torch.empty(M, grid(R, M)[0], D, device=norm_input.device, dtype=torch.float32)
+        gated_norm_bwd_kernel[grid(R, M)](norm_input, gate, weight, dy.contiguous(),
+                                          None if ds is None else ds.contiguous(), do, dgate, ddelta, dw_part, R,
+                                          ctx.eps, D=D, BR=BR, BD=BD, HAS_GATE=gate is not None,
+                                          HAS_DS=ds is not None, HAS_DELTA=ddelta is not None, num_warps=NUM_WARPS)
+        return do, dw_part.sum(-2).reshape(weight.shape).to(weight.dtype), dgate, ddelta, None, None
 
 
 def check_shapes(x, weight, other, other_name: str) -> None:

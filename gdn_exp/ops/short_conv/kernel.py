@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from gdn_exp.ops.backend import sm_count
+from gdn_exp.ops.vmap import fold_models, loop_models
 
 NORM_EPS = 1e-12  # F.normalize's
 # Tokens (and channels) per program, and warps; NB: row blocks per backward program (it adds up their weight-
@@ -61,11 +62,13 @@ def conv_silu_rows(x, w, b, t, T, position, col, o_d, m_d, C: tl.constexpr, W: t
 
 
 @triton.jit
-def conv_silu_fwd_kernel(x, w, position, out, T, col0, C: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
+def conv_silu_fwd_kernel(x, w, position, out, T, col0, BM, C: tl.constexpr, H: tl.constexpr, D: tl.constexpr,
                          W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr,
                          IS_VARLEN: tl.constexpr, EPS: tl.constexpr):
-    """out [B, T, H, D] = silu(conv(x))[..., col0 + h D + d], divided by its norm over d if NORM."""
+    """out [B, T, H, D] = silu(conv(x))[..., col0 + h D + d], divided by its norm over d if NORM. Sequence b
+    takes the weight of model b // BM (w [M, C, W]: a pack's models, BM sequences each; alone M = 1, BM = B)."""
     i_t, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    w += (b // BM).to(tl.int64) * C * W
     t = i_t * BT + tl.arange(0, BT)
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -99,12 +102,14 @@ def conv_silu_grad_pre(x, w, dout, b, t, T, position, col, h, o_d, m_d, C: tl.co
 
 
 @triton.jit
-def conv_silu_bwd_kernel(x, w, position, dout, dy, dw_part, T, col0, C: tl.constexpr, H: tl.constexpr,
+def conv_silu_bwd_kernel(x, w, position, dout, dy, dw_part, T, col0, BM, C: tl.constexpr, H: tl.constexpr,
                          D: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                          NB: tl.constexpr, NORM: tl.constexpr, IS_VARLEN: tl.constexpr, EPS: tl.constexpr):
     """dy [B, T, C] (gradient w.r.t. the convolution's output) at this part's channels for NB blocks of BT
-    rows, and dw_part[program, c, W-1-i] = sum over those rows t of x[t - i] dy[t]."""
+    rows, and dw_part[program, c, W-1-i] = sum over those rows t of x[t - i] dy[t]. Weights per model as in the
+    forward."""
     i_t, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    w += (b // BM).to(tl.int64) * C * W
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     col = col0 + h * D
@@ -133,10 +138,12 @@ def conv_silu_bwd_kernel(x, w, position, dout, dy, dw_part, T, col0, C: tl.const
 
 
 @triton.jit
-def conv_dx_kernel(dy, w, position, dx, T, C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                   IS_VARLEN: tl.constexpr):
-    """dx[t] = sum_i w[W-1-i] dy[t + i] over the taps that stay in token t's sequence (all channels)."""
+def conv_dx_kernel(dy, w, position, dx, T, BM, C: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+                   BC: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """dx[t] = sum_i w[W-1-i] dy[t + i] over the taps that stay in token t's sequence (all channels); weights per
+    model as in the forward."""
     i_t, b, i_c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    w += (b // BM).to(tl.int64) * C * W
     t = i_t * BT + tl.arange(0, BT)
     c = i_c * BC + tl.arange(0, BC)
     m_c = c < C
@@ -163,27 +170,45 @@ def part_launches(parts):
 
 
 class ShortConvSiluFunction(torch.autograd.Function):
+    """weight [C, W], or [M, C, W] for a pack of M models whose sequences come model after model (x [M B', T, C]):
+    sequence b takes weight[b // B']."""
+
     @staticmethod
-    def forward(ctx, x, weight, position, parts):
+    def forward(x, weight, position, parts):
         x, weight = x.contiguous(), weight.contiguous()
         B, T, C = x.shape
+        BM = B // models(weight)
         outs = []
         for col0, heads, dim, norm in part_launches(parts):
             out = torch.empty(B, T, heads, dim, device=x.device, dtype=x.dtype)
             conv_silu_fwd_kernel[(triton.cdiv(T, FWD_LAUNCH["BT"]), B, heads)](
-                x, weight, position, out, T, col0, C=C, H=heads, D=dim, W=weight.shape[1],
+                x, weight, position, out, T, col0, BM, C=C, H=heads, D=dim, W=weight.shape[-1],
                 BD=triton.next_power_of_2(dim), NORM=norm, IS_VARLEN=position is not None, EPS=NORM_EPS,
                 **FWD_LAUNCH)
             outs.append(out)
-        ctx.save_for_backward(x, weight, position)
-        ctx.parts = parts
         return tuple(outs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, position, ctx.parts = inputs
+        ctx.save_for_backward(x, weight, position)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, position, parts):
+        """A pack's models in one launch (each model's weight a row of [M, C, W]); packed sequences (position)
+        one launch per model."""
+        args = (x, weight, position, parts)
+        if position is not None:
+            return loop_models(ShortConvSiluFunction.apply, info, in_dims, args)
+        return fold_models(ShortConvSiluFunction.apply, info, in_dims, args, per_sequence=(0,), per_model=(1,),
+                           num_outputs=len(parts))
 
     @staticmethod
     def backward(ctx, *douts):
         x, weight, position = ctx.saved_tensors
+        x, weight = x.contiguous(), weight.contiguous()
         B, T, C = x.shape
-        W = weight.shape[1]
+        W, M = weight.shape[-1], models(weight)
         NB = backward_blocks(B, T, min(heads for heads, _, _ in ctx.parts), sm_count(x.device))
         NT = triton.cdiv(T, BWD_LAUNCH["BT"] * NB)
         dy = torch.empty_like(x)
@@ -191,13 +216,19 @@ class ShortConvSiluFunction(torch.autograd.Function):
         for (col0, heads, dim, norm), dout in zip(part_launches(ctx.parts), douts):
             dout = torch.zeros(B, T, heads, dim, device=x.device, dtype=x.dtype) if dout is None else dout.contiguous()
             conv_silu_bwd_kernel[(NT, B, heads)](
-                x, weight, position, dout, dy, dw_part, T, col0, C=C, H=heads, D=dim, W=W,
+                x, weight, position, dout, dy, dw_part, T, col0, B // M, C=C, H=heads, D=dim, W=W,
                 WP=triton.next_power_of_2(W), BD=triton.next_power_of_2(dim), NB=NB, NORM=norm,
                 IS_VARLEN=position is not None, EPS=NORM_EPS, **BWD_LAUNCH)
         dx = torch.empty_like(x)
         conv_dx_kernel[(triton.cdiv(T, DX_LAUNCH["BT"]), B, triton.cdiv(C, DX_LAUNCH["BC"]))](
-            dy, weight, position, dx, T, C=C, W=W, IS_VARLEN=position is not None, **DX_LAUNCH)
-        return dx, dw_part.sum(0).to(weight.dtype), None, None
+            dy, weight, position, dx, T, B // M, C=C, W=W, IS_VARLEN=position is not None, **DX_LAUNCH)
+        dw = dw_part.view(NT, M, B // M, C, W).sum((0, 2)).reshape(weight.shape)  # each model's own sum
+        return dx, dw.to(weight.dtype), None, None
+
+
+def models(weight) -> int:
+    """M of a weight [M, C, W] (a pack's); 1 for [C, W]."""
+    return 1 if weight.dim() == 2 else weight.shape[0]
 
 
 def triton_short_conv_silu(x, weight, parts, position=None):

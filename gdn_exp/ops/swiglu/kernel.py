@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn_exp.ops.vmap import fold_models
+
 BLOCK = 1024  # elements per program: 1024-4096 x 4-8 warps within 1 % of each other on the H100
 NUM_WARPS = 4
 
@@ -43,17 +45,24 @@ def swiglu_bwd_kernel(a, b, dh, da, db, N, BLOCK: tl.constexpr):
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b):
+    def forward(a, b):
         a, b = a.contiguous(), b.contiguous()
         h = torch.empty_like(a)
         N = a.numel()
         swiglu_fwd_kernel[(triton.cdiv(N, BLOCK),)](a, b, h, N, BLOCK=BLOCK, num_warps=NUM_WARPS)
-        ctx.save_for_backward(a, b)
         return h
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def vmap(info, in_dims, a, b):  # elementwise: a pack's models are one launch
+        return fold_models(SwiGLUFunction.apply, info, in_dims, (a, b), per_sequence=(0, 1), num_outputs=1)
+
+    @staticmethod
     def backward(ctx, dh):
-        a, b = ctx.saved_tensors
+        a, b = (x.contiguous() for x in ctx.saved_tensors)
         da, db = torch.empty_like(a), torch.empty_like(b)
         N = a.numel()
         swiglu_bwd_kernel[(triton.cdiv(N, BLOCK),)](a, b, dh.contiguous(), da, db, N, BLOCK=BLOCK,
