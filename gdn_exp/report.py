@@ -26,6 +26,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -333,7 +334,7 @@ def plot_metric_vs(runs: list[Run], axis: str, params: list[str], metric: str, p
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(xs_all), [format_cell(x) for x in sorted(xs_all)])
         ax.minorticks_off()
-        ax.set_title(panel, fontsize=9)
+        ax.set_title(textwrap.fill(panel, 50), fontsize=9)  # long settings wrap, not run into the next panel
         ax.set_xlabel(axis)
         ax.grid(alpha=0.3)
         if "accuracy" in metric:
@@ -381,7 +382,7 @@ def plot_curves(runs: list[Run], params: list[str], metric: str, path: Path) -> 
                     ax.plot(*zip(*points), color=colors[line], linewidth=1.2,
                             label=None if (line, name) in labelled else line)
                     labelled.add((line, name))
-        top.set_title(panel, fontsize=9)
+        top.set_title(textwrap.fill(panel, 50), fontsize=9)
         if "accuracy" in metric:
             top.set_ylim(0, 1.02)
         bottom.set_yscale("log")
