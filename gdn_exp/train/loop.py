@@ -57,6 +57,32 @@ def describe_mixers(cfg: ModelConfig) -> str:
 
 
 CPU_PARAMS_WARNING = 100_000_000  # a model this big on a CPU gets a warning at start-up (gdn_400m: 419M)
+def lr_schedule(tc):
+    """The trainer config's learning-rate multiplier as a function of the step (`lr_multiplier`): the cosine runs
+    over trainer.lr_decay_steps (null: max_steps)."""
+    return partial(lr_multiplier, warmup_steps=tc.warmup_steps, decay_steps=tc.lr_decay_steps or tc.max_steps,
+                   min_lr_ratio=tc.min_lr_ratio)
+
+
+def prepare_process(tc, dist_info: Distributed):
+    """Sets this process's CPU threads (trainer.num_threads, null: its share of the cores) and returns the forward
+    pass's context factory: bf16 autocast where trainer.precision (auto: bf16 on CUDA) asks for it."""
+    torch.set_num_threads(tc.num_threads or auto_threads(dist_info.world_size))  # ranks share the machine's cores
+    if precision_used(tc.precision, dist_info.device.type) != "bf16":
+        return nullcontext
+    # no weight-cast cache: a cast cached while capturing a CUDA graph would be freed under the graph
+    return partial(torch.autocast, dist_info.device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def write_config(run_dir: Path, config: dict, dist_info: Distributed) -> None:
+    """run_dir/config.yaml: the resolved config, with what each `auto` chose (beside Hydra's .hydra/config.yaml,
+    which keeps the interpolations)."""
+    tc = config["trainer"]
+    used = {"device": str(dist_info.device), "precision": precision_used(tc["precision"], dist_info.device.type),
+            "strategy": dist_info.strategy, "num_threads": torch.get_num_threads()}
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**config, "trainer": {**tc, **used}}))
+
+
 def new_counters() -> dict:
     """A run's counters, saved in its checkpoints (a solo run's and each model's of a pack): target_step is the
     first evaluation at trainer.target_accuracy (None: not yet), wall_time_s the wall time of a resumed run's
@@ -115,17 +141,11 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     device, is_main = dist_info.device, dist_info.is_main
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(tc.num_threads or auto_threads(dist_info.world_size))  # ranks share the machine's cores
-    use_bf16 = precision_used(tc.precision, device.type) == "bf16"
-    # no weight-cast cache: a cast cached while capturing a CUDA graph would be freed under the graph
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False) if use_bf16 \
-        else nullcontext
+    autocast = prepare_process(tc, dist_info)
     config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     varlen = cfg.task.get("varlen", False)  # task=lm: documents packed with their boundaries
-    if is_main:  # beside Hydra's .hydra/config.yaml, which keeps the interpolations; with what each `auto` chose
-        used = {"device": str(device), "precision": precision_used(tc.precision, device.type),
-                "strategy": dist_info.strategy, "num_threads": torch.get_num_threads()}
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml({**config, "trainer": {**config["trainer"], **used}}))
+    if is_main:
+        write_config(run_dir, config, dist_info)
 
     if not is_main:  # rank 0 fills the data cache first, the others then read it
         dist_info.barrier()
@@ -161,9 +181,7 @@ def train(cfg, run_dir: Path, dist_info: Distributed) -> dict:
     forward = PackedDocuments(network, make_tokenizer(cfg.task.tokenizer).bos_id) if varlen else network
     optimizer = torch.optim.AdamW(model.param_groups(tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas),
                                   fused=dist_info.strategy != "fsdp", capturable=graphed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(
-        lr_multiplier, warmup_steps=tc.warmup_steps, decay_steps=tc.lr_decay_steps or tc.max_steps,
-        min_lr_ratio=tc.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(tc))
 
     counters = new_counters()
     resume_path = dist_info.broadcast(checkpoint.find_resume(tc.resume, run_dir, config) if is_main else None)

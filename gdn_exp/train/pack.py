@@ -2,7 +2,7 @@
 process, and each stays a run of its own.
 
 Every model keeps what its solo run (`train.loop.train`) has: its seed's initial weights and task data, its batch
-order (`train.data.batch_indices`), its learning rate schedule (`loop.lr_multiplier`), AdamW settings and gradient
+order (`train.data.batch_indices`), its learning rate schedule (`loop.lr_schedule`), AdamW settings and gradient
 clipping, and its run dir with the same files (config.yaml, metrics.jsonl, results.json, checkpoints/latest.pt
 and best.pt in the solo format: a solo run resumes from them, `torch.load(weights_only=True)` reads them). Each
 logs, evaluates, checkpoints and stops (max_steps, target_accuracy, divergence) on its own steps; a model that is
@@ -16,7 +16,6 @@ import logging
 import math
 import time
 import traceback
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,7 +33,7 @@ from gdn_exp.train.data import BatchIndices, device_splits
 from gdn_exp.train.distributed import Distributed, distributed_job
 from gdn_exp.train.evaluate import evaluate_splits, reached_target
 from gdn_exp.train.loggers import RunLogger, finish_crashed_run
-from gdn_exp.train.loop import StopRequest, lr_multiplier, new_counters
+from gdn_exp.train.loop import StopRequest, lr_schedule, new_counters, prepare_process, write_config
 from gdn_exp.train.pack_step import PackSplit, PackStep, StackedAdamW
 
 log = logging.getLogger(__name__)
@@ -66,9 +65,7 @@ class Member:
 
     def lr(self, step: int) -> float:
         """The learning rate of `step`, as the solo run's LambdaLR gives it."""
-        tc = self.cfg.trainer
-        return tc.lr * lr_multiplier(step, warmup_steps=tc.warmup_steps, decay_steps=tc.lr_decay_steps or tc.max_steps,
-                                     min_lr_ratio=tc.min_lr_ratio)
+        return self.cfg.trainer.lr * lr_schedule(self.cfg.trainer)(step)
 
 
 def run_pack(cfgs: list, run_dirs: list, *, skip_completed: bool = True) -> list:
@@ -119,16 +116,12 @@ class PackTrainer:
         self.dist_info, self.device = dist_info, dist_info.device
         device = self.device
         tc = cfgs[0].trainer  # the keys every member shares
-        if tc.num_threads:
-            torch.set_num_threads(tc.num_threads)
-        use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-        self.autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False) \
-            if use_bf16 else nullcontext
+        self.autocast = prepare_process(tc, dist_info)
         self.members, models = [], []
         for cfg, run_dir in zip(cfgs, run_dirs):
             run_dir.mkdir(parents=True, exist_ok=True)
             config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
+            write_config(run_dir, config, dist_info)
             splits = device_splits((json.dumps(config["task"], sort_keys=True), cfg.seed, cfg.task_cache_dir),
                                    partial(task_source(cfg.task.name).load, cfg), device)
             indices = BatchIndices(seed=cfg.seed, batch_size=tc.batch_size, num_examples=len(splits["train"]),
