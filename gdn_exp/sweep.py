@@ -296,12 +296,10 @@ CHANGE_THE_END = {"trainer.max_steps", "trainer.target_accuracy", "trainer.eval_
 def computation_key(config: dict, device_type: str) -> str:
     """What a job computes, as one string: its resolved config without RESUMABLE_CHANGES (less CHANGE_THE_END), with
     trainer.precision as trained on `device_type` (cpu, cuda) when it is auto."""
-    from gdn_exp.config import flatten_config, precision_used
-    from gdn_exp.train.checkpoint import RESUMABLE_CHANGES
+    from gdn_exp.config import precision_used
+    from gdn_exp.train.checkpoint import RESUMABLE_CHANGES, computed_by
 
-    ignored = RESUMABLE_CHANGES - CHANGE_THE_END
-    flat = {k: v for k, v in flatten_config(config).items()
-            if not any(k == key or k.startswith(key + ".") for key in ignored)}
+    flat = computed_by(config, RESUMABLE_CHANGES - CHANGE_THE_END)
     flat["trainer.precision"] = precision_used(flat.get("trainer.precision", "auto"), device_type)
     return json.dumps(flat, sort_keys=True, default=str)
 

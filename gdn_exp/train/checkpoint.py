@@ -362,9 +362,15 @@ def read_results(run_dir: Path) -> dict:
     return results
 
 
+def computed_by(config: dict, ignored=RESUMABLE_CHANGES) -> dict:
+    """The flattened config without the keys in `ignored` (and the keys below them): what decides a run's
+    computation."""
+    return {k: v for k, v in flatten_config(config).items()
+            if not any(k == key or k.startswith(key + ".") for key in ignored)}
+
+
 def config_differences(saved: dict, config: dict) -> list:
     """'key: saved -> now' for each config key outside RESUMABLE_CHANGES whose value differs."""
-    saved_flat, now_flat = flatten_config(saved), flatten_config(config)
-    keys = sorted(k for k in saved_flat.keys() | now_flat.keys()
-                  if not any(k == c or k.startswith(c + ".") for c in RESUMABLE_CHANGES))
+    saved_flat, now_flat = computed_by(saved), computed_by(config)
+    keys = sorted(saved_flat.keys() | now_flat.keys())
     return [f"{k}: {saved_flat.get(k)} -> {now_flat.get(k)}" for k in keys if saved_flat.get(k) != now_flat.get(k)]
