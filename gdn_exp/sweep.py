@@ -40,6 +40,15 @@ class Job:
     group: str
     records: dict = field(default_factory=dict)
 
+    def resolved(self) -> dict:
+        """The job's config as a plain dict, interpolations resolved."""
+        from omegaconf import OmegaConf
+
+        from gdn_exp.config import register_configs
+
+        register_configs()  # the resolvers its interpolations use
+        return OmegaConf.to_container(OmegaConf.create(self.config_yaml), resolve=True, enum_to_str=True)
+
 
 def plan_workers(num_gpus: int, jobs_per_gpu: int, n_jobs: int) -> list:
     """The device of each worker process: jobs_per_gpu per GPU, or without a GPU n_jobs on the CPU."""
@@ -330,17 +339,12 @@ def reusable_jobs(jobs: list, roots: list, device_type: str) -> dict:
     """{job index: the completed run dir under `roots` that computed the same} for the jobs whose directory holds
     no run yet (a stopped or failed one there is resumed or trained again, not mixed with another's files) and
     that do not force re-training (trainer.skip_completed=false)."""
-    from omegaconf import OmegaConf
-
-    from gdn_exp.config import register_configs
-
-    register_configs()
     done = completed_runs(roots)
     reusable = {}
     for job in jobs:
         if (Path(job.run_dir) / "results.json").exists() or (Path(job.run_dir) / "checkpoints").exists():
             continue
-        config = OmegaConf.to_container(OmegaConf.create(job.config_yaml), resolve=True)
+        config = job.resolved()
         if not config["trainer"].get("skip_completed", True):
             continue
         job_device = str(config["trainer"].get("device", "auto"))

@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from gdn_exp.config import flatten_config
 
 # Keys in which the models of one pack may differ (a key covers its sub-keys: "logger" is every logger.* key).
 PACKABLE_KEYS = ("seed", "model.name", "model.init_std", "trainer.lr", "trainer.min_lr_ratio",
@@ -35,15 +34,6 @@ class PackJob:
         return f"pack of {len(self.jobs)} (jobs {', '.join(str(job.index) for job in self.jobs)})"
 
 
-def resolved(job) -> dict:
-    from omegaconf import OmegaConf
-
-    from gdn_exp.config import register_configs
-
-    register_configs()  # the resolvers the config's interpolations use
-    return OmegaConf.to_container(OmegaConf.create(job.config_yaml), resolve=True, enum_to_str=True)
-
-
 def packable(config: dict) -> bool:
     """Whether a job can train in a pack: one process (no FSDP/DDP), the chunk form of the op (the Triton
     recurrent form has no vmap rule), no activation checkpointing, and a task whose splits stay on the device
@@ -56,9 +46,9 @@ def packable(config: dict) -> bool:
 
 def pack_key(config: dict) -> str:
     """What the jobs of one pack share: the config outside PACKABLE_KEYS."""
-    flat = flatten_config(config)
-    return json.dumps({k: v for k, v in flat.items()
-                       if not any(k == p or k.startswith(p + ".") for p in PACKABLE_KEYS)}, sort_keys=True, default=str)
+    from gdn_exp.train.checkpoint import computed_by
+
+    return json.dumps(computed_by(config, PACKABLE_KEYS), sort_keys=True, default=str)
 
 
 def group_jobs(jobs: list, pack_size: int) -> list:
@@ -70,7 +60,7 @@ def group_jobs(jobs: list, pack_size: int) -> list:
         return list(jobs)
     groups, units = {}, []
     for job in jobs:
-        config = resolved(job)
+        config = job.resolved()
         if packable(config):
             groups.setdefault(pack_key(config), []).append(job)
         else:
